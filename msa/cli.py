@@ -1,0 +1,55 @@
+"""The ``msa`` command: one sub-command per pipeline stage.
+
+Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported
+only when their sub-command runs, so ``msa --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from msa import __version__
+
+# sub-command -> (module, one-line help)
+COMMANDS = {
+    "ingest": ("msa.ingest", "Gaia Archive XP (+ gaia_source, survey) files -> one HDF5 shard"),
+    "synthesize": ("msa.synthetic", "write a synthetic sky in Gaia Archive formats, with known truth"),
+    "fit-scaler": ("msa.fit_scaler", "fit the robust feature scaler on a seeded sample of shards"),
+    "pretrain": ("msa.pretrain", "masked-autoencoder pretraining over the shard store (one segment)"),
+    "finetune": ("msa.finetune", "fine-tune one ensemble member on one label set"),
+    "calibrate": ("msa.calibrate", "split-conformal calibration of a label set's ensemble"),
+    "evaluate": ("msa.evaluate", "metrics and figures of a label set on the test split"),
+    "predict": ("msa.predict", "predict one shard or table into a Parquet file"),
+    "catalog": ("msa.catalog", "gather prediction files into a HEALPix-partitioned catalogue"),
+}
+
+
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msa", description="Masked Stellar Autoencoder pipeline")
+    parser.add_argument("--version", action="version", version=f"msa {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == load:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(load=command).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

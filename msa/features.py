@@ -1,0 +1,86 @@
+"""Derived features: from raw store columns to the model's value and error matrices.
+
+The store keeps values as delivered by the Archive; everything the model sees is computed here,
+in one place, for every stage (scaler fitting, pretraining, fine-tuning, prediction):
+
+* XP coefficients and their errors, optionally divided by the G-band flux relative to G = 15
+  (``features.xp.normalise: g_flux``), so that spectra of stars of any brightness share a scale;
+* magnitude errors derived from ``phot_*_mean_flux_over_error`` (σ_m = 2.5 / ln 10 / (F/σ_F))
+  for error names of the form ``phot_X_mean_mag_error``;
+* every other feature and error column is read from the store unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from msa.layout import XP_GROUP, Layout
+
+G_MAG = "phot_g_mean_mag"
+G_REFERENCE_MAG = 15.0
+MAG_ERROR_SUFFIX = "_mag_error"
+_MAG_PER_LN = 2.5 / np.log(10.0)
+
+
+def _flux_over_error_column(error_name: str) -> str | None:
+    """``phot_g_mean_mag_error`` → ``phot_g_mean_flux_over_error``; None for other names."""
+    if error_name.startswith("phot_") and error_name.endswith("_mean" + MAG_ERROR_SUFFIX):
+        return error_name[: -len(MAG_ERROR_SUFFIX)] + "_flux_over_error"
+    return None
+
+
+def mag_error_from_flux_over_error(flux_over_error: np.ndarray) -> np.ndarray:
+    """Magnitude error from a flux signal-to-noise ratio (NaN where it is not positive)."""
+    foe = np.asarray(flux_over_error, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.where(foe > 0, _MAG_PER_LN / foe, np.nan)
+    return err.astype(np.float32)
+
+
+def xp_normalises(features_cfg: Mapping) -> bool:
+    return (features_cfg.get("xp") or {}).get("normalise", "g_flux") == "g_flux"
+
+
+def store_columns(layout: Layout, normalise_xp: bool) -> list[str]:
+    """The raw store columns needed to derive ``layout``'s values and errors (without source_id)."""
+    cols: list[str] = []
+    for f in layout.features:
+        cols.append(f.name)
+        if f.error is not None:
+            cols.append(_flux_over_error_column(f.error) or f.error)
+    if normalise_xp and len(layout.xp_indices):
+        cols.append(G_MAG)
+    return list(dict.fromkeys(cols))
+
+
+def derive(raw: Mapping[str, np.ndarray], layout: Layout, normalise_xp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Values and errors, each float32 of shape ``(n_rows, n_features)`` in layout order.
+
+    Missing values stay NaN. Errors are NaN where a feature has no error column or the error is
+    missing for that row (the losses then give that entry weight 1).
+    """
+    n = len(next(iter(raw.values()))) if raw else 0
+    values = np.empty((n, layout.n_features), dtype=np.float32)
+    errors = np.full((n, layout.n_features), np.nan, dtype=np.float32)
+    xp_scale = None
+    if normalise_xp and len(layout.xp_indices):
+        # coefficient × 10^(0.4 (G − 15)): the spectrum the star would have at G = 15
+        xp_scale = np.power(10.0, 0.4 * (raw[G_MAG].astype(np.float64) - G_REFERENCE_MAG))
+    for j, f in enumerate(layout.features):
+        v = raw[f.name]
+        if f.error is not None:
+            foe_col = _flux_over_error_column(f.error)
+            e = mag_error_from_flux_over_error(raw[foe_col]) if foe_col else raw[f.error]
+        else:
+            e = None
+        if f.group == XP_GROUP and xp_scale is not None:
+            values[:, j] = v * xp_scale
+            if e is not None:
+                errors[:, j] = e * xp_scale
+        else:
+            values[:, j] = v
+            if e is not None:
+                errors[:, j] = e
+    return values, errors

@@ -1,0 +1,168 @@
+"""The shard store: one columnar HDF5 file per input file pair.
+
+Each shard holds one 1-D dataset per column at the file's root (float32, ``source_id`` int64),
+all of one length, rows sorted by ``source_id``, chunked and compressed. Provenance lives in
+the root attributes (``msa_version``, ``n_rows``, ``created``, ``inputs`` as JSON, ...).
+Reading a subset of columns over a row range touches only those columns' chunks.
+
+This module is a leaf: it imports nothing from the package but the version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from msa import __version__
+
+SOURCE_ID = "source_id"
+CHUNK_ROWS = 16384
+
+
+class StoreError(RuntimeError):
+    """A shard is missing, unreadable, or lacks a column that was asked for."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_shard(
+    path: str | os.PathLike,
+    columns: Mapping[str, np.ndarray],
+    attrs: Mapping[str, object] | None = None,
+    compression: str | None = "gzip",
+    chunk_rows: int = CHUNK_ROWS,
+) -> None:
+    """Write a shard atomically. ``columns`` must contain ``source_id``; rows are sorted by it.
+
+    Every non-``source_id`` column is stored as float32. ``attrs`` values that are not scalars or
+    strings are stored as JSON strings.
+    """
+    if SOURCE_ID not in columns:
+        raise StoreError(f"{path}: no {SOURCE_ID!r} column to write")
+    sid = np.asarray(columns[SOURCE_ID], dtype=np.int64)
+    n = len(sid)
+    order = np.argsort(sid, kind="stable")
+    sorted_ids = sid[order]
+    if n > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
+        dup = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
+        raise StoreError(f"{path}: {len(dup)} duplicate source_id(s), e.g. {dup[:3].tolist()}")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, values in columns.items():
+                values = np.asarray(values)
+                if len(values) != n:
+                    raise StoreError(f"{path}: column {name!r} has {len(values)} rows, source_id has {n}")
+                dtype = np.int64 if name == SOURCE_ID else np.float32
+                data = values[order].astype(dtype, copy=False)
+                chunks = (min(chunk_rows, n),) if n else None
+                f.create_dataset(
+                    name, data=data, chunks=chunks, compression=compression if n else None,
+                    shuffle=bool(compression and n), maxshape=(None,),
+                )
+            f.attrs["msa_version"] = __version__
+            f.attrs["n_rows"] = n
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value if isinstance(value, (str, int, float, np.integer, np.floating)) \
+                    else json.dumps(value)
+
+
+class Shard:
+    """Read access to one shard. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except (OSError, FileNotFoundError) as err:
+            raise StoreError(f"cannot open shard {self.path}: {err}") from err
+        if SOURCE_ID not in self._file:
+            self._file.close()
+            raise StoreError(f"shard {self.path} has no {SOURCE_ID!r} dataset; is it an msa shard?")
+
+    def __enter__(self) -> "Shard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._file[SOURCE_ID].shape[0])
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._file.keys())
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._file.attrs)
+
+    def _check(self, names: Iterable[str]) -> None:
+        missing = [c for c in names if c not in self._file]
+        if missing:
+            raise StoreError(
+                f"shard {self.path} lacks column(s) {missing}; re-ingest it with a config that "
+                f"provides them, or remove them from the config's features section"
+            )
+
+    def read(self, names: Sequence[str], start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        """Contiguous rows ``[start, stop)`` of the named columns."""
+        self._check(names)
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        try:
+            return {c: self._file[c][start:stop] for c in names}
+        except OSError as err:
+            raise StoreError(f"shard {self.path}: reading rows {start}:{stop} failed: {err}") from err
+
+    def read_rows(self, names: Sequence[str], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Arbitrary rows (any order) of the named columns; reads only the chunks that hold them."""
+        self._check(names)
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        out = {}
+        try:
+            for c in names:
+                ds = self._file[c]
+                # h5py fancy indexing needs increasing, unique indices
+                uniq, back = np.unique(sorted_rows, return_inverse=True)
+                out[c] = ds[uniq][back][inverse] if len(uniq) else ds[0:0]
+        except OSError as err:
+            raise StoreError(f"shard {self.path}: reading {len(rows)} sampled rows failed: {err}") from err
+        return out
+
+    def iter_chunks(self, names: Sequence[str], chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive row blocks of ``chunk_rows`` (the last may be shorter)."""
+        for start in range(0, self.n_rows, chunk_rows):
+            yield self.read(names, start, start + chunk_rows)
+
+
+def shard_rows(path: str | os.PathLike) -> int:
+    with Shard(path) as s:
+        return s.n_rows
