@@ -84,3 +84,26 @@ def derive(raw: Mapping[str, np.ndarray], layout: Layout, normalise_xp: bool) ->
             if e is not None:
                 errors[:, j] = e
     return values, errors
+
+
+class FeatureTransform:
+    """Raw store columns → scaled model inputs: the one transform every stage applies.
+
+    ``transform(raw)`` returns ``(x, err)``, float32 ``(n_rows, n_features)``, scaled by the
+    pipeline's single feature scaler (NaN stays NaN).
+    """
+
+    def __init__(self, layout: Layout, scaler, normalise_xp: bool):
+        scaler.check_layout(layout)
+        self.layout = layout
+        self.scaler = scaler
+        self.normalise_xp = normalise_xp
+        self.store_columns = store_columns(layout, normalise_xp)
+
+    @classmethod
+    def from_config(cls, config: Mapping, scaler) -> "FeatureTransform":
+        return cls(Layout.from_config(config["features"]), scaler, xp_normalises(config["features"]))
+
+    def __call__(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        values, errors = derive(raw, self.layout, self.normalise_xp)
+        return self.scaler.transform(values, errors)
