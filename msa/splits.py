@@ -1,0 +1,67 @@
+"""Deterministic train / validation / calibration / test splits by a hash of ``source_id``.
+
+A star's split is a pure function of its ``source_id`` and the seed: the same star lands in the
+same split whatever file, shard or row order it comes from, and every ensemble member (which
+differ only in their training seed) shares the same splits. The hash is SplitMix64 of
+``source_id`` XOR a seed-derived key, mapped to a uniform number in [0, 1) and cut at the
+cumulative fractions of the ``splits`` config section (train, validation, calibration, test).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+SPLIT_NAMES = ("train", "validation", "calibration", "test")
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+class SplitError(ValueError):
+    """The ``splits`` config section is inconsistent."""
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 (wrapping arithmetic): a well-mixed 64-bit hash."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def unit_hash(source_id: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per ``source_id`` (float64), fixed by the id and ``seed``."""
+    ids = np.asarray(source_id, dtype=np.int64).view(np.uint64)
+    key = _splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))[0]
+    h = _splitmix64(ids ^ key)
+    # top 53 bits → an exactly representable float in [0, 1)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def split_fractions(splits_cfg: Mapping) -> dict[str, float]:
+    """The four fractions from the ``splits`` section; they must sum to 1 (± 1e-6)."""
+    fractions = {name: float(splits_cfg.get(name, 0.0)) for name in SPLIT_NAMES}
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-6:
+        raise SplitError(
+            f"splits: train + validation + calibration + test = {total:.6g}; they must sum to 1 "
+            f"(got {fractions})"
+        )
+    return fractions
+
+
+def assign_splits(source_id: np.ndarray, splits_cfg: Mapping, seed: int) -> np.ndarray:
+    """Split name per star (array of str, one of ``SPLIT_NAMES``) for the given ``source_id``s."""
+    fractions = split_fractions(splits_cfg)
+    edges = np.cumsum([fractions[n] for n in SPLIT_NAMES])
+    edges[-1] = 1.0 + 1e-12  # u < 1 always: the last split takes every remaining star
+    code = np.searchsorted(edges, unit_hash(source_id, seed), side="right")
+    return np.asarray(SPLIT_NAMES, dtype=object)[code].astype(str)
+
+
+def split_mask(source_id: np.ndarray, splits_cfg: Mapping, seed: int, name: str) -> np.ndarray:
+    """Boolean mask of the stars that fall in split ``name``."""
+    if name not in SPLIT_NAMES:
+        raise SplitError(f"unknown split {name!r}; use one of {list(SPLIT_NAMES)}")
+    return assign_splits(source_id, splits_cfg, seed) == name
