@@ -1,0 +1,217 @@
+"""Labels: catalogues keyed by ``source_id``, joined to the stars of the shard store, and scaled.
+
+The ``labels`` config section names one catalogue (CSV / CSV.gz / FITS / Parquet) and, per label,
+where its value and error come from::
+
+    labels:
+      catalogue: resources/demo/apogee_labels_demo.csv
+      columns:
+        teff: {value: teff, error: teff_err}             # catalogue columns
+        parallax: {store: parallax, error: parallax_error}  # columns of the shard store
+
+A label missing for a star is NaN (the fine-tuning losses mask it); a ``source_id`` that appears
+twice in the catalogue is an error. Labels are standard-scaled per label with statistics fitted on
+the TRAIN split only (:class:`LabelScaler`); errors are divided by the same scale. The feature
+scaler is never touched here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from msa.store import SOURCE_ID
+
+
+class LabelError(ValueError):
+    """The ``labels`` / ``label_sets`` config or a label catalogue is inconsistent."""
+
+
+@dataclass(frozen=True)
+class LabelColumn:
+    """Where one label's value and error come from (exactly one of ``value`` / ``store``)."""
+
+    name: str
+    value: str | None = None
+    store: str | None = None
+    error: str | None = None
+
+
+def label_set(config: Mapping, name: str) -> list[str]:
+    """The ordered label names of ``label_sets[name]``, each checked against ``labels.columns``."""
+    sets = config.get("label_sets") or {}
+    if name not in sets:
+        raise LabelError(f"label_sets: no label set {name!r}; known: {sorted(sets)}")
+    names = list(sets[name])
+    known = (config.get("labels") or {}).get("columns") or {}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LabelError(f"label_sets.{name}: label(s) {unknown} have no entry in labels.columns; add them there")
+    return names
+
+
+def label_columns(labels_cfg: Mapping, names: Sequence[str]) -> list[LabelColumn]:
+    """The column specification of each label in ``names`` (from ``labels.columns``)."""
+    out = []
+    for name in names:
+        entry = (labels_cfg.get("columns") or {}).get(name)
+        if entry is None:
+            raise LabelError(f"labels.columns: no entry for label {name!r}")
+        if ("value" in entry) == ("store" in entry):
+            raise LabelError(
+                f"labels.columns.{name}: give exactly one of 'value' (a catalogue column) or "
+                f"'store' (a shard-store column), got {sorted(entry)}"
+            )
+        out.append(LabelColumn(name, entry.get("value"), entry.get("store"), entry.get("error")))
+    return out
+
+
+def read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table."""
+    path = Path(path)
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if suffixes.endswith((".parquet", ".pq")):
+            df = pd.read_parquet(path, columns=list(columns))
+        elif suffixes.endswith((".fits", ".fit", ".fits.gz")):
+            from astropy.table import Table
+
+            table = Table.read(path)
+            missing = [c for c in columns if c not in table.colnames]
+            if missing:
+                raise KeyError(missing)
+            df = table[list(columns)].to_pandas()
+        else:
+            df = pd.read_csv(path, usecols=list(columns))
+    except (KeyError, ValueError) as err:
+        raise LabelError(f"label catalogue {path}: cannot read column(s) {list(columns)} ({err}); "
+                         "fix labels.columns or labels.source_id_column") from err
+    except OSError as err:
+        raise LabelError(f"cannot read label catalogue {path}: {err}; check labels.catalogue") from err
+    return df
+
+
+class LabelSource:
+    """Looks up the labels of a label set for any ``source_id``s (catalogue + store columns)."""
+
+    def __init__(self, labels_cfg: Mapping, names: Sequence[str]):
+        self.names = list(names)
+        self.columns = label_columns(labels_cfg, names)
+        self._ids = np.empty(0, dtype=np.int64)
+        self._values = np.empty((0, 0))
+        self._errors = np.empty((0, 0))
+        from_catalogue = [c for c in self.columns if c.value is not None]
+        if from_catalogue:
+            path = labels_cfg.get("catalogue")
+            if not path:
+                raise LabelError(
+                    f"labels.catalogue is not set but label(s) {[c.name for c in from_catalogue]} "
+                    "take their values from a catalogue"
+                )
+            self._load_catalogue(Path(path), labels_cfg.get("source_id_column", SOURCE_ID), from_catalogue)
+
+    def _load_catalogue(self, path: Path, id_column: str, cols: list[LabelColumn]) -> None:
+        wanted = [id_column] + [c.value for c in cols] + [c.error for c in cols if c.error]
+        df = read_table(path, list(dict.fromkeys(wanted)))
+        ids = df[id_column].to_numpy()
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise LabelError(f"label catalogue {path}: column {id_column!r} must be integer Gaia source_ids "
+                             f"(found dtype {ids.dtype}; empty ids?)")
+        ids = ids.astype(np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
+        if len(dup):
+            raise LabelError(f"label catalogue {path}: {len(dup)} duplicate source_id(s), e.g. "
+                             f"{dup[:3].tolist()}; keep one row per star")
+        self._ids = ids
+        self._catalogue_index = {c.name: k for k, c in enumerate(cols)}
+        self._values = np.stack([df[c.value].to_numpy(np.float64)[order] for c in cols], axis=1)
+        self._errors = np.stack([
+            df[c.error].to_numpy(np.float64)[order] if c.error else np.full(len(ids), np.nan) for c in cols
+        ], axis=1)
+
+    @property
+    def store_columns(self) -> list[str]:
+        """Shard-store columns that labels take their values or errors from."""
+        cols = []
+        for c in self.columns:
+            if c.store is not None:
+                cols.append(c.store)
+                if c.error:
+                    cols.append(c.error)
+        return list(dict.fromkeys(cols))
+
+    @property
+    def catalogue_ids(self) -> np.ndarray:
+        return self._ids
+
+    def lookup(self, source_id: np.ndarray, store_raw: Mapping[str, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Label values and errors, float64 ``(n, n_labels)`` in physical units, NaN where missing.
+
+        ``store_raw`` holds the rows' store columns (``store_columns``) for labels taken from the store.
+        """
+        source_id = np.asarray(source_id, dtype=np.int64)
+        n = len(source_id)
+        y = np.full((n, len(self.columns)), np.nan)
+        y_err = np.full((n, len(self.columns)), np.nan)
+        if len(self._ids):
+            pos = np.clip(np.searchsorted(self._ids, source_id), 0, len(self._ids) - 1)
+            found = self._ids[pos] == source_id
+        for j, c in enumerate(self.columns):
+            if c.value is not None:
+                k = self._catalogue_index[c.name]
+                if len(self._ids):
+                    y[found, j] = self._values[pos[found], k]
+                    y_err[found, j] = self._errors[pos[found], k]
+            else:
+                if store_raw is None or c.store not in store_raw:
+                    raise LabelError(f"label {c.name!r} comes from store column {c.store!r}; "
+                                     "pass that column in store_raw")
+                y[:, j] = store_raw[c.store]
+                if c.error:
+                    y_err[:, j] = store_raw[c.error]
+        return y, y_err
+
+
+@dataclass(frozen=True)
+class LabelScaler:
+    """Per-label standard scaling: ``scaled = (physical − centre) / scale``."""
+
+    names: tuple[str, ...]
+    centre: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, names: Sequence[str], y_train: np.ndarray) -> "LabelScaler":
+        """Mean and standard deviation per label over the (NaN-free entries of the) TRAIN split."""
+        y_train = np.asarray(y_train, dtype=np.float64)
+        n = np.sum(np.isfinite(y_train), axis=0)
+        few = [name for name, k in zip(names, n) if k < 2]
+        if few:
+            raise LabelError(f"labels {few}: fewer than 2 training stars with a value; "
+                             "check the catalogue join and the splits fractions")
+        centre = np.nanmean(y_train, axis=0)
+        scale = np.nanstd(y_train, axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        return cls(tuple(names), centre, scale)
+
+    @classmethod
+    def from_lists(cls, names, centre, scale) -> "LabelScaler":
+        return cls(tuple(names), np.asarray(centre, dtype=np.float64), np.asarray(scale, dtype=np.float64))
+
+    def transform(self, y: np.ndarray, y_err: np.ndarray | None = None):
+        """Scaled values (and errors divided by the scale when given)."""
+        ys = (np.asarray(y) - self.centre) / self.scale
+        return ys if y_err is None else (ys, np.asarray(y_err) / self.scale)
+
+    def inverse(self, ys: np.ndarray) -> np.ndarray:
+        """Physical values from scaled ones; the label axis is axis 1 (``(n, L)`` or ``(n, L, 3)``)."""
+        ys = np.asarray(ys, dtype=np.float64)
+        shape = (1, -1) + (1,) * (ys.ndim - 2)
+        return ys * self.scale.reshape(shape) + self.centre.reshape(shape)

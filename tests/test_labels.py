@@ -1,0 +1,74 @@
+"""Label catalogues: join by source_id, NaN for missing, duplicates refused, train-only scaling."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from msa.labels import LabelError, LabelScaler, LabelSource, label_set
+
+CFG_COLUMNS = {
+    "teff": {"value": "teff", "error": "teff_err"},
+    "fe_h": {"value": "fe_h", "error": "fe_h_err"},
+    "parallax": {"store": "parallax", "error": "parallax_error"},
+}
+
+
+def write_catalogue(path, ids, teff, fe_h):
+    pd.DataFrame({"source_id": ids, "teff": teff, "teff_err": np.full(len(ids), 50.0),
+                  "fe_h": fe_h, "fe_h_err": np.full(len(ids), 0.02)}).to_csv(path, index=False)
+
+
+def test_join_by_source_id_in_any_order_with_missing(tmp_path):
+    path = tmp_path / "labels.csv"
+    write_catalogue(path, [30, 10, 20], [5000.0, 4000.0, 4500.0], [0.1, np.nan, -0.5])
+    cfg = {"catalogue": str(path), "columns": CFG_COLUMNS}
+    src = LabelSource(cfg, ["teff", "fe_h", "parallax"])
+    assert src.store_columns == ["parallax", "parallax_error"]
+    ids = np.array([20, 99, 10, 30], dtype=np.int64)  # 99 is not in the catalogue
+    store = {"parallax": np.array([1.0, 2.0, 3.0, 4.0]), "parallax_error": np.array([.1, .2, .3, .4])}
+    y, y_err = src.lookup(ids, store)
+    np.testing.assert_array_equal(y[:, 0], [4500.0, np.nan, 4000.0, 5000.0])
+    np.testing.assert_array_equal(y[:, 1], [-0.5, np.nan, np.nan, 0.1])
+    np.testing.assert_array_equal(y[:, 2], store["parallax"])
+    np.testing.assert_array_equal(y_err[:, 2], store["parallax_error"])
+    assert y_err[0, 0] == 50.0 and np.isnan(y_err[1, 0])
+
+
+def test_duplicates_and_bad_config_raise(tmp_path):
+    path = tmp_path / "dup.csv"
+    write_catalogue(path, [1, 2, 2], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    with pytest.raises(LabelError, match="duplicate source_id"):
+        LabelSource({"catalogue": str(path), "columns": CFG_COLUMNS}, ["teff"])
+    with pytest.raises(LabelError, match="cannot read column"):
+        LabelSource({"catalogue": str(path), "columns": {"teff": {"value": "TEFF"}}}, ["teff"])
+    with pytest.raises(LabelError, match="exactly one"):
+        LabelSource({"catalogue": str(path), "columns": {"teff": {"value": "teff", "store": "x"}}}, ["teff"])
+    config = {"labels": {"columns": CFG_COLUMNS}, "label_sets": {"spec": ["teff", "logg"]}}
+    with pytest.raises(LabelError, match="logg"):
+        label_set(config, "spec")
+
+
+def test_parquet_catalogue(tmp_path):
+    path = tmp_path / "labels.parquet"
+    pd.DataFrame({"source_id": np.array([5, 6], dtype=np.int64), "teff": [1.0, 2.0],
+                  "teff_err": [0.1, 0.2]}).to_parquet(path)
+    src = LabelSource({"catalogue": str(path), "columns": CFG_COLUMNS}, ["teff"])
+    y, _ = src.lookup(np.array([6, 5]))
+    np.testing.assert_array_equal(y[:, 0], [2.0, 1.0])
+
+
+def test_label_scaler_uses_only_given_rows_and_round_trips():
+    rng = np.random.default_rng(0)
+    train = np.column_stack([rng.normal(4800, 300, 500), rng.normal(-0.3, 0.4, 500)])
+    train[::7, 1] = np.nan
+    scaler = LabelScaler.fit(["teff", "fe_h"], train)
+    np.testing.assert_allclose(scaler.centre, np.nanmean(train, axis=0))
+    np.testing.assert_allclose(scaler.scale, np.nanstd(train, axis=0))
+    other = np.array([[6000.0, 0.2]])
+    scaled, err = scaler.transform(other, np.array([[30.0, 0.04]]))
+    np.testing.assert_allclose(err, [[30.0 / scaler.scale[0], 0.04 / scaler.scale[1]]])
+    np.testing.assert_allclose(scaler.inverse(scaled), other)
+    q = np.stack([scaled - 1, scaled, scaled + 1], axis=-1)  # (n, L, 3) quantiles
+    np.testing.assert_allclose(scaler.inverse(q)[:, :, 1], other)
+    with pytest.raises(LabelError, match="fewer than 2"):
+        LabelScaler.fit(["a"], np.array([[1.0], [np.nan]]))
