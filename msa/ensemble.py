@@ -1,0 +1,254 @@
+"""Ensemble inference: K fine-tuned members → one set of ordered quantiles per star and label.
+
+``Ensemble.load(paths)`` reads the member checkpoints written by ``msa finetune`` (format in
+``msa/finetune.py`` / the project notes), refuses members that disagree on the feature layout,
+scaler, labels or XP normalisation, and rebuilds each member's encoder and quantile head.
+
+``Ensemble.predict(x_scaled)`` takes scaled model inputs (float32 ``(N, F)``, NaN = missing, as
+produced by ``ensemble.transform``) and returns ``(N, L, 3)`` quantiles (q16, q50, q84) in the
+labels' physical units. Each member hides its forced-mask features (plus any ``extra_hidden``
+columns); a member with a parallax masked pass takes its parallax quantiles from a second pass
+with the parallax feature hidden, so Gaia parallax is never both input and answer.
+Inference runs under ``torch.inference_mode`` with bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from msa.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from msa.features import FeatureTransform
+from msa.layout import Layout
+from msa.model import MaskedAutoencoder, QuantileHead
+from msa.scaling import Scaler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8192
+
+
+class EnsembleError(ValueError):
+    """Member checkpoints are not fine-tuned members, or do not belong to one ensemble."""
+
+
+def combine_members(q: np.ndarray) -> np.ndarray:
+    """Combine member quantiles ``(K, N, L, 3)`` into ensemble quantiles ``(N, L, 3)``.
+
+    The median is the median over members of the member medians. Each half-width (lower and
+    upper separately) is ``sqrt(mean_k(hw_k²) + var_k(q50_k))``: the members' own uncertainty
+    plus their disagreement, so a spread of member medians widens the interval. Ordering
+    q16 ≤ q50 ≤ q84 holds whenever every member's does. With K = 1 the result equals the input.
+    """
+    q = np.asarray(q)
+    if q.ndim != 4 or q.shape[-1] != 3:
+        raise ValueError(f"combine_members: expected (K, N, L, 3) quantiles, got shape {q.shape}")
+    q64 = q.astype(np.float64)  # float32 squares are exact in float64, so K = 1 is an exact identity
+    med_k = q64[..., 1]
+    median = np.median(med_k, axis=0)
+    spread = np.var(med_k, axis=0)  # population variance over members: 0 for K = 1
+    lower_hw = np.sqrt(np.mean((med_k - q64[..., 0]) ** 2, axis=0) + spread)
+    upper_hw = np.sqrt(np.mean((q64[..., 2] - med_k) ** 2, axis=0) + spread)
+    out = np.stack([median - lower_hw, median, median + upper_hw], axis=-1)
+    return out.astype(np.float32)
+
+
+@dataclass
+class Member:
+    """One fine-tuned member, ready for inference."""
+
+    path: Path
+    sha256: str
+    model: MaskedAutoencoder
+    head: QuantileHead
+    force_mask: torch.Tensor  # bool (F,): features always hidden at inference
+    label_centre: torch.Tensor  # float32 (L,)
+    label_scale: torch.Tensor  # float32 (L,), > 0
+    parallax_label: int | None
+    parallax_feature: int | None
+    parallax_masked_pass: bool
+
+    def quantiles(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical quantiles ``(B, L, 3)`` float32 and the latent ``(B, D)`` for one batch."""
+        hidden = hidden | self.force_mask
+        latent = self.model.encode(x, hidden)
+        q = self.head(latent).float()
+        if self.parallax_masked_pass:
+            # parallax from a second pass that cannot see the Gaia parallax it is scored against
+            hidden_plx = hidden.clone()
+            hidden_plx[:, self.parallax_feature] = True
+            q_plx = self.head(self.model.encode(x, hidden_plx)).float()
+            q[:, self.parallax_label] = q_plx[:, self.parallax_label]
+        return q * self.label_scale[:, None] + self.label_centre[:, None], latent.float()
+
+
+def _first_difference(name: str, values: list, paths: Sequence[Path]) -> None:
+    """Raise if ``values`` (one per member) are not all equal to the first."""
+    for value, path in zip(values[1:], paths[1:]):
+        if value != values[0]:
+            raise EnsembleError(
+                f"ensemble members disagree on {name}: {paths[0]} and {path} differ. All members of "
+                f"one ensemble must be fine-tuned from the same pretrained model, scaler and label set; "
+                f"pass only the members of one `msa finetune` run"
+            )
+
+
+class Ensemble:
+    """K fine-tuned members sharing one layout, scaler, label set and XP normalisation."""
+
+    def __init__(self, members: list[Member], labels: list[str], layout: Layout, scaler: Scaler,
+                 normalise_xp: bool, label_set: str | None, device: torch.device, amp: bool = True):
+        self.members = members
+        self.labels = labels
+        self.layout = layout
+        self.scaler = scaler
+        self.normalise_xp = normalise_xp
+        self.label_set = label_set
+        self.device = device
+        self.amp = amp
+        self.transform = FeatureTransform(layout, scaler, normalise_xp)
+
+    @classmethod
+    def load(cls, member_paths: Sequence[str | Path], device: str | torch.device = "cpu",
+             amp: bool = True) -> "Ensemble":
+        """Load and cross-check member checkpoints (``kind: finetune``) onto ``device``."""
+        paths = [Path(p) for p in member_paths]
+        if not paths:
+            raise EnsembleError("no ensemble members given; pass the member model.pt files")
+        device = torch.device(device)
+        ckpts = [load_checkpoint(p, map_location="cpu") for p in paths]
+        for ckpt, path in zip(ckpts, paths):
+            if ckpt.get("kind") != "finetune":
+                raise EnsembleError(
+                    f"{path} is a {ckpt.get('kind')!r} checkpoint, not a fine-tuned member; "
+                    "pass results/finetune/<label_set>/member-<k>/model.pt files"
+                )
+            missing = [k for k in ("model", "model_hparams", "head", "head_hparams", "labels", "label_centre",
+                                   "label_scale", "layout", "scaler", "normalise_xp") if k not in ckpt]
+            if missing:
+                raise EnsembleError(f"{path} lacks key(s) {missing}; re-run `msa finetune` for it")
+        layouts = [Layout.from_dict(c["layout"]) for c in ckpts]
+        for layout, path in zip(layouts[1:], paths[1:]):
+            diff = layouts[0].diff(layout)
+            if diff:
+                raise EnsembleError(f"ensemble members {paths[0]} and {path} have different feature layouts: "
+                                    f"{diff}. Pass only the members of one ensemble")
+        _first_difference("the scaler", [c["scaler"] for c in ckpts], paths)
+        _first_difference("the labels", [list(c["labels"]) for c in ckpts], paths)
+        _first_difference("XP normalisation", [bool(c["normalise_xp"]) for c in ckpts], paths)
+        layout = layouts[0]
+        members = [cls._build_member(c, p, layout, device) for c, p in zip(ckpts, paths)]
+        log.info("loaded %d ensemble member(s) for labels %s on %s", len(members), list(ckpts[0]["labels"]), device)
+        return cls(members, list(ckpts[0]["labels"]), layout, Scaler.from_dict(ckpts[0]["scaler"]),
+                   bool(ckpts[0]["normalise_xp"]), ckpts[0].get("label_set"), device, amp)
+
+    @staticmethod
+    def _build_member(ckpt: dict, path: Path, layout: Layout, device: torch.device) -> Member:
+        try:
+            model = MaskedAutoencoder(**ckpt["model_hparams"])
+            model.load_state_dict(ckpt["model"])
+            head = QuantileHead(**ckpt["head_hparams"])
+            head.load_state_dict(ckpt["head"])
+        except (RuntimeError, TypeError) as err:
+            raise CheckpointError(f"{path}: weights do not fit the stored hyper-parameters: {err}") from err
+        if model.hparams["n_features"] != layout.n_features:
+            raise EnsembleError(f"{path}: model has {model.hparams['n_features']} inputs, layout has "
+                                f"{layout.n_features}")
+        n_labels = len(ckpt["labels"])
+        centre = torch.tensor(ckpt["label_centre"], dtype=torch.float32)
+        scale = torch.tensor(ckpt["label_scale"], dtype=torch.float32)
+        if centre.shape != (n_labels,) or scale.shape != (n_labels,) or head.n_labels != n_labels:
+            raise EnsembleError(f"{path}: label_centre/label_scale/head size do not match {n_labels} labels")
+        if not torch.all(scale > 0):
+            # a negative scale would swap q16 and q84
+            raise EnsembleError(f"{path}: label_scale must be positive, got {scale.tolist()}")
+        force = torch.zeros(layout.n_features, dtype=torch.bool)
+        force[list(ckpt.get("force_mask_indices") or [])] = True
+        plx = ckpt.get("parallax") or {}
+        masked_pass = bool(plx.get("masked_pass")) and plx.get("label_index") is not None \
+            and plx.get("feature_index") is not None
+        return Member(
+            path=path, sha256=file_sha256(path), model=model.to(device).eval(), head=head.to(device).eval(),
+            force_mask=force.to(device), label_centre=centre.to(device), label_scale=scale.to(device),
+            parallax_label=plx.get("label_index"), parallax_feature=plx.get("feature_index"),
+            parallax_masked_pass=masked_pass,
+        )
+
+    # --- inference ------------------------------------------------------------------------------
+    @property
+    def checksums(self) -> list[str]:
+        """Short sha256 of every member file, in member order (model identity for metadata)."""
+        return [m.sha256 for m in self.members]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.members[0].model.latent_dim
+
+    def _hidden(self, extra_hidden, n: int) -> torch.Tensor:
+        """Extra hidden mask as a bool tensor broadcastable to ``(n, F)``."""
+        f = self.layout.n_features
+        if extra_hidden is None:
+            return torch.zeros((1, f), dtype=torch.bool, device=self.device)
+        hidden = torch.as_tensor(np.asarray(extra_hidden, dtype=bool), device=self.device)
+        if hidden.shape not in ((f,), (1, f), (n, f)):
+            raise ValueError(f"extra_hidden: expected shape ({f},) or ({n}, {f}), got {tuple(hidden.shape)}")
+        return hidden.reshape(-1, f)
+
+    def forward_batch(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
+                      with_latent: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All members on one batch already on the device: ``(K, B, L, 3)`` float32 physical quantiles
+        and, if asked, the first member's latent ``(B, D)``. Call inside :meth:`inference`."""
+        if hidden is None:
+            hidden = torch.zeros((1, x.shape[1]), dtype=torch.bool, device=x.device)
+        hidden = hidden.expand(x.shape[0], -1)
+        outs, latent = [], None
+        for k, member in enumerate(self.members):
+            q, z = member.quantiles(x, hidden)
+            outs.append(q)
+            if with_latent and k == 0:
+                latent = z
+        return torch.stack(outs), latent
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Context for inference: no autograd, bf16 autocast on CUDA when ``amp``."""
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                                    enabled=self.amp and self.device.type == "cuda"):
+            yield
+
+    def predict_members(self, x_scaled, extra_hidden=None, batch_size: int = DEFAULT_BATCH_SIZE,
+                        return_latent: bool = False):
+        """Per-member physical quantiles ``(K, N, L, 3)`` float32 for scaled inputs ``(N, F)``.
+
+        ``extra_hidden``: bool ``(F,)`` or ``(N, F)``, columns hidden in addition to each member's
+        force mask (e.g. all XP for a photometry-only evaluation). With ``return_latent`` also the
+        first member's latent ``(N, D)``.
+        """
+        x_all = torch.as_tensor(np.asarray(x_scaled, dtype=np.float32))
+        n, f = x_all.shape if x_all.ndim == 2 else (None, None)
+        if x_all.ndim != 2 or f != self.layout.n_features:
+            raise ValueError(f"x_scaled: expected (N, {self.layout.n_features}) scaled inputs, got "
+                             f"{tuple(x_all.shape)}; build them with ensemble.transform(raw)")
+        hidden_all = self._hidden(extra_hidden, n)
+        q_out = np.empty((len(self.members), n, len(self.labels), 3), dtype=np.float32)
+        z_out = np.empty((n, self.latent_dim), dtype=np.float32) if return_latent else None
+        with self.inference():
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                x = x_all[start:stop].to(self.device, non_blocking=True)
+                hidden = hidden_all if hidden_all.shape[0] == 1 else hidden_all[start:stop]
+                q, z = self.forward_batch(x, hidden, with_latent=return_latent)
+                q_out[:, start:stop] = q.cpu().numpy()
+                if return_latent:
+                    z_out[start:stop] = z.cpu().numpy()
+        return (q_out, z_out) if return_latent else q_out
+
+    def predict(self, x_scaled, extra_hidden=None, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Ensemble quantiles ``(N, L, 3)`` (q16 ≤ q50 ≤ q84) in physical units; see :func:`combine_members`."""
+        return combine_members(self.predict_members(x_scaled, extra_hidden, batch_size))
