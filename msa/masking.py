@@ -1,0 +1,155 @@
+"""Which input entries the encoder must not see: random training masks and a fixed validation mask.
+
+Two masking groups: the XP block (all XP coefficients of a star hidden together, for a fraction
+``xp_ratio`` of rows, so the model learns to predict a whole spectrum from photometry) and the
+element group (every other feature hidden independently with probability ``element_ratio``).
+Forced columns (``force_mask_cols`` plus the layout's ``force_mask``) are always hidden.
+
+Also home of the per-star hash (:func:`hash_uniform`): a deterministic number in [0, 1) from a
+Gaia ``source_id`` and a seed, used for the fixed validation mask and the validation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from msa.layout import XP_GROUP, Layout
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+class MaskingError(ValueError):
+    """A masking section names unknown columns or groups."""
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on a uint64 array: a cheap, well-mixed integer hash."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_uniform(source_id: np.ndarray, seed: int, salt: np.ndarray | int = 0) -> np.ndarray:
+    """Deterministic uniform numbers in [0, 1) per (star, seed, salt); broadcasts ``salt``.
+
+    ``source_id`` (int64, shape (n,)) with ``salt`` of shape (k,) gives shape (n, k). The same
+    star always gets the same number, whatever file or order it comes from.
+    """
+    sid = np.asarray(source_id, dtype=np.int64).astype(np.uint64)
+    salt = np.asarray(salt, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        seed_key = _splitmix64(np.array([seed], dtype=np.int64).astype(np.uint64))[0]
+        h = _splitmix64(sid ^ seed_key)
+        if salt.ndim:
+            h = _splitmix64(h[:, None] + salt[None, :] * _GOLDEN)
+        else:
+            h = _splitmix64(h + salt * _GOLDEN)
+    # the top 53 bits make an exactly representable float64 in [0, 1)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Masking ratios and the feature positions (layout order) each rule applies to."""
+
+    xp_ratio: float
+    element_ratio: float
+    force_indices: np.ndarray
+    xp_indices: np.ndarray
+    element_indices: np.ndarray
+    n_features: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("xp_ratio", "element_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise MaskingError(f"masking: {name} = {value} must lie in [0, 1]")
+
+    @property
+    def width(self) -> int:
+        """Number of features the masks cover."""
+        if self.n_features is not None:
+            return int(self.n_features)
+        idx = np.concatenate([self.force_indices, self.xp_indices, self.element_indices])
+        return int(idx.max()) + 1 if len(idx) else 0
+
+    @classmethod
+    def from_config(cls, layout: Layout, section: Mapping, fallback: Mapping | None = None) -> "MaskSpec":
+        """From a config section with ``xp_masking_ratio``, ``m_masking_ratio``, ``force_mask_cols``
+        and ``group_overrides`` (feature → ``xp`` or any other group name). A ratio that is None
+        (or absent) is taken from ``fallback`` (e.g. fine-tuning falls back to pretraining)."""
+        fallback = fallback or {}
+
+        def pick(key: str):
+            value = section.get(key)
+            if value is None:
+                value = fallback.get(key)
+            if value is None:
+                raise MaskingError(f"masking: {key} is not set in the section nor in its fallback")
+            return float(value)
+
+        overrides = section.get("group_overrides")
+        if overrides is None:
+            overrides = fallback.get("group_overrides") or {}
+        unknown = sorted(set(overrides) - set(layout.names))
+        if unknown:
+            raise MaskingError(f"group_overrides: unknown feature(s) {unknown}; use names from the features section")
+        force_names = list(dict.fromkeys(list(section.get("force_mask_cols") or []) + list(layout.force_mask)))
+        unknown = sorted(set(force_names) - set(layout.names))
+        if unknown:
+            raise MaskingError(f"force_mask_cols: unknown feature(s) {unknown}; use names from the features section")
+        groups = [overrides.get(f.name, f.group) for f in layout.features]
+        xp_idx = np.array([i for i, g in enumerate(groups) if g == XP_GROUP], dtype=np.int64)
+        el_idx = np.array([i for i, g in enumerate(groups) if g != XP_GROUP], dtype=np.int64)
+        force_idx = np.array([layout.index(n) for n in force_names], dtype=np.int64)
+        return cls(pick("xp_masking_ratio"), pick("m_masking_ratio"), force_idx, xp_idx, el_idx,
+                   layout.n_features)
+
+    def _assemble(self, row_u: torch.Tensor, elem_u: torch.Tensor) -> torch.Tensor:
+        """Mask from per-row uniforms (n,) and per-entry uniforms (n, F)."""
+        n, width = elem_u.shape
+        hidden = torch.zeros((n, width), dtype=torch.bool, device=elem_u.device)
+        if len(self.xp_indices):
+            xp_cols = torch.as_tensor(self.xp_indices, device=elem_u.device)
+            hidden[:, xp_cols] = (row_u < self.xp_ratio).unsqueeze(1).expand(n, len(self.xp_indices))
+        if len(self.element_indices):
+            el_cols = torch.as_tensor(self.element_indices, device=elem_u.device)
+            hidden[:, el_cols] = elem_u[:, el_cols] < self.element_ratio
+        if len(self.force_indices):
+            hidden[:, torch.as_tensor(self.force_indices, device=elem_u.device)] = True
+        return hidden
+
+
+def draw_mask(spec: MaskSpec, n_rows: int, generator: torch.Generator,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh random mask, BoolTensor ``(n_rows, n_features)`` on ``device`` (True = hidden).
+
+    Numbers come from ``generator`` only, so a checkpointed generator state reproduces the masks.
+    They are drawn on the generator's device and moved to ``device`` if that differs.
+    """
+    width = spec.width
+    gen_device = generator.device
+    u = torch.rand((n_rows, width + 1), generator=generator, device=gen_device)
+    hidden = spec._assemble(u[:, width], u[:, :width])
+    return hidden.to(device, non_blocking=True)
+
+
+def fixed_validation_mask(spec: MaskSpec, source_id: np.ndarray, seed: int,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """The mask a star always gets in validation: a hash of its ``source_id`` and ``seed``.
+
+    Same rules and ratios as :func:`draw_mask`, but identical for a given star in every epoch
+    and every run, so validation curves are comparable across epochs and runs.
+    """
+    width = spec.width
+    u = hash_uniform(source_id, seed, np.arange(width + 1))
+    u = torch.from_numpy(u.astype(np.float32))
+    return spec._assemble(u[:, width], u[:, :width]).to(device)

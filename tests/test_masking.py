@@ -1,0 +1,100 @@
+"""Masking: group rules, ratios (checked statistically with a fixed seed), fixed validation mask."""
+
+import numpy as np
+import pytest
+import torch
+
+from msa.layout import Layout
+from msa.masking import MaskingError, MaskSpec, draw_mask, fixed_validation_mask, hash_uniform
+
+torch.set_num_threads(1)
+
+
+def small_layout(force=()):
+    return Layout.from_config({
+        "xp": {"bp": 4, "rp": 3},
+        "gaia_photometry": {"phot_g_mean_mag": None, "phot_bp_mean_mag": None},
+        "survey_photometry": {"J": None, "H": None},
+        "astrometry": {"parallax": "parallax_error"},
+        "force_mask": list(force),
+    })
+
+
+SECTION = {"xp_masking_ratio": 0.3, "m_masking_ratio": 0.2, "force_mask_cols": [], "group_overrides": {}}
+
+
+def test_groups_and_ratios():
+    layout = small_layout()
+    spec = MaskSpec.from_config(layout, SECTION)
+    hidden = draw_mask(spec, 20000, torch.Generator().manual_seed(0)).numpy()
+    assert hidden.shape == (20000, layout.n_features)
+    xp = layout.xp_indices
+    # the XP block is all-or-nothing per row
+    assert np.all(hidden[:, xp].all(axis=1) | ~hidden[:, xp].any(axis=1))
+    assert abs(hidden[:, xp[0]].mean() - 0.3) < 0.015
+    others = np.setdiff1d(np.arange(layout.n_features), xp)
+    rates = hidden[:, others].mean(axis=0)
+    assert np.all(np.abs(rates - 0.2) < 0.015)
+    # element masks are independent of each other (not one draw per row)
+    both = (hidden[:, others[0]] & hidden[:, others[1]]).mean()
+    assert abs(both - 0.04) < 0.01
+
+
+def test_force_columns_always_hidden_and_layout_force_mask_included():
+    layout = small_layout(force=["H"])
+    spec = MaskSpec.from_config(layout, {**SECTION, "force_mask_cols": ["parallax"]})
+    hidden = draw_mask(spec, 500, torch.Generator().manual_seed(1)).numpy()
+    assert hidden[:, layout.index("parallax")].all()
+    assert hidden[:, layout.index("H")].all()
+    assert not hidden[:, layout.index("J")].all()
+
+
+def test_group_override_moves_column_into_xp_block():
+    layout = small_layout()
+    spec = MaskSpec.from_config(layout, {**SECTION, "group_overrides": {"phot_bp_mean_mag": "xp"}})
+    hidden = draw_mask(spec, 2000, torch.Generator().manual_seed(2)).numpy()
+    np.testing.assert_array_equal(hidden[:, layout.index("phot_bp_mean_mag")], hidden[:, 0])
+
+
+def test_fallback_ratios_and_unknown_names():
+    layout = small_layout()
+    spec = MaskSpec.from_config(layout, {"xp_masking_ratio": None, "m_masking_ratio": 0.5}, fallback=SECTION)
+    assert spec.xp_ratio == 0.3 and spec.element_ratio == 0.5
+    with pytest.raises(MaskingError, match="nope"):
+        MaskSpec.from_config(layout, {**SECTION, "force_mask_cols": ["nope"]})
+    with pytest.raises(MaskingError, match="xp_masking_ratio"):
+        MaskSpec.from_config(layout, {"m_masking_ratio": 0.1})
+
+
+def test_same_generator_state_same_mask():
+    spec = MaskSpec.from_config(small_layout(), SECTION)
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    a = draw_mask(spec, 100, g)
+    g.set_state(state)
+    b = draw_mask(spec, 100, g)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, draw_mask(spec, 100, g))
+
+
+def test_fixed_validation_mask_is_stable_per_star():
+    layout = small_layout()
+    spec = MaskSpec.from_config(layout, SECTION)
+    sid = np.arange(10_000, dtype=np.int64) * 7919 + 4295098369
+    m1 = fixed_validation_mask(spec, sid, seed=3).numpy()
+    # same stars in another order and subset: each star keeps its mask
+    perm = np.random.default_rng(0).permutation(len(sid))[:3000]
+    m2 = fixed_validation_mask(spec, sid[perm], seed=3).numpy()
+    np.testing.assert_array_equal(m1[perm], m2)
+    # other seed, other mask; ratios still as configured
+    assert (fixed_validation_mask(spec, sid, seed=4).numpy() != m1).any()
+    assert abs(m1[:, 0].mean() - 0.3) < 0.02
+    assert abs(m1[:, layout.index("J")].mean() - 0.2) < 0.02
+
+
+def test_hash_uniform_range_and_uniformity():
+    u = hash_uniform(np.arange(50_000), seed=11)
+    assert u.min() >= 0 and u.max() < 1
+    hist, _ = np.histogram(u, bins=10, range=(0, 1))
+    assert np.all(np.abs(hist / len(u) - 0.1) < 0.01)
+    np.testing.assert_array_equal(u, hash_uniform(np.arange(50_000), seed=11))
