@@ -215,3 +215,71 @@ class LabelScaler:
         ys = np.asarray(ys, dtype=np.float64)
         shape = (1, -1) + (1,) * (ys.ndim - 2)
         return ys * self.scale.reshape(shape) + self.centre.reshape(shape)
+
+
+@dataclass
+class LabelledStars:
+    """The labelled stars of a set of shards, in memory: scaled inputs plus physical labels.
+
+    ``x``/``err``: float32 ``(n, n_features)`` scaled inputs (NaN = missing); ``y``/``y_err``:
+    float64 ``(n, n_labels)`` physical labels (NaN = missing); ``extra``: raw store columns asked
+    for (e.g. ``phot_g_mean_mag``, Gaia ``parallax``), float64 ``(n,)``, NaN where absent.
+    """
+
+    source_id: np.ndarray
+    x: np.ndarray
+    err: np.ndarray
+    y: np.ndarray
+    y_err: np.ndarray
+    extra: dict
+
+    def __len__(self) -> int:
+        return len(self.source_id)
+
+    def subset(self, mask: np.ndarray) -> "LabelledStars":
+        return LabelledStars(self.source_id[mask], self.x[mask], self.err[mask], self.y[mask],
+                             self.y_err[mask], {k: v[mask] for k, v in self.extra.items()})
+
+
+def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSource,
+                  extra_columns: Sequence[str] = ()) -> LabelledStars:
+    """Read every star with at least one label of ``source`` from the shards.
+
+    ``transform`` is the pipeline's :class:`msa.features.FeatureTransform` (raw columns → scaled
+    ``(x, err)``); only the rows that carry a label are read. ``extra_columns`` absent from a
+    shard come back as NaN. Stars are returned sorted by ``source_id``.
+    """
+    from msa.store import Shard  # the store is a lower layer; imported here to keep this module light
+
+    parts = []
+    for path in shard_paths:
+        with Shard(path) as shard:
+            ids = shard.read([SOURCE_ID])[SOURCE_ID]
+            store_cols = source.store_columns
+            store_raw = shard.read(store_cols) if store_cols else {}
+            y, y_err = source.lookup(ids, store_raw)
+            rows = np.flatnonzero(np.any(np.isfinite(y), axis=1))
+            if not len(rows):
+                continue
+            present = [c for c in extra_columns if c in shard.columns]
+            raw = shard.read_rows(list(dict.fromkeys(list(transform.store_columns) + present)), rows)
+            x, err = transform(raw)
+            extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan))
+                     for c in extra_columns}
+            parts.append(LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra))
+    if not parts:
+        raise LabelError(f"no star in the {len(shard_paths)} shard(s) has a label of {source.names}; "
+                         "check labels.catalogue and that the shards hold the catalogue's stars")
+    stars = LabelledStars(
+        np.concatenate([p.source_id for p in parts]), np.concatenate([p.x for p in parts]),
+        np.concatenate([p.err for p in parts]), np.concatenate([p.y for p in parts]),
+        np.concatenate([p.y_err for p in parts]),
+        {c: np.concatenate([p.extra[c] for p in parts]) for c in extra_columns},
+    )
+    order = np.argsort(stars.source_id, kind="stable")
+    ids = stars.source_id[order]
+    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
+        dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
+        raise LabelError(f"source_id(s) {dup[:3].tolist()} appear in more than one shard; "
+                         "each star must be in exactly one shard")
+    return stars.subset(order)
