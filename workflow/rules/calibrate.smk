@@ -1,0 +1,36 @@
+# Split-conformal calibration of each label set's ensemble on the calibration split.
+
+
+rule calibrate:
+    input:
+        members=member_models,
+        shards=SHARD_FILES,
+        labels=label_inputs(),
+    output:
+        calibration=report(
+            f"{RESULTS}/calibrate/{{label_set}}.json",
+            caption="../report/calibration.rst",
+            category="3. Calibration and evaluation",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "file": "calibration"},
+        ),
+    params:
+        config=MSA_CONFIG,
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            calibrate=config["calibrate"],
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+        ),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/calibrate/{{label_set}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
+    shell:
+        "msa calibrate --config {params.config} --label-set {wildcards.label_set} "
+        "--members {input.members} --shards {input.shards} --out {output.calibration} "
+        "> {log} 2>&1"

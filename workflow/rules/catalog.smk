@@ -1,0 +1,42 @@
+# Per label set: every shard's predictions gathered into one HEALPix-partitioned Parquet
+# dataset, with a summary and a sky map for the report.
+
+
+rule catalog:
+    input:
+        predictions=lambda wildcards: expand(
+            f"{RESULTS}/predict/{wildcards.label_set}/{{shard}}.parquet", shard=SHARDS
+        ),
+        shards=SHARD_FILES,
+    output:
+        dataset=directory(f"{RESULTS}/catalog/{{label_set}}"),
+        summary=report(
+            f"{RESULTS}/catalog/{{label_set}}.summary.json",
+            caption="../report/catalog_summary.rst",
+            category="4. Catalogue",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "file": "summary"},
+        ),
+        skymap=report(
+            f"{RESULTS}/catalog/{{label_set}}.skymap.png",
+            caption="../report/skymap.rst",
+            category="4. Catalogue",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "file": "sky map"},
+        ),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(catalog=config["catalog"]),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/catalog/{{label_set}}.log",
+    benchmark:
+        f"{BENCHMARKS}/catalog/{{label_set}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(60),
+    shell:
+        "msa catalog --config {params.config} --label-set {wildcards.label_set} "
+        "--inputs {input.predictions} --out-dir {output.dataset} > {log} 2>&1"

@@ -1,0 +1,158 @@
+# Shared helpers: the resolved config, shard discovery, label sets and members, the per-rule
+# settings that decide what reruns, and the targets of `rule all`.
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from msa.config import validate as resolve_config
+
+# Nested defaults filled exactly as every `msa` command fills them.
+config.update(resolve_config(config, source="the workflow config"))
+
+RESULTS = config["results"]
+# Software of all rules under `--sdm conda`: the repository's environment.yml, which also
+# installs this package from the checkout (path relative to this folder).
+MSA_ENV = "../../environment.yml"
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+
+
+def write_if_changed(path, text):
+    """Write `text` to `path` atomically, and only when the content differs, so its mtime
+    changes only with the content (it is read by jobs but is never a rule input)."""
+    path = Path(path)
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+# The one file every `msa --config` call reads: the validated config with all defaults.
+MSA_CONFIG = f"{RESULTS}/.msa/config.yaml"
+write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=True))
+
+
+def discover_shards(pattern):
+    """Shard names: the `{shard}` values of the files on disk that match `ingest.xp`."""
+    if "{shard}" not in pattern:
+        raise WorkflowError(
+            f"ingest.xp = {pattern!r} has no {{shard}} placeholder; write the file name with "
+            "{shard} where the shard name varies, e.g. XpContinuousMeanSpectrum_{shard}.csv.gz"
+        )
+    found = glob_wildcards(pattern.replace("{shard}", "{shard,[^/]+}")).shard
+    if not found:
+        raise WorkflowError(
+            f"no input file matches ingest.xp = {pattern!r} (relative to {os.getcwd()}); "
+            "fix the path in the config or run from the directory that holds it"
+        )
+    return sorted(set(found))
+
+
+SHARDS = discover_shards(config["ingest"]["xp"])
+LABEL_SETS = list(config["label_sets"])
+MEMBERS = list(range(config["finetune"]["members"]))
+N_SEGMENTS = math.ceil(config["pretrain"]["epochs"] / config["pretrain"]["epochs_per_job"])
+SHARD_FILES = expand(f"{RESULTS}/store/{{shard}}.h5", shard=SHARDS)
+
+
+def shard_path(pattern, shard):
+    """A config file pattern with `{shard}` substituted (other braces left alone)."""
+    return pattern.replace("{shard}", shard)
+
+
+def ingest_inputs(wildcards):
+    """Raw files of one shard: XP, gaia_source (if configured) and every survey table."""
+    ingest = config["ingest"]
+    files = {"xp": shard_path(ingest["xp"], wildcards.shard)}
+    if ingest["source"]:
+        files["source"] = shard_path(ingest["source"], wildcards.shard)
+    for name, survey in sorted(ingest["surveys"].items()):
+        files[f"survey_{name}"] = shard_path(survey["path"], wildcards.shard)
+    return files
+
+
+def label_inputs():
+    """The label catalogue, when labels come from a file (not only from the store)."""
+    catalogue = config["labels"]["catalogue"]
+    return [catalogue] if catalogue else []
+
+
+def settings(**parts):
+    """Canonical JSON of the config parts read by a rule, used as its `params`: changing one of
+    them reruns exactly the rules that read it (key order in the YAML does not matter)."""
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def section(name, *, drop=()):
+    return {k: v for k, v in config[name].items() if k not in drop}
+
+
+def label_set_settings(label_set):
+    """The labels of one label set and how each is read: adding or changing another label
+    set leaves this one's jobs alone."""
+    names = config["label_sets"][label_set]
+    labels = config["labels"]
+    return {
+        "names": names,
+        "catalogue": labels["catalogue"],
+        "source_id_column": labels["source_id_column"],
+        "columns": {n: labels["columns"].get(n) for n in names},
+    }
+
+
+def segment_path(k, suffix=".pt"):
+    return f"{RESULTS}/pretrain/segment-{k}{suffix}"
+
+
+def previous_segment(wildcards):
+    """The segment a pretraining segment resumes from (none for the first)."""
+    k = int(wildcards.segment)
+    return [segment_path(k - 1)] if k > 0 else []
+
+
+def launcher(wildcards, resources):
+    """`msa` alone on one device; torchrun with one process per GPU when the job has several."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc-per-node {gpus} --no-python msa"
+    return "msa"
+
+
+def member_models(wildcards):
+    return expand(
+        f"{RESULTS}/finetune/{wildcards.label_set}/member-{{member}}/model.pt", member=MEMBERS
+    )
+
+
+def attempt_scaled(minutes):
+    """`runtime` in minutes, growing with each retry (a job killed at its wall time resumes
+    from its checkpoint with more time)."""
+    return lambda wildcards, attempt: minutes * attempt
+
+
+def catalog_targets(label_set):
+    return {
+        "dataset": f"{RESULTS}/catalog/{label_set}",
+        "summary": f"{RESULTS}/catalog/{label_set}.summary.json",
+        "skymap": f"{RESULTS}/catalog/{label_set}.skymap.png",
+    }
+
+
+def all_targets():
+    targets = [
+        f"{RESULTS}/pretrain/model.pt",
+        f"{RESULTS}/pretrain/metrics.jsonl",
+        f"{RESULTS}/pretrain/loss.png",
+    ]
+    for label_set in LABEL_SETS:
+        targets.append(f"{RESULTS}/evaluate/{label_set}")
+        targets.extend(catalog_targets(label_set).values())
+    return targets

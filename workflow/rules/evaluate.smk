@@ -1,0 +1,40 @@
+# Metrics and figures of each label set on the test split (model vs baseline, XP on/off).
+
+
+rule evaluate:
+    input:
+        members=member_models,
+        calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
+        shards=SHARD_FILES,
+        labels=label_inputs(),
+    output:
+        evaluation=report(
+            directory(f"{RESULTS}/evaluate/{{label_set}}"),
+            patterns=["{name}.png"],
+            caption="../report/evaluation.rst",
+            category="3. Calibration and evaluation",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "figure": "{name}"},
+        ),
+    params:
+        config=MSA_CONFIG,
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            evaluate=config["evaluate"],
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+        ),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/evaluate/{{label_set}}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate/{{label_set}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(60),
+    shell:
+        "msa evaluate --config {params.config} --label-set {wildcards.label_set} "
+        "--members {input.members} --calibration {input.calibration} --shards {input.shards} "
+        "--out-dir {output.evaluation} > {log} 2>&1"

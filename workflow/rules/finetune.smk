@@ -1,0 +1,44 @@
+# One job per label set and ensemble member. `finetune.members` is deliberately not in the
+# params: raising it adds member jobs and leaves the existing members alone.
+
+
+rule finetune:
+    input:
+        pretrained=f"{RESULTS}/pretrain/model.pt",
+        shards=SHARD_FILES,
+        scaler=f"{RESULTS}/scaler.json",
+        labels=label_inputs(),
+    output:
+        model=f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/model.pt",
+        metrics=f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/metrics.jsonl",
+        loss=report(
+            f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/loss.png",
+            caption="../report/finetune_loss.rst",
+            category="2. Fine-tuning",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "member": "{member}"},
+        ),
+    params:
+        config=MSA_CONFIG,
+        out_dir=subpath(output.model, parent=True),
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            finetune=section("finetune", drop=("members",)),
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+        ),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/finetune/{{label_set}}/member-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune/{{label_set}}/member-{{member}}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=attempt_scaled(60),
+    shell:
+        "msa finetune --config {params.config} --label-set {wildcards.label_set} "
+        "--member {wildcards.member} --pretrained {input.pretrained} --shards {input.shards} "
+        "--scaler {input.scaler} --out-dir {params.out_dir} >> {log} 2>&1"

@@ -1,0 +1,24 @@
+# One job per input file pair: Gaia Archive XP (+ gaia_source, survey tables) -> one HDF5 shard.
+
+
+rule ingest:
+    input:
+        unpack(ingest_inputs),
+    output:
+        shard=f"{RESULTS}/store/{{shard}}.h5",
+    params:
+        config=MSA_CONFIG,
+        settings=settings(ingest=config["ingest"]),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/ingest/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/ingest/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=attempt_scaled(30),
+    shell:
+        "msa ingest --config {params.config} --shard {wildcards.shard} --out {output.shard} "
+        "> {log} 2>&1"

@@ -1,0 +1,28 @@
+# Full-sky prediction: one job per shard and label set, calibrated quantiles into Parquet.
+
+
+rule predict:
+    input:
+        members=member_models,
+        calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
+        shard=f"{RESULTS}/store/{{shard}}.h5",
+    output:
+        predictions=f"{RESULTS}/predict/{{label_set}}/{{shard}}.parquet",
+    params:
+        config=MSA_CONFIG,
+        settings=settings(predict=config["predict"]),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/predict/{{label_set}}/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/predict/{{label_set}}/{{shard}}.tsv"
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
+    shell:
+        "msa predict --config {params.config} --label-set {wildcards.label_set} "
+        "--members {input.members} --calibration {input.calibration} --shard {input.shard} "
+        "--out {output.predictions} > {log} 2>&1"

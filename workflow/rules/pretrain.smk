@@ -1,0 +1,66 @@
+# Masked-autoencoder pretraining in segments of `pretrain.epochs_per_job` epochs: each segment is
+# one job resuming from the previous one, so no job outlives a cluster's wall time. A segment
+# killed mid-way (SIGTERM at wall time, preemption) resumes from its in-progress checkpoint in
+# pretrain/work/ when Snakemake retries it.
+#
+# Multi-GPU: give the rule more GPUs (profile `set-resources: pretrain_segment: gpu: 4`) and it
+# runs under `torchrun --standalone --nproc-per-node <gpu>` (DDP, one process per GPU).
+
+
+rule pretrain_segment:
+    input:
+        shards=SHARD_FILES,
+        scaler=f"{RESULTS}/scaler.json",
+        previous=previous_segment,
+    output:
+        model=f"{RESULTS}/pretrain/segment-{{segment}}.pt",
+        metrics=f"{RESULTS}/pretrain/segment-{{segment}}.metrics.jsonl",
+        loss=f"{RESULTS}/pretrain/segment-{{segment}}.loss.png",
+    params:
+        config=MSA_CONFIG,
+        out_dir=subpath(output.model, parent=True),
+        launcher=launcher,
+        settings=settings(
+            seed=config["seed"],
+            pretrain=config["pretrain"],
+            model=config["model"],
+            features=config["features"],
+        ),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/pretrain/segment-{{segment}}.log",
+    benchmark:
+        f"{BENCHMARKS}/pretrain/segment-{{segment}}.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=attempt_scaled(120),
+    shell:
+        "{params.launcher} pretrain --config {params.config} --shards {input.shards} "
+        "--scaler {input.scaler} --out-dir {params.out_dir} --segment {wildcards.segment} "
+        ">> {log} 2>&1"
+
+
+rule pretrain_model:
+    input:
+        model=segment_path(N_SEGMENTS - 1),
+        metrics=segment_path(N_SEGMENTS - 1, ".metrics.jsonl"),
+        loss=segment_path(N_SEGMENTS - 1, ".loss.png"),
+    output:
+        model=f"{RESULTS}/pretrain/model.pt",
+        metrics=f"{RESULTS}/pretrain/metrics.jsonl",
+        loss=report(
+            f"{RESULTS}/pretrain/loss.png",
+            caption="../report/pretrain_loss.rst",
+            category="1. Pretraining",
+        ),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/pretrain/model.log",
+    localrule: True
+    shell:
+        "(cp {input.model} {output.model} && cp {input.metrics} {output.metrics} "
+        "&& cp {input.loss} {output.loss}) > {log} 2>&1"

@@ -1,0 +1,24 @@
+# The one feature scaler, fitted on a seeded sample of shards and used by every later stage.
+
+
+rule fit_scaler:
+    input:
+        shards=SHARD_FILES,
+    output:
+        scaler=f"{RESULTS}/scaler.json",
+    params:
+        config=MSA_CONFIG,
+        settings=settings(seed=config["seed"], scaler=config["scaler"], features=config["features"]),
+    conda:
+        MSA_ENV
+    log:
+        f"{LOGS}/fit_scaler.log",
+    benchmark:
+        f"{BENCHMARKS}/fit_scaler.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
+    shell:
+        "msa fit-scaler --config {params.config} --shards {input.shards} --out {output.scaler} "
+        "> {log} 2>&1"
