@@ -1,0 +1,332 @@
+"""Streaming batches from the shard store: chunked reads → shuffle buffer → prefetched tensors.
+
+Memory is bounded by the shuffle buffer (``buffer_rows``) and the prefetch queue, never by the
+size of the store: shards are read in contiguous, storage-chunk-aligned slices (``Shard.read``),
+transformed with the pipeline's single :class:`~msa.features.FeatureTransform`, collected in a
+buffer that is permuted and cut into batches when full. A background thread does the reading,
+decompression and transform while the training step runs (h5py and torch both release the
+interpreter during their heavy work), and hands batches over through a bounded queue.
+
+Under DDP each rank streams a disjoint set of shards (shard ``i`` → rank ``i % world_size``).
+The order of shards and of chunks inside them is a pure function of ``(seed, epoch, rank)``, so
+an epoch can be replayed exactly (``skip_batches`` resumes mid-epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from msa.features import FeatureTransform
+from msa.masking import hash_uniform
+from msa.store import SOURCE_ID, Shard, StoreError
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SALT = 0x5A11D  # keeps the validation hash independent of the mask hash for the same seed
+_END = object()
+
+
+@dataclass
+class Batch:
+    """One batch: scaled inputs and errors ``(B, F)`` float32 (NaN = missing), the Gaia
+    ``source_id`` of each row (int64 numpy), and any extra raw store columns (float32 tensors)."""
+
+    x: torch.Tensor
+    err: torch.Tensor
+    source_id: np.ndarray
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.source_id)
+
+    def to(self, device: torch.device) -> "Batch":
+        nb = device.type == "cuda"
+        return Batch(self.x.to(device, non_blocking=nb), self.err.to(device, non_blocking=nb), self.source_id,
+                     {k: v.to(device, non_blocking=nb) for k, v in self.extra.items()})
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def hash_fraction(source_id: np.ndarray, seed: int) -> np.ndarray:
+    """A number in [0, 1) per star, fixed by its ``source_id`` and ``seed`` (validation split:
+    a star is a validation star iff ``hash_fraction < validation_fraction``)."""
+    return hash_uniform(source_id, seed, VALIDATION_SALT)
+
+
+def assign_shards(shard_paths: Sequence[str | Path], rank: int, world_size: int) -> list[Path]:
+    """This rank's shards: shard ``i`` of the given list goes to rank ``i % world_size``."""
+    mine = [Path(p) for i, p in enumerate(shard_paths) if i % world_size == rank]
+    if not mine:
+        raise ValueError(f"rank {rank} of {world_size} gets no shard out of {len(shard_paths)}; "
+                         "run with at most as many processes as shards")
+    return mine
+
+
+def _storage_chunk(shard: Shard) -> int:
+    chunks = shard._file[SOURCE_ID].chunks
+    return int(chunks[0]) if chunks else 0
+
+
+def _read_block(shard: Shard, names: Sequence[str], start: int, stop: int) -> dict[str, np.ndarray]:
+    try:
+        return shard.read(names, start, stop)
+    except StoreError:
+        raise
+    except Exception as err:  # h5py raises several types for corrupt data; name the shard either way
+        raise StoreError(f"shard {shard.path}: reading rows {start}:{stop} failed: {err}") from err
+
+
+def _open(path: Path) -> Shard:
+    try:
+        return Shard(path)
+    except StoreError:
+        raise
+    except Exception as err:
+        raise StoreError(f"cannot open shard {path}: {err}") from err
+
+
+class ShardStream:
+    """Iterable of :class:`Batch` over one epoch of this rank's shards.
+
+    ``chunk_rows`` rows are read per HDF5 read (rounded up to whole storage chunks so no chunk is
+    decompressed twice); ``buffer_rows`` bounds the shuffle buffer; ``row_filter(source_id) ->
+    bool mask`` keeps a subset of stars (e.g. the validation split); ``extra_columns`` are raw
+    store columns returned unscaled in ``Batch.extra``. ``skip_batches`` drops the first batches of
+    the (deterministic) epoch; ``max_batches`` stops early (DDP ranks agree on a common count).
+    """
+
+    def __init__(
+        self,
+        shard_paths: Sequence[str | Path],
+        transform: FeatureTransform,
+        chunk_rows: int = 8192,
+        buffer_rows: int = 131072,
+        batch_size: int = 2048,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        row_filter: Callable[[np.ndarray], np.ndarray] | None = None,
+        extra_columns: Sequence[str] = (),
+        drop_last: bool = False,
+        shuffle: bool = True,
+        prefetch_batches: int = 6,
+        pin_memory: bool | None = None,
+        skip_batches: int = 0,
+        max_batches: int | None = None,
+        shards_in_flight: int = 4,
+    ):
+        if batch_size < 1 or chunk_rows < 1 or buffer_rows < 1:
+            raise ValueError("ShardStream: batch_size, chunk_rows and buffer_rows must be positive")
+        self.shards = assign_shards(shard_paths, rank, world_size)
+        self.transform = transform
+        self.chunk_rows = chunk_rows
+        self.buffer_rows = max(buffer_rows, batch_size)
+        self.batch_size = batch_size
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.row_filter = row_filter
+        self.extra_columns = list(extra_columns)
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.prefetch_batches = prefetch_batches
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skip_batches = skip_batches
+        self.max_batches = max_batches
+        self.shards_in_flight = max(1, shards_in_flight)
+        self.columns = list(dict.fromkeys([SOURCE_ID, *transform.store_columns, *self.extra_columns]))
+
+    # --- sizes --------------------------------------------------------------------------------
+    def count_rows(self) -> int:
+        """Rows this rank will stream per epoch (after ``row_filter``); reads only ``source_id``."""
+        total = 0
+        for path in self.shards:
+            with _open(path) as shard:
+                if self.row_filter is None:
+                    total += shard.n_rows
+                    continue
+                step = max(self.chunk_rows, 65536)
+                for start in range(0, shard.n_rows, step):
+                    sid = _read_block(shard, [SOURCE_ID], start, start + step)[SOURCE_ID]
+                    total += int(np.count_nonzero(self.row_filter(sid)))
+        return total
+
+    def n_batches(self, n_rows: int) -> int:
+        """Batches an epoch of ``n_rows`` rows yields (before ``skip``/``max_batches``)."""
+        return n_rows // self.batch_size if self.drop_last else -(-n_rows // self.batch_size)
+
+    # --- the synchronous pipeline -------------------------------------------------------------
+    def _chunks(self, rng: np.random.Generator) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
+        order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
+        for g in range(0, len(order), self.shards_in_flight):
+            group = [self.shards[i] for i in order[g:g + self.shards_in_flight]]
+            opened: list[Shard] = []
+            try:
+                blocks = []
+                for k, path in enumerate(group):
+                    shard = _open(path)
+                    opened.append(shard)
+                    storage = _storage_chunk(shard) or self.chunk_rows
+                    step = -(-self.chunk_rows // storage) * storage
+                    blocks += [(k, s, s + step) for s in range(0, shard.n_rows, step)]
+                # interleave the chunks of a few shards so a buffer mixes stars from several files
+                if self.shuffle:
+                    blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+                for k, start, stop in blocks:
+                    raw = _read_block(opened[k], self.columns, start, stop)
+                    if self.row_filter is not None:
+                        keep = self.row_filter(raw[SOURCE_ID])
+                        if not keep.all():
+                            raw = {c: v[keep] for c, v in raw.items()}
+                    if len(raw[SOURCE_ID]):
+                        yield opened[k].path, raw
+            finally:
+                for shard in opened:
+                    shard.close()
+
+    def _as_arrays(self, path: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            x, err = self.transform(raw)
+        except Exception as error:
+            raise StoreError(f"shard {path}: deriving the model inputs failed: {error}") from error
+        out = {"x": np.ascontiguousarray(x, dtype=np.float32), "err": np.ascontiguousarray(err, dtype=np.float32),
+               SOURCE_ID: raw[SOURCE_ID]}
+        for c in self.extra_columns:
+            out["extra:" + c] = raw[c].astype(np.float32, copy=False)
+        return out
+
+    def _make_batch(self, arrays: dict[str, np.ndarray], idx: np.ndarray) -> Batch:
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a[idx])
+            return t.pin_memory() if self.pin_memory else t
+
+        extra = {k[len("extra:"):]: tensor(v) for k, v in arrays.items() if k.startswith("extra:")}
+        return Batch(tensor(arrays["x"]), tensor(arrays["err"]), arrays[SOURCE_ID][idx], extra)
+
+    def batches(self) -> Iterator[Batch]:
+        """The epoch's batches, without a background thread."""
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        pending: list[dict[str, np.ndarray]] = []
+        n_pending = 0
+        emitted = 0
+        limit = self.max_batches
+
+        def flush(final: bool):
+            nonlocal pending, n_pending, emitted
+            merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            n = len(merged[SOURCE_ID])
+            perm = rng.permutation(n) if self.shuffle else np.arange(n)
+            n_full = n // self.batch_size
+            for b in range(n_full):
+                if limit is not None and emitted >= limit:
+                    return
+                if emitted >= self.skip_batches:
+                    yield self._make_batch(merged, perm[b * self.batch_size:(b + 1) * self.batch_size])
+                emitted += 1
+            rest = perm[n_full * self.batch_size:]
+            if final:
+                pending, n_pending = [], 0
+                if len(rest) and not self.drop_last and (limit is None or emitted < limit):
+                    if emitted >= self.skip_batches:
+                        yield self._make_batch(merged, rest)
+                    emitted += 1
+            else:
+                # the partial remainder waits for the next fill (keeps every batch full-sized)
+                pending = [{k: v[rest] for k, v in merged.items()}]
+                n_pending = len(rest)
+
+        for path, raw in self._chunks(rng):
+            arrays = self._as_arrays(path, raw)
+            pending.append(arrays)
+            n_pending += len(arrays[SOURCE_ID])
+            if n_pending >= self.buffer_rows:
+                yield from flush(final=False)
+            if limit is not None and emitted >= limit:
+                return
+        if n_pending:
+            yield from flush(final=True)
+
+    # --- the prefetching iterator -------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        if self.prefetch_batches <= 0:
+            yield from self.batches()
+            return
+        handoff: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    handoff.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for batch in self.batches():
+                    if not put(batch):
+                        return
+                put(_END)
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                put(_Failure(error))
+
+        thread = threading.Thread(target=produce, name="msa-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = handoff.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+def load_rows(shard_paths: Sequence[str | Path], transform: FeatureTransform, source_ids: np.ndarray,
+              chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scaled inputs of the wanted stars: ``(x, err, source_id)`` numpy arrays, rows in shard
+    order (each shard sorted by source_id). Stars not in any shard are simply absent.
+
+    Reads ``source_id`` chunk-wise and, only for chunks that hold wanted stars, those rows of the
+    feature columns; memory grows with the number of wanted stars, not with the store.
+    """
+    wanted = np.unique(np.asarray(source_ids, dtype=np.int64))
+    xs, errs, sids = [], [], []
+    columns = transform.store_columns
+    for path in shard_paths:
+        with _open(Path(path)) as shard:
+            for start in range(0, shard.n_rows, chunk_rows):
+                sid = _read_block(shard, [SOURCE_ID], start, start + chunk_rows)[SOURCE_ID]
+                hit = np.isin(sid, wanted, assume_unique=True)
+                if not hit.any():
+                    continue
+                rows = np.flatnonzero(hit)
+                # a contiguous read of the span is cheaper than point selection when hits are dense
+                lo, hi = int(rows[0]), int(rows[-1]) + 1
+                raw = _read_block(shard, columns, start + lo, start + hi)
+                raw = {c: v[rows - lo] for c, v in raw.items()}
+                raw[SOURCE_ID] = sid[rows]
+                x, err = transform(raw)
+                xs.append(x)
+                errs.append(err)
+                sids.append(sid[rows])
+    n_features = transform.layout.n_features
+    if not sids:
+        empty = np.empty((0, n_features), dtype=np.float32)
+        return empty, empty.copy(), np.empty(0, dtype=np.int64)
+    return np.concatenate(xs), np.concatenate(errs), np.concatenate(sids)
