@@ -224,13 +224,16 @@ class Ensemble:
 
     def predict_members(self, x_scaled, extra_hidden=None, batch_size: int = DEFAULT_BATCH_SIZE,
                         return_latent: bool = False):
-        """Per-member physical quantiles ``(K, N, L, 3)`` float32 for scaled inputs ``(N, F)``.
+        """Per-member physical quantiles ``(K, N, L, 3)`` float32 for scaled inputs ``(N, F)``
+        (a numpy array or a float32 CPU tensor).
 
         ``extra_hidden``: bool ``(F,)`` or ``(N, F)``, columns hidden in addition to each member's
         force mask (e.g. all XP for a photometry-only evaluation). With ``return_latent`` also the
         first member's latent ``(N, D)``.
         """
-        x_all = torch.as_tensor(np.asarray(x_scaled, dtype=np.float32))
+        # a tensor passes through untouched (keeps pinned memory for asynchronous copies to the GPU)
+        x_all = x_scaled if isinstance(x_scaled, torch.Tensor) else \
+            torch.from_numpy(np.ascontiguousarray(x_scaled, dtype=np.float32))
         n, f = x_all.shape if x_all.ndim == 2 else (None, None)
         if x_all.ndim != 2 or f != self.layout.n_features:
             raise ValueError(f"x_scaled: expected (N, {self.layout.n_features}) scaled inputs, got "

@@ -1,0 +1,420 @@
+"""``msa predict``: one shard (or a user's table) → one Parquet file of calibrated quantiles.
+
+Three stages overlap, so the accelerator is never waiting on the disk:
+
+1. a reader thread streams ``predict.chunk_rows`` rows at a time, in file order, and applies the
+   members' own ``FeatureTransform`` (the one used in training, with the scaler stored in the
+   checkpoints);
+2. the calling thread runs the ensemble on large batches (``predict.batch_size``) and applies the
+   split-conformal calibration;
+3. a writer thread appends each chunk to the Parquet file as one row group.
+
+Output columns: ``source_id`` (int64, exactly the input's, in input order); per label
+``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (float32, physical units, q16 ≤ q50 ≤ q84);
+``has_xp`` (the prediction used an XP spectrum); ``n_inputs`` (features present and visible to the
+model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN); with
+``predict.save_latent`` also ``latent_000`` … (the first member's latent). The file's key-value
+metadata identifies the model (member sha256s, calibration hash, config hash, msa version), the
+label set, the labels and their units, and the input file.
+
+The file is written to a temporary name, its ``source_id`` column read back and checked against
+the input's (same ids, same order, none twice), and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from msa import __version__
+from msa.calibrate import apply_calibration, load_calibration
+from msa.checkpoint import file_sha256
+from msa.config import config_hash, load_config
+from msa.ensemble import Ensemble, combine_members
+from msa.layout import Layout
+from msa.store import SOURCE_ID, Shard, atomic_path
+from msa.tables import iter_table_chunks, read_table_source_ids
+
+log = logging.getLogger(__name__)
+
+QUANTILE_SUFFIXES = ("q16", "q50", "q84")
+PARQUET_COMPRESSION = "zstd"
+
+
+class PredictionError(RuntimeError):
+    """The inputs do not fit the model, or the written predictions fail the exactness checks."""
+
+
+# --- background stages -------------------------------------------------------------------------
+_DONE = object()
+
+
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``items`` in a background thread, at most ``depth`` ahead; exceptions re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            q.put(err)
+
+    thread = threading.Thread(target=produce, name="msa-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class BackgroundParquetWriter:
+    """Appends tables (one row group each) to a Parquet file from a background thread."""
+
+    def __init__(self, path: Path, schema: pa.Schema, depth: int = 2):
+        self._writer = pq.ParquetWriter(path, schema, compression=PARQUET_COMPRESSION)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="msa-parquet-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            table = self._queue.get()
+            if table is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
+                except BaseException as err:  # re-raised by put/close in the calling thread
+                    self._error = err
+
+    def put(self, table: pa.Table) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(table)
+
+    def close(self) -> None:
+        self._queue.put(_DONE)
+        self._thread.join()
+        self._writer.close()
+        if self._error is not None:
+            raise self._error
+
+
+# --- one chunk -----------------------------------------------------------------------------------
+@dataclass
+class PreparedChunk:
+    source_id: np.ndarray  # int64 (n,)
+    x: torch.Tensor  # float32 (n, F) scaled inputs, NaN = missing (pinned when predicting on CUDA)
+    n_inputs: np.ndarray  # int16 (n,)
+    has_xp: np.ndarray  # bool (n,)
+
+
+def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, pin: bool = False) -> PreparedChunk:
+    """Raw store columns → scaled inputs plus the per-star input counts (runs in the reader thread)."""
+    x, _ = ensemble.transform(raw)
+    infinite = np.isinf(x)
+    if infinite.any():
+        # an infinite value (e.g. a zero flux turned into a magnitude) carries no information
+        x[infinite] = np.nan
+    visible = np.isfinite(x) & ~hidden_by_every_member(ensemble)
+    xp = ensemble.layout.xp_indices
+    has_xp = visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(x), dtype=bool)
+    tensor = torch.from_numpy(x)
+    return PreparedChunk(np.asarray(raw[SOURCE_ID], dtype=np.int64), tensor.pin_memory() if pin else tensor,
+                         visible.sum(axis=1).astype(np.int16), has_xp)
+
+
+def hidden_by_every_member(ensemble: Ensemble) -> np.ndarray:
+    """Bool ``(F,)``: features that no member ever sees (its force mask), so they do not count as inputs."""
+    masks = [m.force_mask.cpu().numpy() for m in ensemble.members]
+    return np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
+
+
+def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int | None,
+                  metadata: dict[str, str]) -> pa.Schema:
+    fields = [pa.field(SOURCE_ID, pa.int64(), nullable=False)]
+    for label in labels:
+        for suffix in QUANTILE_SUFFIXES:
+            fields.append(pa.field(f"{label}_{suffix}", pa.float32(), metadata={"unit": units.get(label, "")}))
+    fields += [pa.field("has_xp", pa.bool_(), nullable=False), pa.field("n_inputs", pa.int16(), nullable=False),
+               pa.field("flag_too_few_inputs", pa.bool_(), nullable=False)]
+    if latent_dim:
+        fields += [pa.field(latent_column(i), pa.float32()) for i in range(latent_dim)]
+    return pa.schema(fields, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def latent_column(i: int) -> str:
+    return f"latent_{i:03d}"
+
+
+def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent: np.ndarray | None,
+                schema: pa.Schema, labels: Sequence[str]) -> pa.Table:
+    columns = [pa.array(chunk.source_id, pa.int64())]
+    for j in range(len(labels)):
+        for k in range(3):
+            columns.append(pa.array(q[:, j, k], pa.float32()))
+    columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged)]
+    if latent is not None:
+        columns += [pa.array(latent[:, i], pa.float32()) for i in range(latent.shape[1])]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# --- a whole input -------------------------------------------------------------------------------
+@dataclass
+class PredictSummary:
+    n_rows: int = 0
+    n_without_xp: int = 0
+    n_flagged: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def stars_per_second(self) -> float:
+        return self.n_rows / self.seconds if self.seconds > 0 else float("nan")
+
+
+def predict_chunks(
+    chunks: Iterable[dict[str, np.ndarray]],
+    expected_ids: Callable[[], Iterable[np.ndarray]],
+    ensemble: Ensemble,
+    calibration: dict | None,
+    out: str | Path,
+    *,
+    batch_size: int,
+    min_inputs: int,
+    save_latent: bool = False,
+    units: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+    n_chunks: int | None = None,
+    prefetch_depth: int = 2,
+) -> PredictSummary:
+    """Predict raw store-column chunks into the Parquet file ``out`` (atomically).
+
+    ``expected_ids()`` re-reads the input's source_ids (chunk by chunk, in order) for the final
+    check; ``calibration`` None leaves the ensemble quantiles uncalibrated.
+    """
+    labels = ensemble.labels
+    pin = ensemble.device.type == "cuda"
+    schema = output_schema(labels, units or {}, ensemble.latent_dim if save_latent else None, metadata or {})
+    summary = PredictSummary()
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp:
+        writer = BackgroundParquetWriter(tmp, schema)
+        try:
+            prepared = prefetch((prepare_chunk(raw, ensemble, pin) for raw in chunks), depth=prefetch_depth)
+            for chunk in tqdm(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk",
+                              disable=None):
+                result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
+                member_q, latent = result if save_latent else (result, None)
+                q = _combine_and_calibrate(member_q, calibration, labels)
+                flagged = chunk.n_inputs < min_inputs
+                q[flagged] = np.nan
+                if latent is not None:
+                    latent[flagged] = np.nan
+                _check_quantiles(q, flagged, chunk.source_id, out)
+                writer.put(chunk_table(chunk, q, flagged, latent, schema, labels))
+                summary.n_rows += len(chunk.source_id)
+                summary.n_without_xp += int(np.sum(~chunk.has_xp))
+                summary.n_flagged += int(np.sum(flagged))
+        finally:
+            writer.close()
+        verify_source_ids(tmp, expected_ids(), out)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _combine_and_calibrate(member_q: np.ndarray, calibration: dict | None, labels: Sequence[str]) -> np.ndarray:
+    q = combine_members(member_q)
+    if calibration is not None:
+        q = apply_calibration(q, calibration, labels).astype(np.float32, copy=False)
+    return q
+
+
+def _check_quantiles(q: np.ndarray, flagged: np.ndarray, source_id: np.ndarray, out) -> None:
+    ok = ~flagged
+    finite = np.all(np.isfinite(q[ok]), axis=(1, 2))
+    if not np.all(finite):
+        bad = source_id[ok][~finite]
+        raise PredictionError(f"{out}: non-finite predictions for {len(bad)} star(s), e.g. source_id "
+                              f"{bad[:3].tolist()}; check those stars' inputs for extreme values")
+    if not (np.all(q[ok, :, 0] <= q[ok, :, 1]) and np.all(q[ok, :, 1] <= q[ok, :, 2])):
+        raise PredictionError(f"{out}: quantiles out of order (q16 ≤ q50 ≤ q84 violated); this is a bug")
+
+
+def verify_source_ids(parquet_path: Path, expected: Iterable[np.ndarray], out) -> None:
+    """The written ``source_id`` column must equal the input's, row for row (streamed, bounded memory)."""
+    written = (b.column(0).to_numpy() for b in
+               pq.ParquetFile(parquet_path).iter_batches(columns=[SOURCE_ID], batch_size=1 << 16))
+    n, pending_w, pending_e = 0, np.empty(0, np.int64), np.empty(0, np.int64)
+    w_iter, e_iter = iter(written), iter(expected)
+    w_done = e_done = False
+    while True:
+        while len(pending_w) == 0 and not w_done:
+            nxt = next(w_iter, None)
+            w_done = nxt is None
+            pending_w = pending_w if nxt is None else nxt
+        while len(pending_e) == 0 and not e_done:
+            nxt = next(e_iter, None)
+            e_done = nxt is None
+            pending_e = pending_e if nxt is None else np.asarray(nxt, dtype=np.int64)
+        if len(pending_w) == 0 or len(pending_e) == 0:
+            break
+        m = min(len(pending_w), len(pending_e))
+        if not np.array_equal(pending_w[:m], pending_e[:m]):
+            i = int(np.argmax(pending_w[:m] != pending_e[:m]))
+            raise PredictionError(f"{out}: row {n + i} has source_id {pending_w[i]} but the input has "
+                                  f"{pending_e[i]}; the file was not written")
+        n += m
+        pending_w, pending_e = pending_w[m:], pending_e[m:]
+    if len(pending_w) or len(pending_e) or not (w_done and e_done):
+        raise PredictionError(f"{out}: {'more' if len(pending_w) else 'fewer'} rows written than the input has "
+                              f"(agreed on the first {n}); the file was not written")
+
+
+def strictly_increasing_ids(chunks: Iterable[np.ndarray], source: str) -> Iterator[np.ndarray]:
+    """Pass id chunks through, raising if an id repeats (a shard is sorted, so repeats are adjacent)."""
+    last = None
+    for ids in chunks:
+        if len(ids) and ((last is not None and ids[0] <= last) or np.any(np.diff(ids) <= 0)):
+            raise PredictionError(f"{source}: source_ids are not strictly increasing (a duplicate or an "
+                                  "unsorted shard); re-ingest it with `msa ingest`")
+        if len(ids):
+            last = ids[-1]
+        yield ids
+
+
+def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict | None, out: str | Path,
+                  *, chunk_rows: int, batch_size: int, min_inputs: int, **kwargs) -> PredictSummary:
+    """Predict every row of one shard, in order; see :func:`predict_chunks` for the other arguments."""
+    shard_path = Path(shard_path)
+    columns = [SOURCE_ID, *ensemble.transform.store_columns]
+    with Shard(shard_path) as shard:
+        missing = [c for c in columns if c not in shard.columns]
+        if missing:
+            raise PredictionError(f"shard {shard_path} lacks column(s) {missing[:8]} that the model reads; "
+                                  "ingest it with the config the model was trained with")
+        n_rows = shard.n_rows
+
+    def chunks():
+        with Shard(shard_path) as s:  # its own handle: read in the prefetch thread
+            yield from s.iter_chunks(columns, chunk_rows)
+
+    def expected_ids():
+        with Shard(shard_path) as s:
+            yield from strictly_increasing_ids((c[SOURCE_ID] for c in s.iter_chunks([SOURCE_ID], 1 << 20)),
+                                               str(shard_path))
+
+    return predict_chunks(chunks(), expected_ids, ensemble, calibration, out, batch_size=batch_size,
+                          min_inputs=min_inputs, n_chunks=math.ceil(n_rows / chunk_rows), **kwargs)
+
+
+def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict | None, out: str | Path,
+                  *, chunk_rows: int, batch_size: int, min_inputs: int, allow_missing: bool = False,
+                  **kwargs) -> PredictSummary:
+    """Predict a user's CSV/ECSV/FITS/Parquet table (store column names), keeping its row order."""
+    ids = read_table_source_ids(table_path)  # refuses repeated source_ids before any work
+    chunks = iter_table_chunks(table_path, ensemble.transform.store_columns, chunk_rows, allow_missing)
+    return predict_chunks(chunks, lambda: iter([ids]), ensemble, calibration, out, batch_size=batch_size,
+                          min_inputs=min_inputs, n_chunks=math.ceil(len(ids) / chunk_rows), **kwargs)
+
+
+# --- metadata and command line -------------------------------------------------------------------
+def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibration_path: str | Path | None,
+                  config: dict, label_set: str, units: dict[str, str], input_path: str | Path,
+                  min_inputs: int) -> dict[str, str]:
+    """Key-value metadata that identifies the model and the input of a prediction file."""
+    return {
+        "msa_version": __version__,
+        "label_set": label_set,
+        "labels": json.dumps(ensemble.labels),
+        "units": json.dumps({label: units.get(label, "") for label in ensemble.labels}),
+        "member_sha256": json.dumps(ensemble.checksums),
+        "member_paths": json.dumps([str(p) for p in member_paths]),
+        "calibration_sha256": file_sha256(calibration_path) if calibration_path else "uncalibrated",
+        "config_hash": config_hash(config),
+        "input_file": str(input_path),
+        "min_inputs": str(min_inputs),
+        "quantiles": "q16/q50/q84: 16th, 50th, 84th percentiles, ensemble-combined and conformally calibrated",
+    }
+
+
+def check_config_fits(config: dict, label_set: str, ensemble: Ensemble) -> None:
+    label_sets = config.get("label_sets") or {}
+    if label_set not in label_sets:
+        raise PredictionError(f"label set {label_set!r} is not in the config's label_sets {sorted(label_sets)}")
+    if list(label_sets[label_set]) != ensemble.labels:
+        raise PredictionError(f"label_sets.{label_set} is {label_sets[label_set]} in the config but the members "
+                              f"were trained for {ensemble.labels}; pass that label set's members")
+    difference = Layout.from_config(config["features"]).diff(ensemble.layout)
+    if difference:
+        raise PredictionError(f"the config's features differ from the members' layout: {difference}. "
+                              "Predict with the config the members were trained with")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config (YAML)")
+    parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
+    parser.add_argument("--members", nargs="+", required=True, help="fine-tuned member model.pt files")
+    parser.add_argument("--calibration", required=True, help="calibration JSON from `msa calibrate`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shard", help="one shard of the store (HDF5)")
+    source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
+    parser.add_argument("--out", required=True, help="Parquet file to write")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--allow-missing-columns", action="store_true",
+                        help="--table only: treat absent feature columns as missing for every star")
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    pcfg = config["predict"]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    ensemble = Ensemble.load(args.members, device=device, amp=pcfg["amp"])
+    check_config_fits(config, args.label_set, ensemble)
+    calibration = load_calibration(args.calibration)
+    units = pcfg["label_units"]
+    source = args.shard or args.table
+    metadata = file_metadata(ensemble, args.members, args.calibration, config, args.label_set, units, source,
+                             pcfg["min_inputs"])
+    common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],
+                  save_latent=pcfg["save_latent"], units=units, metadata=metadata)
+    if args.shard:
+        summary = predict_shard(args.shard, ensemble, calibration, args.out, **common)
+    else:
+        summary = predict_table(args.table, ensemble, calibration, args.out,
+                                allow_missing=args.allow_missing_columns, **common)
+    log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions) "
+             "in %.1f s (%.0f stars/s)", args.out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
+             pcfg["min_inputs"], summary.seconds, summary.stars_per_second)
+    return 0

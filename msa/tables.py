@@ -1,0 +1,142 @@
+"""A user's own table of stars (CSV / ECSV / FITS / Parquet) read as store-like columns.
+
+``msa predict --table FILE`` predicts stars that are not in the shard store. The table must use
+the store's column names (``source_id``, ``bp_1`` … ``rp_55``, ``bpe_1`` …, ``phot_g_mean_mag``,
+survey feature names, ...; see config/README.md), so the same ``FeatureTransform`` applies.
+Rows keep the table's order; ``source_id`` is read as int64 without passing through float.
+
+This module imports only the store's ``SOURCE_ID`` name.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from msa.store import SOURCE_ID
+
+log = logging.getLogger(__name__)
+
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".txt")
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
+ECSV_SUFFIXES = (".ecsv", ".ecsv.gz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class TableError(ValueError):
+    """The table cannot be read, lacks columns, or has bad source_ids."""
+
+
+def table_format(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    for fmt, suffixes in (("csv", CSV_SUFFIXES), ("fits", FITS_SUFFIXES), ("ecsv", ECSV_SUFFIXES),
+                          ("parquet", PARQUET_SUFFIXES)):
+        if name.endswith(suffixes):
+            return fmt
+    raise TableError(f"{path}: unknown table format; use one of "
+                     f"{list(CSV_SUFFIXES + ECSV_SUFFIXES + FITS_SUFFIXES + PARQUET_SUFFIXES)}")
+
+
+def table_columns(path: str | Path) -> list[str]:
+    """Column names of a table, without reading its rows (CSV: the header line only)."""
+    fmt = table_format(path)
+    if fmt == "csv":
+        return list(pd.read_csv(path, nrows=0).columns)
+    if fmt == "parquet":
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    return list(_read_astropy(path, fmt).colnames)
+
+
+def _read_astropy(path: Path, fmt: str):
+    from astropy.table import Table  # imported lazily: slow to import, only FITS/ECSV need it
+
+    try:
+        if fmt == "fits":
+            return Table.read(path, format="fits", memmap=True)
+        return Table.read(path, format="ascii.ecsv")
+    except Exception as err:  # astropy raises many types for unreadable files
+        raise TableError(f"cannot read table {path}: {err}") from err
+
+
+def _source_ids(values, path: Path) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        raise TableError(f"{path}: column {SOURCE_ID!r} has dtype {arr.dtype}, not an integer; write Gaia "
+                         "source_ids as 64-bit integers (a float column has lost digits above 2**53)")
+    return arr.astype(np.int64)
+
+
+def _as_columns(frame_like, names: Sequence[str], path: Path) -> dict[str, np.ndarray]:
+    out = {SOURCE_ID: _source_ids(frame_like[SOURCE_ID], path)}
+    for c in names:
+        values = frame_like[c]
+        if hasattr(values, "filled"):  # astropy masked column → NaN where masked
+            values = values.astype(np.float64).filled(np.nan)
+        out[c] = np.asarray(values, dtype=np.float32)
+    return out
+
+
+def iter_table_chunks(path: str | Path, columns: Sequence[str], chunk_rows: int,
+                      allow_missing: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive row blocks of ``source_id`` (int64) + ``columns`` (float32, NaN = missing), in file order.
+
+    A missing column is an error naming it, unless ``allow_missing``: then it is read as all-NaN
+    (the model treats it as missing for every star) and a warning names it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"table {path} does not exist")
+    present = table_columns(path)
+    if SOURCE_ID not in present:
+        raise TableError(f"{path}: no {SOURCE_ID!r} column; the table must carry Gaia DR3 source_ids")
+    missing = [c for c in columns if c not in present]
+    if missing and not allow_missing:
+        raise TableError(f"{path}: lacks column(s) {missing[:8]}{' …' if len(missing) > 8 else ''} "
+                         f"({len(missing)} in all) that the model reads; name them as in the store "
+                         "(see config/README.md) or pass --allow-missing-columns to treat them as missing")
+    if missing:
+        log.warning("%s: %d column(s) absent, treated as missing for every star: %s", path, len(missing), missing)
+    wanted = [c for c in columns if c in present]
+    fmt = table_format(path)
+    for chunk in _iter_raw(path, fmt, wanted, chunk_rows):
+        n = len(chunk[SOURCE_ID])
+        for c in missing:
+            chunk[c] = np.full(n, np.nan, dtype=np.float32)
+        yield chunk
+
+
+def _iter_raw(path: Path, fmt: str, wanted: list[str], chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    if fmt == "csv":
+        dtypes = {SOURCE_ID: "int64", **{c: "float64" for c in wanted}}
+        try:
+            reader = pd.read_csv(path, usecols=[SOURCE_ID, *wanted], dtype=dtypes, chunksize=chunk_rows)
+            for frame in reader:
+                yield _as_columns(frame, wanted, path)
+        except ValueError as err:  # e.g. an empty or non-integer source_id
+            raise TableError(f"cannot read table {path}: {err}") from err
+    elif fmt == "parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[SOURCE_ID, *wanted]):
+            frame = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in [SOURCE_ID, *wanted]}
+            if batch.column(SOURCE_ID).null_count:
+                raise TableError(f"{path}: {SOURCE_ID!r} has empty values; every row needs a source_id")
+            yield _as_columns(frame, wanted, path)
+    else:
+        table = _read_astropy(path, fmt)
+        for start in range(0, len(table), chunk_rows):
+            yield _as_columns(table[start:start + chunk_rows], wanted, path)
+
+
+def read_table_source_ids(path: str | Path, chunk_rows: int = 1 << 20) -> np.ndarray:
+    """All ``source_id``s of a table, in file order; raises if any repeats."""
+    ids = np.concatenate([c[SOURCE_ID] for c in iter_table_chunks(path, [], chunk_rows)] or
+                         [np.empty(0, np.int64)])
+    uniq, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        raise TableError(f"{path}: {int(np.sum(counts > 1))} source_id(s) appear more than once, "
+                         f"e.g. {uniq[counts > 1][:3].tolist()}; keep one row per star")
+    return ids

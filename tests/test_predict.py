@@ -1,0 +1,235 @@
+"""msa predict: shard or user table → Parquet, exact source_ids, ordered quantiles, model identity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from astropy.table import Table
+
+from msa.calibrate import apply_calibration
+from msa.checkpoint import file_sha256
+from msa.cli import main
+from msa.ensemble import Ensemble, combine_members
+from msa.layout import GROUP_ORDER
+from msa.predict import (PredictionError, predict_shard, predict_table, strictly_increasing_ids,
+                         verify_source_ids)
+from msa.store import write_shard
+from msa.tables import TableError
+from test_ensemble import FEATURES_CFG, LABELS, small_layout, unit_scaler, write_member
+
+torch.set_num_threads(1)
+
+N_STARS, N_NO_XP, N_ONLY_G = 300, 40, 7
+CALIBRATION = {"coverage_target": 0.68, "mode": "per_side", "labels": LABELS,
+               "per_label": {"teff": {"offset_lower": 50.0, "offset_upper": 80.0, "n_calibration": 100},
+                             "logg": {"offset_lower": 0.1, "offset_upper": 0.1, "n_calibration": 100},
+                             "parallax": {"offset_lower": 0.0, "offset_upper": 0.05, "n_calibration": 100}}}
+
+
+def star_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Store columns of ``n`` stars: ids above 2**53 (adjacent odd values a float64 would merge),
+    some stars without XP, a few with only a G magnitude."""
+    rng = np.random.default_rng(seed)
+    cols = {"source_id": (2**60 + 1 + 2 * np.arange(n)).astype(np.int64)}
+    for band in ("bp", "rp"):
+        for i in range(1, 4):
+            cols[f"{band}_{i}"] = rng.normal(size=n).astype(np.float32)
+            cols[f"{band}e_{i}"] = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    cols["phot_g_mean_mag"] = rng.uniform(10, 17, n).astype(np.float32)
+    cols["phot_bp_mean_mag"] = (cols["phot_g_mean_mag"] + rng.uniform(0, 1, n)).astype(np.float32)
+    cols["phot_rp_mean_mag"] = (cols["phot_g_mean_mag"] - rng.uniform(0, 1, n)).astype(np.float32)
+    cols["parallax"] = rng.uniform(0.1, 3, n).astype(np.float32)
+    cols["parallax_error"] = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    no_xp = np.arange(N_NO_XP) * 3 + 1  # spread through the shard, across chunk boundaries
+    for name in list(cols):
+        if name[:3] in ("bp_", "rp_", "bpe", "rpe"):
+            cols[name][no_xp] = np.nan
+    only_g = np.arange(N_ONLY_G) * 11 + 2
+    only_g = only_g[~np.isin(only_g, no_xp)]
+    for name in cols:
+        if name not in ("source_id", "phot_g_mean_mag"):
+            cols[name][only_g] = np.nan
+    return cols
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    layout = small_layout()
+    scaler = unit_scaler(layout)
+    members = [write_member(tmp_path / f"member-{k}.pt", layout, scaler, seed=k,
+                            label_centre=[4800.0, 2.5, 1.0], label_scale=[700.0, 1.0, 0.4]) for k in range(2)]
+    cols = star_columns(N_STARS)
+    shard = tmp_path / "shard-0000.h5"
+    write_shard(shard, cols)
+    return {"members": members, "ensemble": Ensemble.load(members), "cols": cols, "shard": shard}
+
+
+def run_shard(setup, out, **kwargs):
+    opts = dict(chunk_rows=37, batch_size=16, min_inputs=3, calibration=CALIBRATION)
+    opts.update(kwargs)
+    calibration = opts.pop("calibration")
+    return predict_shard(setup["shard"], setup["ensemble"], calibration, out, **opts)
+
+
+def expected_quantiles(ensemble, cols, calibration=CALIBRATION):
+    x, _ = ensemble.transform(cols)
+    q = combine_members(ensemble.predict_members(x))
+    return apply_calibration(q, calibration, ensemble.labels)
+
+
+def quantile_array(frame: pd.DataFrame, labels=LABELS) -> np.ndarray:
+    return np.stack([frame[[f"{l}_q16", f"{l}_q50", f"{l}_q84"]].to_numpy() for l in labels], axis=1)
+
+
+def test_source_ids_round_trip_exactly_and_in_order(setup, tmp_path):
+    out = tmp_path / "pred.parquet"
+    summary = run_shard(setup, out)
+    table = pq.read_table(out)
+    assert table.schema.field("source_id").type == "int64"
+    ids = table.column("source_id").to_numpy()
+    np.testing.assert_array_equal(ids, setup["cols"]["source_id"])  # values > 2**53, none merged
+    assert len(np.unique(ids)) == N_STARS and summary.n_rows == N_STARS
+    # one row group per chunk
+    assert pq.ParquetFile(out).num_row_groups == int(np.ceil(N_STARS / 37))
+    assert not list(tmp_path.glob(".pred.parquet.*"))  # no temporary left behind
+
+
+def test_predictions_are_the_calibrated_ensemble_and_ordered(setup, tmp_path):
+    out = tmp_path / "pred.parquet"
+    run_shard(setup, out)
+    frame = pd.read_parquet(out)
+    q = quantile_array(frame)
+    flagged = frame["flag_too_few_inputs"].to_numpy()
+    expected = expected_quantiles(setup["ensemble"], setup["cols"])
+    np.testing.assert_allclose(q[~flagged], expected[~flagged], rtol=1e-5, atol=1e-4)
+    assert np.all(q[~flagged, :, 0] <= q[~flagged, :, 1]) and np.all(q[~flagged, :, 1] <= q[~flagged, :, 2])
+    # the calibration widened the teff interval by its offsets (relative to the raw ensemble)
+    raw = combine_members(setup["ensemble"].predict_members(setup["ensemble"].transform(setup["cols"])[0]))
+    np.testing.assert_allclose((q[~flagged, 0, 2] - raw[~flagged, 0, 2]), 80.0, atol=1e-2)
+
+
+def test_stars_without_xp_and_with_too_few_inputs(setup, tmp_path):
+    out = tmp_path / "pred.parquet"
+    summary = run_shard(setup, out)
+    frame = pd.read_parquet(out)
+    cols = setup["cols"]
+    xp_present = np.isfinite(cols["bp_1"])
+    np.testing.assert_array_equal(frame["has_xp"].to_numpy(), xp_present)
+    # n_inputs: 12 XP coefficients (6 values; errors are not inputs) -> 6, + 3 Gaia mags + parallax
+    expected_n = 6 * xp_present + sum(np.isfinite(cols[c]) for c in
+                                      ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "parallax"))
+    np.testing.assert_array_equal(frame["n_inputs"].to_numpy(), expected_n)
+    flagged = frame["flag_too_few_inputs"].to_numpy()
+    np.testing.assert_array_equal(flagged, expected_n < 3)
+    assert summary.n_flagged == int(np.sum(expected_n < 3)) > 0
+    assert summary.n_without_xp == int(np.sum(~xp_present))
+    q = quantile_array(frame)
+    assert np.all(np.isnan(q[flagged]))
+    # stars without XP but with photometry are predicted, with finite ordered quantiles
+    no_xp_ok = ~xp_present & ~flagged
+    assert no_xp_ok.sum() > 20 and np.all(np.isfinite(q[no_xp_ok]))
+
+
+def test_user_table_gives_the_same_numbers_as_the_store(setup, tmp_path):
+    store_out = tmp_path / "store.parquet"
+    run_shard(setup, store_out)
+    from_store = pd.read_parquet(store_out).set_index("source_id")
+    order = np.random.default_rng(3).permutation(N_STARS)  # a user's table is in any order
+    frame = pd.DataFrame({k: v[order] for k, v in setup["cols"].items()})
+    frame["unused_column"] = "x"
+    paths = {"csv": tmp_path / "mine.csv", "parquet": tmp_path / "mine.parquet", "fits": tmp_path / "mine.fits"}
+    frame.to_csv(paths["csv"], index=False)
+    frame.to_parquet(paths["parquet"], index=False)
+    Table.from_pandas(frame.drop(columns="unused_column")).write(paths["fits"])
+    for kind, path in paths.items():
+        out = tmp_path / f"from_{kind}.parquet"
+        predict_table(path, setup["ensemble"], CALIBRATION, out, chunk_rows=50, batch_size=32, min_inputs=3)
+        got = pd.read_parquet(out)
+        np.testing.assert_array_equal(got["source_id"].to_numpy(), frame["source_id"].to_numpy())  # table order
+        ref = from_store.loc[got["source_id"]]
+        np.testing.assert_allclose(quantile_array(got), quantile_array(ref), rtol=1e-6, atol=1e-5, err_msg=kind)
+        for c in ("has_xp", "n_inputs", "flag_too_few_inputs"):
+            np.testing.assert_array_equal(got[c].to_numpy(), ref[c].to_numpy(), err_msg=f"{kind} {c}")
+
+
+def test_table_problems_are_refused_without_output(setup, tmp_path):
+    frame = pd.DataFrame({k: v[:20] for k, v in setup["cols"].items()})
+    dup = pd.concat([frame, frame.iloc[:1]])
+    dup.to_csv(tmp_path / "dup.csv", index=False)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(TableError, match="more than once"):
+        predict_table(tmp_path / "dup.csv", setup["ensemble"], None, out, chunk_rows=8, batch_size=8, min_inputs=3)
+    frame.drop(columns=["parallax", "rp_2"]).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(TableError, match=r"lacks column\(s\) \['rp_2', 'parallax'\]"):
+        predict_table(tmp_path / "short.csv", setup["ensemble"], None, out, chunk_rows=8, batch_size=8, min_inputs=3)
+    assert not out.exists()
+    # allowed: absent columns become missing values for every star
+    predict_table(tmp_path / "short.csv", setup["ensemble"], None, out, chunk_rows=8, batch_size=8, min_inputs=3,
+                  allow_missing=True)
+    assert pd.read_parquet(out)["n_inputs"].max() == 5 + 3
+
+
+def test_source_id_checks_refuse_mismatches(tmp_path):
+    import pyarrow as pa
+
+    path = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"source_id": np.array([5, 7, 9], dtype=np.int64)}), path)
+    verify_source_ids(path, [np.array([5]), np.array([7, 9])], "x")
+    with pytest.raises(PredictionError, match="row 1 has source_id 7"):
+        verify_source_ids(path, [np.array([5, 8, 9])], "x")
+    with pytest.raises(PredictionError, match="fewer rows"):
+        verify_source_ids(path, [np.array([5, 7, 9, 11])], "x")
+    with pytest.raises(PredictionError, match="more rows"):
+        verify_source_ids(path, [np.array([5, 7])], "x")
+    with pytest.raises(PredictionError, match="strictly increasing"):
+        list(strictly_increasing_ids([np.array([1, 2]), np.array([2, 3])], "shard.h5"))
+
+
+def write_config(tmp_path, **predict) -> str:
+    config = {"features": {**FEATURES_CFG, "reconstruct": list(GROUP_ORDER)},
+              "label_sets": {"spectro": LABELS}, "predict": {"chunk_rows": 64, "batch_size": 32, **predict}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def test_cli_writes_metadata_that_identifies_the_model(setup, tmp_path):
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(CALIBRATION))
+    out = tmp_path / "predict" / "shard-0000.parquet"
+    rc = main(["predict", "--config", write_config(tmp_path, save_latent=True), "--label-set", "spectro",
+               "--members", *map(str, setup["members"]), "--calibration", str(calibration),
+               "--shard", str(setup["shard"]), "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(out).metadata.items()}
+    assert json.loads(meta["member_sha256"]) == [file_sha256(p) for p in setup["members"]]
+    assert meta["calibration_sha256"] == file_sha256(calibration)
+    assert meta["label_set"] == "spectro" and json.loads(meta["labels"]) == LABELS
+    assert json.loads(meta["units"])["teff"] == "K"
+    assert meta["input_file"] == str(setup["shard"]) and meta["msa_version"]
+    assert len(meta["config_hash"]) == 16
+    frame = pd.read_parquet(out)
+    latent = frame[[c for c in frame.columns if c.startswith("latent_")]].to_numpy()
+    assert latent.shape == (N_STARS, setup["ensemble"].latent_dim)
+    assert np.all(np.isfinite(latent[~frame["flag_too_few_inputs"].to_numpy()]))
+    np.testing.assert_allclose(quantile_array(frame)[~frame["flag_too_few_inputs"].to_numpy()],
+                               expected_quantiles(setup["ensemble"], setup["cols"])
+                               [~frame["flag_too_few_inputs"].to_numpy()], rtol=1e-5, atol=1e-4)
+
+
+def test_cli_refuses_members_of_another_label_set(setup, tmp_path):
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(CALIBRATION))
+    config = yaml.safe_load(open(write_config(tmp_path)))
+    config["label_sets"]["spectro"] = ["teff", "logg"]
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.raises(PredictionError, match="trained for"):
+        main(["predict", "--config", str(tmp_path / "other.yaml"), "--label-set", "spectro",
+              "--members", str(setup["members"][0]), "--calibration", str(calibration),
+              "--shard", str(setup["shard"]), "--out", str(tmp_path / "x.parquet")])
