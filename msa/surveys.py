@@ -1,0 +1,106 @@
+"""Survey tables keyed by Gaia ``source_id`` (2MASS, WISE, PS1, ...), renamed for the store.
+
+A survey is configured as ``{path, columns: {survey_column: store_name}, errors:
+{survey_error_column: store_name}}``; :func:`read_survey` returns ``source_id`` (int64) and the
+renamed columns (float64, NaN = missing), and :func:`join_survey` lines them up with a shard's
+sorted source_ids. Survey tables are small next to XP files, so they are read whole
+(CSV/CSV.gz/ECSV via pandas, FITS via astropy, Parquet via pyarrow).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+SOURCE_ID = "source_id"
+
+
+class SurveyError(ValueError):
+    """A survey table is unreadable, lacks a configured column, or repeats a source_id."""
+
+
+def _read_frame(path: Path, columns: list[str]) -> pd.DataFrame:
+    name = path.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+            available = pq.ParquetFile(path).schema_arrow.names
+            _require(path, available, columns)
+            return pd.read_parquet(path, columns=columns)
+        if name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
+            from astropy.table import Table
+            table = Table.read(path)
+            _require(path, table.colnames, columns)
+            return pd.DataFrame({c: np.ma.filled(np.ma.asarray(table[c]).astype(
+                np.int64 if c == SOURCE_ID else np.float64), np.nan if c != SOURCE_ID else -1) for c in columns})
+        if name.endswith((".csv", ".csv.gz", ".ecsv", ".ecsv.gz", ".txt", ".txt.gz")):
+            header = pd.read_csv(path, comment="#", nrows=0)
+            _require(path, list(header.columns), columns)
+            return pd.read_csv(path, comment="#", usecols=columns, dtype={SOURCE_ID: "int64"},
+                               low_memory=False)
+    except SurveyError:
+        raise
+    except FileNotFoundError:
+        raise SurveyError(f"survey table {path} not found; check ingest.surveys paths in the config") from None
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise SurveyError(f"survey table {path}: cannot read it ({err})") from err
+    raise SurveyError(f"survey table {path}: unknown format; use CSV(.gz), ECSV, FITS or Parquet")
+
+
+def _require(path: Path, available, required) -> None:
+    missing = [c for c in required if c not in available]
+    if missing:
+        raise SurveyError(f"survey table {path}: missing column(s) {missing}; it has {list(available)[:10]}. "
+                          "Fix ingest.surveys.<name>.columns/errors in the config.")
+
+
+def read_survey(path: str | Path, columns: Mapping[str, str],
+                errors: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """``source_id`` and each configured column under its store name (float64, NaN = missing)."""
+    path = Path(path)
+    mapping = {**dict(columns), **dict(errors or {})}
+    names = list(mapping.values())
+    dup_names = sorted({n for n in names if names.count(n) > 1})
+    if dup_names:
+        raise SurveyError(f"survey table {path}: store name(s) {dup_names} used twice in columns/errors")
+    frame = _read_frame(path, [SOURCE_ID, *mapping])
+    out = {SOURCE_ID: frame[SOURCE_ID].to_numpy(dtype=np.int64)}
+    for column, store_name in mapping.items():
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() & frame[column].notna() & (frame[column].astype(str).str.strip() != "")
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            raise SurveyError(f"survey table {path}: column {column!r} row {row} is not a number "
+                              f"({frame[column].iloc[row]!r})")
+        out[store_name] = values.to_numpy(dtype=np.float64)
+    ids = np.sort(out[SOURCE_ID])
+    dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
+    if len(dup):
+        raise SurveyError(f"survey table {path}: {len(dup)} duplicate source_id(s), e.g. {dup[:3].tolist()}; "
+                          "keep one row per star (e.g. the best cross-match) before ingesting")
+    return out
+
+
+def join_survey(shard_ids: np.ndarray, survey: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Survey columns aligned to ``shard_ids``: NaN for stars without a survey row.
+
+    Survey rows for stars not in the shard are ignored. Returns the columns and the match count.
+    """
+    sid = survey[SOURCE_ID]
+    order = np.argsort(sid, kind="stable")
+    sorted_ids = sid[order]
+    pos = np.clip(np.searchsorted(sorted_ids, shard_ids), 0, max(len(sorted_ids) - 1, 0))
+    matched = (sorted_ids[pos] == shard_ids) if len(sorted_ids) else np.zeros(len(shard_ids), bool)
+    rows = order[pos[matched]]
+    out = {}
+    for name, values in survey.items():
+        if name == SOURCE_ID:
+            continue
+        column = np.full(len(shard_ids), np.nan)
+        column[matched] = values[rows]
+        out[name] = column
+    return out, int(matched.sum())
