@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny synthetic sky and a runner for the real Snakemake workflow."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+
+
+def merge(base: dict, override: dict) -> dict:
+    """`base` with `override` merged in, nested dicts key by key (a new dict)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class WorkflowDir:
+    """A folder holding one config for the workflow; runs `snakemake` there (nothing in the repo)."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = path
+        self.config = config
+        path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+
+    def write_config(self, config: dict, name: str = "config.yaml") -> Path:
+        target = self.path / name
+        target.write_text(yaml.safe_dump(config, sort_keys=False))
+        return target
+
+    def snakemake(self, *args: str, config: str = "config.yaml", profile: str = "default",
+                  timeout: float = 900, check: bool = True, env: dict | None = None,
+                  ) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
+               "--directory", str(self.path), "--configfile", str(self.path / config),
+               "--workflow-profile", str(REPO / "profiles" / profile), *args]
+        done = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                                 f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+        return done
+
+
+@pytest.fixture(scope="session")
+def tiny_sky(tmp_path_factory):
+    """Two shards of a synthetic sky (a few hundred stars, some without XP)."""
+    from msa.synthetic import write_sky
+
+    return write_sky(tmp_path_factory.mktemp("sky"), n_stars=600, n_shards=2, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_sky):
+    """Config of the tiny sky: one label set, one member, two one-epoch pretraining segments."""
+    from msa.synthetic import synthetic_config
+
+    config = synthetic_config(tiny_sky.out_dir, "results", seed=7)
+    config = merge(config, {"finetune": {"members": 1}, "pretrain": {"epochs": 2, "epochs_per_job": 1}})
+    config["label_sets"] = {"spectro": ["teff", "logg", "fe_h", "alpha_m"]}
+    return config
+
+
+@pytest.fixture
+def workflow_dir(tmp_path, tiny_config):
+    """A fresh workflow folder with the tiny config."""
+    return WorkflowDir(tmp_path / "run", tiny_config)

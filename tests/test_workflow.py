@@ -1,0 +1,245 @@
+"""The Snakemake workflow on a tiny synthetic sky: dry-run plans, exact partial re-runs, a real
+end-to-end run, the report, reproducibility, and a pretraining job killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SNAKEFILE, WorkflowDir, merge
+
+pytestmark = pytest.mark.workflow
+
+JOB_HEADER = re.compile(r"^(?:local)?rule (\w+):$")
+WILDCARDS = re.compile(r"^\s+wildcards: (.*)$")
+
+
+def planned_jobs(workdir: WorkflowDir, config: str = "config.yaml", *targets: str) -> set[str]:
+    """The jobs a dry run would execute, as 'rule' or 'rule[name=value,...]' (rule all left out)."""
+    out = workdir.snakemake("--dry-run", *targets, config=config).stdout
+    jobs: list[list[str]] = []
+    for line in out.splitlines():
+        if header := JOB_HEADER.match(line):
+            jobs.append([header.group(1), ""])
+        elif jobs and (wild := WILDCARDS.match(line)):
+            jobs[-1][1] = ",".join(sorted(w.strip() for w in wild.group(1).split(",")))
+    return {f"{rule}[{wild}]" if wild else rule for rule, wild in jobs if rule != "all"}
+
+
+def label_set_jobs(label_set: str, members: range, shards=("s000", "s001")) -> set[str]:
+    """Every job of one label set, downstream of pretraining."""
+    return ({f"finetune[label_set={label_set},member={k}]" for k in members}
+            | {f"calibrate[label_set={label_set}]", f"evaluate[label_set={label_set}]",
+               f"catalog[label_set={label_set}]"}
+            | {f"predict[label_set={label_set},shard={s}]" for s in shards})
+
+
+UPSTREAM = {"ingest[shard=s000]", "ingest[shard=s001]", "fit_scaler", "pretrain_segment[segment=0]",
+            "pretrain_segment[segment=1]", "pretrain_model"}
+
+
+# --- dry runs: cheap, no stage runs -------------------------------------------------------------
+
+def test_dry_run_plans_every_stage_for_every_shard_label_set_and_member(workflow_dir):
+    config = merge(workflow_dir.config, {
+        "label_sets": {"spectro": ["teff", "logg", "fe_h", "alpha_m"], "age": ["age"]},
+        "finetune": {"members": 2},
+    })
+    workflow_dir.write_config(config, "two_sets.yaml")
+    assert planned_jobs(workflow_dir, "two_sets.yaml") == (
+        UPSTREAM | label_set_jobs("spectro", range(2)) | label_set_jobs("age", range(2)))
+
+
+def test_lint_is_clean(workflow_dir):
+    done = workflow_dir.snakemake("--lint")
+    out = done.stdout + done.stderr
+    assert "Congratulations, your workflow is in a good condition!" in out, out
+
+
+def test_resolved_config_is_written_once_with_every_default(workflow_dir):
+    workflow_dir.snakemake("--dry-run")
+    resolved = workflow_dir.path / "results" / ".msa" / "config.yaml"
+    text = resolved.read_text()
+    # a default the tiny config does not set, filled from the schema
+    assert "restart_epochs: 10" in text
+    mtime = resolved.stat().st_mtime_ns
+    time.sleep(0.05)
+    workflow_dir.snakemake("--dry-run")
+    assert resolved.stat().st_mtime_ns == mtime, "unchanged config must not be rewritten"
+
+
+def test_no_matching_input_files_is_an_error_naming_the_key(workflow_dir):
+    config = merge(workflow_dir.config, {"ingest": {"xp": str(workflow_dir.path / "nothing_{shard}.csv")}})
+    workflow_dir.write_config(config, "empty.yaml")
+    done = workflow_dir.snakemake("--dry-run", config="empty.yaml", check=False)
+    assert done.returncode != 0
+    assert "ingest.xp" in done.stdout + done.stderr
+
+
+def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
+    out = workflow_dir.snakemake("--dry-run", profile="slurm").stdout
+    resources = {}
+    rule = None
+    for line in out.splitlines():
+        if header := JOB_HEADER.match(line):
+            rule = header.group(1)
+        elif rule and line.strip().startswith("resources:"):
+            resources[rule] = line
+    for gpu_rule in ("pretrain_segment", "finetune", "predict"):
+        assert "gpu=1" in resources[gpu_rule] and "cpus_per_gpu=" in resources[gpu_rule]
+        assert "slurm_partition=CHANGE_ME_gpu_partition" in resources[gpu_rule]
+    for cpu_rule in ("ingest", "fit_scaler", "calibrate", "evaluate", "catalog"):
+        assert "gpu=" not in resources[cpu_rule]
+        assert "slurm_partition=CHANGE_ME_cpu_partition" in resources[cpu_rule]
+    # pretraining wall time grows with each retry
+    assert "runtime=480" in resources["pretrain_segment"]
+
+
+# --- one real run, then dry runs against its recorded state -------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config):
+    """The tiny workflow run end to end (raw files -> catalogue)."""
+    run = WorkflowDir(tmp_path_factory.mktemp("finished") / "run", tiny_config)
+    run.snakemake("--cores", "2")
+    return run
+
+
+def test_run_produces_every_output(finished_run):
+    results = finished_run.path / "results"
+    assert (results / "pretrain" / "model.pt").read_bytes() == (results / "pretrain" / "segment-1.pt").read_bytes()
+    assert (results / "evaluate" / "spectro" / "metrics.json").is_file()
+    assert sorted(p.name for p in (results / "predict" / "spectro").iterdir()) == ["s000.parquet", "s001.parquet"]
+    assert (results / "catalog" / "spectro.summary.json").is_file()
+    assert (results / "catalog" / "spectro.skymap.png").is_file()
+    assert planned_jobs(finished_run) == set(), "a finished run must have nothing left to do"
+
+
+def test_changing_finetune_lr_reruns_finetune_and_what_follows_only(finished_run):
+    config = merge(finished_run.config, {"finetune": {"lr_head": 0.003}})
+    finished_run.write_config(config, "lr.yaml")
+    assert planned_jobs(finished_run, "lr.yaml") == label_set_jobs("spectro", range(1))
+
+
+def test_changing_predict_settings_reruns_predict_and_catalog_only(finished_run):
+    config = merge(finished_run.config, {"predict": {"batch_size": 512}})
+    finished_run.write_config(config, "predict.yaml")
+    assert planned_jobs(finished_run, "predict.yaml") == {
+        "predict[label_set=spectro,shard=s000]", "predict[label_set=spectro,shard=s001]",
+        "catalog[label_set=spectro]"}
+
+
+def test_adding_a_label_set_adds_only_its_jobs(finished_run):
+    config = merge(finished_run.config, {"label_sets": {"age": ["age"]}})
+    finished_run.write_config(config, "age.yaml")
+    assert planned_jobs(finished_run, "age.yaml") == label_set_jobs("age", range(1))
+
+
+def test_adding_a_member_keeps_existing_members(finished_run):
+    config = merge(finished_run.config, {"finetune": {"members": 2}})
+    finished_run.write_config(config, "members.yaml")
+    planned = planned_jobs(finished_run, "members.yaml")
+    assert planned == label_set_jobs("spectro", range(2)) - {"finetune[label_set=spectro,member=0]"}
+
+
+def test_touching_one_raw_file_reingests_only_its_shard(finished_run, tiny_sky):
+    xp = tiny_sky.xp_paths[1]
+    before = xp.stat()
+    try:
+        os.utime(xp)
+        planned = planned_jobs(finished_run)
+    finally:
+        os.utime(xp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert {j for j in planned if j.startswith("ingest")} == {"ingest[shard=s001]"}
+    # everything downstream of the new shard follows
+    assert planned == (UPSTREAM - {"ingest[shard=s000]"}) | label_set_jobs("spectro", range(1))
+
+
+def test_report_gathers_figures_and_metrics(finished_run):
+    report = finished_run.path / "results" / "report.html"
+    finished_run.snakemake("--report", str(report))
+    html = report.read_text(errors="replace")
+    for expected in ("loss.png", "skymap.png", "spectro.summary.json", "spectro.json"):
+        assert expected in html, f"{expected} missing from the report"
+
+
+def test_two_runs_from_scratch_give_identical_catalogues(finished_run, tmp_path, tiny_config):
+    import pyarrow.dataset as ds
+
+    second = WorkflowDir(tmp_path / "again", tiny_config)
+    second.snakemake("--cores", "2")
+
+    def catalogue(run):
+        table = ds.dataset(run.path / "results" / "catalog" / "spectro", format="parquet",
+                           partitioning="hive").to_table().to_pandas()
+        return table.sort_values("source_id").reset_index(drop=True)
+
+    first, again = catalogue(finished_run), catalogue(second)
+    assert len(first) == 600
+    assert first.columns.tolist() == again.columns.tolist()
+    assert first.equals(again), "same seed, same data: the catalogues must be identical"
+
+
+# --- preemption: a pretraining job killed mid-segment resumes when Snakemake retries ------------
+
+def _pretrain_pid(workdir: Path) -> int | None:
+    """PID of the `msa pretrain` process running in `workdir` (ours: the folder is unique)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if cwd == str(workdir) and "pretrain" in args and "--segment" in args \
+                and any(Path(a).name == "msa" for a in args[:2]):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.parametrize("kill_signal", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_pretraining_resumes_from_its_checkpoint_on_retry(tmp_path, tiny_config, finished_run,
+                                                               kill_signal):
+    import torch
+
+    config = merge(tiny_config, {"pretrain": {"epochs": 2, "epochs_per_job": 2}})
+    run = WorkflowDir(tmp_path / "preempt", config)
+    run.snakemake("--cores", "2", "results/scaler.json")
+    target = "results/pretrain/segment-0.pt"
+    work_checkpoint = run.path / "results" / "pretrain" / "work" / "segment-0.pt"
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(run.path),
+           "--configfile", str(run.path / "config.yaml"), "--workflow-profile",
+           str(REPO / "profiles" / "default"), "--cores", "1", "--retries", "1", target]
+    snakemake = subprocess.Popen(cmd, cwd=run.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and snakemake.poll() is None and killed is None:
+        if work_checkpoint.exists():
+            pid = _pretrain_pid(run.path)
+            if pid is not None:
+                os.kill(pid, kill_signal)
+                killed = pid
+        time.sleep(0.01)
+    out, _ = snakemake.communicate(timeout=600)
+    assert killed is not None, f"the pretraining job finished before it could be killed:\n{out[-3000:]}"
+    assert snakemake.returncode == 0, out[-4000:]
+    assert "Trying to restart" in out or "attempt 2" in out.lower() or "retry" in out.lower(), out[-3000:]
+    log = (run.path / "results" / "logs" / "pretrain" / "segment-0.log").read_text()
+    assert "resum" in log.lower(), log[-3000:]
+    resumed = torch.load(run.path / target, weights_only=True, map_location="cpu")
+    steps = [r["step"] for r in map(json.loads,
+             (run.path / "results" / "pretrain" / "segment-0.metrics.jsonl").read_text().splitlines())]
+    assert len(steps) == 2, "one metrics line per epoch, none lost or repeated by the restart"
+    uninterrupted = [json.loads(line)["step"] for line in
+                     (finished_run.path / "results" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == uninterrupted, "the resumed run must take exactly the steps of an uninterrupted one"
+    assert resumed["step"] == steps[-1]
