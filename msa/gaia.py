@@ -143,7 +143,7 @@ def _text_batches(path: Path, columns: Sequence[str], types: dict[str, pa.DataTy
                 progress(raw.tell())
             yield batch
     except pa.ArrowInvalid as err:
-        raise _conversion_error(path, names, columns, str(err)) from err
+        raise _conversion_error(path, names, str(err)) from err
     except (OSError, EOFError, zlib.error) as err:
         raise ArchiveFormatError(
             f"{path}: the file is truncated or corrupt ({err}); download it again") from err
@@ -151,12 +151,12 @@ def _text_batches(path: Path, columns: Sequence[str], types: dict[str, pa.DataTy
         raw.close()
 
 
-def _conversion_error(path: Path, names: list[str], columns: Sequence[str], message: str) -> ArchiveFormatError:
+def _conversion_error(path: Path, names: list[str], message: str) -> ArchiveFormatError:
     """Turn pyarrow's conversion error into one naming the column and the first bad row."""
     m = re.search(r"column #(\d+)", message)
     if m is None:
         return ArchiveFormatError(f"{path}: cannot parse the file: {message}")
-    column = list(columns)[int(m.group(1))] if int(m.group(1)) < len(columns) else names[int(m.group(1))]
+    column = names[int(m.group(1))]  # pyarrow counts the file's columns, not the included ones
     row, value = _first_non_numeric(path, column)
     where = f" at row {row} (value {value!r})" if row is not None else ""
     return ArchiveFormatError(f"{path}: column {column!r} holds a non-numeric value{where}; "
