@@ -7,7 +7,6 @@ rule catalog:
         predictions=lambda wildcards: expand(
             f"{RESULTS}/predict/{wildcards.label_set}/{{shard}}.parquet", shard=SHARDS
         ),
-        shards=SHARD_FILES,
     output:
         dataset=directory(f"{RESULTS}/catalog/{{label_set}}"),
         summary=report(
@@ -24,6 +23,13 @@ rule catalog:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "file": "sky map"},
         ),
+        distributions=report(
+            f"{RESULTS}/catalog/{{label_set}}.distributions.png",
+            caption="../report/distributions.rst",
+            category="4. Catalogue",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "file": "distributions"},
+        ),
     params:
         config=MSA_CONFIG,
         settings=settings(catalog=config["catalog"]),
@@ -39,4 +45,5 @@ rule catalog:
         runtime=attempt_scaled(60),
     shell:
         "msa catalog --config {params.config} --label-set {wildcards.label_set} "
-        "--inputs {input.predictions} --out-dir {output.dataset} > {log} 2>&1"
+        "--inputs {input.predictions} --out-dir {output.dataset} --summary {output.summary} "
+        "--skymap {output.skymap} --distributions {output.distributions} > {log} 2>&1"

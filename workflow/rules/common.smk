@@ -143,6 +143,7 @@ def catalog_targets(label_set):
         "dataset": f"{RESULTS}/catalog/{label_set}",
         "summary": f"{RESULTS}/catalog/{label_set}.summary.json",
         "skymap": f"{RESULTS}/catalog/{label_set}.skymap.png",
+        "distributions": f"{RESULTS}/catalog/{label_set}.distributions.png",
     }
 
 
