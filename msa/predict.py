@@ -67,20 +67,23 @@ def prefetch(items: Iterable, depth: int = 2) -> Iterator:
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():  # never block forever once the consumer has gone
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as err:  # handed to the consumer, which re-raises it
-            q.put(err)
+            put(err)
 
     thread = threading.Thread(target=produce, name="msa-prefetch", daemon=True)
     thread.start()
@@ -147,7 +150,7 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, pin: bool = Fa
     if infinite.any():
         # an infinite value (e.g. a zero flux turned into a magnitude) carries no information
         x[infinite] = np.nan
-    visible = np.isfinite(x) & ~hidden_by_every_member(ensemble)
+    visible = np.isfinite(x) & ~hidden_from_every_member(ensemble)
     xp = ensemble.layout.xp_indices
     has_xp = visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(x), dtype=bool)
     tensor = torch.from_numpy(x)
@@ -155,10 +158,9 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, pin: bool = Fa
                          visible.sum(axis=1).astype(np.int16), has_xp)
 
 
-def hidden_by_every_member(ensemble: Ensemble) -> np.ndarray:
-    """Bool ``(F,)``: features that no member ever sees (its force mask), so they do not count as inputs."""
-    masks = [m.force_mask.cpu().numpy() for m in ensemble.members]
-    return np.logical_or.reduce(masks) if len(masks) > 1 else masks[0]
+def hidden_from_every_member(ensemble: Ensemble) -> np.ndarray:
+    """Bool ``(F,)``: features in every member's force mask; no member sees them, so they are not inputs."""
+    return np.logical_and.reduce([m.force_mask.cpu().numpy() for m in ensemble.members])
 
 
 def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int | None,

@@ -233,3 +233,17 @@ def test_cli_refuses_members_of_another_label_set(setup, tmp_path):
         main(["predict", "--config", str(tmp_path / "other.yaml"), "--label-set", "spectro",
               "--members", str(setup["members"][0]), "--calibration", str(calibration),
               "--shard", str(setup["shard"]), "--out", str(tmp_path / "x.parquet")])
+
+
+def test_force_masked_xp_counts_as_predicted_without_xp(setup, tmp_path):
+    layout = small_layout()
+    members = [write_member(tmp_path / f"photometry-{k}.pt", layout, unit_scaler(layout), seed=k,
+                            force_mask_indices=layout.xp_indices) for k in range(2)]
+    out = tmp_path / "photometry.parquet"
+    predict_shard(setup["shard"], Ensemble.load(members), None, out, chunk_rows=64, batch_size=64, min_inputs=3)
+    frame = pd.read_parquet(out)
+    assert not frame["has_xp"].any()  # the model never looked at the spectra
+    cols = setup["cols"]
+    expected_n = sum(np.isfinite(cols[c]) for c in
+                     ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "parallax"))
+    np.testing.assert_array_equal(frame["n_inputs"].to_numpy(), expected_n)
