@@ -75,3 +75,122 @@ def plot_loss_curves(metrics: Sequence[dict], path: str | Path, title: str = "pr
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+# --- fine-tuning and evaluation figures ------------------------------------------------------------
+def plot_finetune_loss(metrics: Sequence[dict], path: str | Path, title: str = "fine-tuning") -> Path:
+    """Fine-tuning curves per epoch: train total and pinball, validation pinball (and per label, dashed).
+
+    ``metrics``: one dict per epoch with ``epoch``, ``train_total``, ``train_pinball``,
+    ``val_pinball`` and ``val_pinball_<label>``.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    epochs = [m["epoch"] + 1 for m in metrics]
+    for key, style, label in (("train_total", "o-", "train (total)"), ("train_pinball", ".-", "train pinball"),
+                              ("val_pinball", "s-", "validation pinball")):
+        values = [m.get(key) for m in metrics]
+        if _finite(values):
+            ax.plot(epochs, values, style, label=label)
+    per_label = sorted({k for m in metrics for k in m if k.startswith("val_pinball_")})
+    for key in per_label:
+        values = [m.get(key) for m in metrics]
+        if _finite(values):
+            ax.plot(epochs, values, "--", lw=1, label=key[len("val_pinball_"):])
+    best = [m["epoch"] + 1 for m in metrics if m.get("best")]
+    if best:
+        ax.axvline(best[-1], color="grey", lw=0.8, ls=":", label="best epoch")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (scaled labels)")
+    ax.set_title(title)
+    if metrics:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no completed epoch yet", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _panels(n: int, size: float = 3.2):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def plot_predicted_vs_true(y, q, labels: Sequence[str], path: str | Path, baseline=None) -> Path:
+    """Predicted median (with calibrated [q16, q84] bars) against the true value, one panel per label.
+
+    ``y``: ``(n, L)`` true values; ``q``: ``(n, L, 3)`` quantiles; ``baseline``: optional ``(n, L)``.
+    """
+    import numpy as np
+
+    fig, axes = _panels(len(labels))
+    for j, (ax, name) in enumerate(zip(axes, labels)):
+        ok = np.isfinite(y[:, j]) & np.isfinite(q[:, j, 1])
+        t, m = y[ok, j], q[ok, j]
+        if baseline is not None:
+            ax.scatter(t, baseline[ok, j], s=3, color="C1", alpha=0.4, label="baseline", zorder=1)
+        ax.errorbar(t, m[:, 1], yerr=[m[:, 1] - m[:, 0], m[:, 2] - m[:, 1]], fmt=".", ms=2, lw=0.3,
+                    color="C0", alpha=0.5, label="model", zorder=2)
+        if len(t):
+            lo, hi = np.nanmin(t), np.nanmax(t)
+            ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+        ax.set_title(f"{name} (n={int(ok.sum())})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_residuals_vs_g(y, q, g_mag, labels: Sequence[str], path: str | Path) -> Path:
+    """Residual (predicted median − true) against Gaia G, one panel per label, with a running median."""
+    import numpy as np
+
+    fig, axes = _panels(len(labels))
+    for j, (ax, name) in enumerate(zip(axes, labels)):
+        ok = np.isfinite(y[:, j]) & np.isfinite(q[:, j, 1]) & np.isfinite(g_mag)
+        g, d = g_mag[ok], q[ok, j, 1] - y[ok, j]
+        ax.scatter(g, d, s=3, alpha=0.4)
+        ax.axhline(0, color="k", lw=0.8)
+        if len(g) >= 20:
+            edges = np.quantile(g, np.linspace(0, 1, 9))
+            centres, medians = [], []
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                sel = (g >= lo) & (g <= hi)
+                if sel.any():
+                    centres.append(np.median(g[sel]))
+                    medians.append(np.median(d[sel]))
+            ax.plot(centres, medians, "r-", lw=1.5, label="running median")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("G [mag]")
+        ax.set_ylabel(f"Δ {name}")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_coverage(metrics: dict, path: str | Path) -> Path:
+    """Coverage of [q16, q84] per label: before/after calibration, XP on and off, vs the target."""
+    import numpy as np
+
+    labels = metrics["labels"]
+    bars = [("model", "coverage_before", "XP on, uncalibrated"), ("model", "coverage", "XP on, calibrated"),
+            ("model_no_xp", "coverage_before", "XP off, uncalibrated"),
+            ("model_no_xp", "coverage", "XP off, calibrated")]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.6))
+    x = np.arange(len(labels))
+    width = 0.8 / len(bars)
+    for i, (section, key, text) in enumerate(bars):
+        values = [((metrics.get(section) or {}).get(n, {}).get("overall", {}).get(key)) for n in labels]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, [np.nan if v is None else v for v in values], width,
+               label=text)
+    target = metrics.get("coverage_target")
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
+    ax.set_xticks(x, labels)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction inside [q16, q84]")
+    ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
