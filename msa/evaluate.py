@@ -1,0 +1,215 @@
+"""Evaluation of a label set's calibrated ensemble on the TEST split: ``msa evaluate``.
+
+Per label: RMSE, MAE, NMAD (1.4826 · median |Δ − median Δ|), median bias (median Δ) with
+Δ = predicted median − true value, and the coverage of [q16, q84] before and after the conformal
+calibration, overall and in bins of true [Fe/H] (``evaluate.fe_h_bins`` edges) and of Gaia G
+(``evaluate.g_mag_bins`` edges). The same with every XP coefficient hidden (photometry only).
+A gradient-boosted-trees baseline (:mod:`msa.baseline`, same scaled inputs, trained on the train
+split, with and without XP) is scored on the same stars. A parallax label is always scored from
+the ensemble's masked pass (the Gaia parallax input hidden), which :mod:`msa.ensemble` applies.
+
+Writes ``metrics.json`` and figures (predicted vs true, residuals vs G, coverage per label with
+XP on and off) into ``--out-dir`` and prints a model-vs-baseline table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from msa.baseline import GradientBoostingBaseline
+from msa.calibrate import apply_calibration, interval_coverage, load_calibration
+from msa.config import load_config
+from msa.labels import LabelSource, label_set, load_labelled
+from msa.splits import assign_splits
+from msa.store import atomic_path
+
+log = logging.getLogger(__name__)
+
+NMAD_FACTOR = 1.4826
+G_MAG = "phot_g_mean_mag"
+
+
+def _float(v) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def point_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
+    """RMSE, MAE, NMAD, median bias and count of ``pred − true`` over finite pairs (1-D arrays)."""
+    ok = np.isfinite(pred) & np.isfinite(true)
+    d = np.asarray(pred, dtype=np.float64)[ok] - np.asarray(true, dtype=np.float64)[ok]
+    if not len(d):
+        return {"n": 0, "rmse": None, "mae": None, "nmad": None, "bias": None}
+    med = np.median(d)
+    return {"n": int(len(d)), "rmse": _float(np.sqrt(np.mean(d ** 2))), "mae": _float(np.mean(np.abs(d))),
+            "nmad": _float(NMAD_FACTOR * np.median(np.abs(d - med))), "bias": _float(med)}
+
+
+def quantile_metrics(q: np.ndarray, q_calibrated: np.ndarray, true: np.ndarray) -> dict:
+    """Point metrics of the median plus coverage before/after calibration, for ``(n, 3)`` quantiles."""
+    out = point_metrics(q[:, 1], true)
+    before, _ = interval_coverage(q[:, None, :], true[:, None])
+    after, _ = interval_coverage(q_calibrated[:, None, :], true[:, None])
+    out["coverage_before"] = _float(before[0])
+    out["coverage"] = _float(after[0])
+    return out
+
+
+def bin_masks(values: np.ndarray, edges: Sequence[float], name: str) -> dict[str, np.ndarray]:
+    """Masks of ``values`` below the first edge, between consecutive edges, and from the last edge up."""
+    edges = list(edges)
+    if not edges:
+        return {}
+    out = {f"{name}<{edges[0]:g}": values < edges[0]}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        out[f"{lo:g}<={name}<{hi:g}"] = (values >= lo) & (values < hi)
+    out[f"{name}>={edges[-1]:g}"] = values >= edges[-1]
+    return out
+
+
+def label_report(q: np.ndarray, q_cal: np.ndarray, y: np.ndarray, labels: Sequence[str],
+                 bins: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
+    """Per label: ``overall`` and, for each binning, per-bin :func:`quantile_metrics`."""
+    report = {}
+    for j, name in enumerate(labels):
+        entry = {"overall": quantile_metrics(q[:, j], q_cal[:, j], y[:, j])}
+        for binning, masks in bins.items():
+            entry[binning] = {b: quantile_metrics(q[m, j], q_cal[m, j], y[m, j]) for b, m in masks.items()}
+        report[name] = entry
+    return report
+
+
+def baseline_report(pred: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
+    return {name: {"overall": point_metrics(pred[:, j], y[:, j])} for j, name in enumerate(labels)}
+
+
+def comparison_table(metrics: dict) -> str:
+    """Plain-text model vs baseline table (NMAD, RMSE, bias, coverage; XP on/off)."""
+    header = (f"{'label':>10} {'n':>5} | {'NMAD':>9} {'base':>9} {'noXP':>9} {'baseNoXP':>9} | "
+              f"{'RMSE':>9} {'base':>9} | {'bias':>9} | {'cov0':>5} {'cov':>5} {'covNoXP':>7}")
+    lines = [header, "-" * len(header)]
+
+    def g(section, name, key):
+        v = (metrics.get(section) or {}).get(name, {}).get("overall", {}).get(key)
+        return "—" if v is None else f"{v:.4g}"
+
+    for name in metrics["labels"]:
+        lines.append(
+            f"{name:>10} {g('model', name, 'n'):>5} | {g('model', name, 'nmad'):>9} "
+            f"{g('baseline', name, 'nmad'):>9} {g('model_no_xp', name, 'nmad'):>9} "
+            f"{g('baseline_no_xp', name, 'nmad'):>9} | {g('model', name, 'rmse'):>9} "
+            f"{g('baseline', name, 'rmse'):>9} | {g('model', name, 'bias'):>9} | "
+            f"{g('model', name, 'coverage_before'):>5} {g('model', name, 'coverage'):>5} "
+            f"{g('model_no_xp', name, 'coverage'):>7}")
+    return "\n".join(lines)
+
+
+# --- command line -------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config (YAML)")
+    parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
+    parser.add_argument("--members", nargs="+", required=True, help="fine-tuned member model.pt files")
+    parser.add_argument("--calibration", required=True, help="calibration JSON from `msa calibrate`")
+    parser.add_argument("--shards", nargs="+", required=True, help="shard store files holding the labelled stars")
+    parser.add_argument("--out-dir", required=True, help="folder for metrics.json and the figures")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], calibration_path: str | Path,
+             shards: Sequence[str | Path], out_dir: str | Path, device: str | None = None) -> dict:
+    """Score the ensemble (and the baseline) on the test split; write metrics.json + figures."""
+    import torch
+
+    from msa.ensemble import Ensemble
+    from msa.plots import plot_coverage, plot_predicted_vs_true, plot_residuals_vs_g
+
+    names = label_set(config, label_set_name)
+    ensemble = Ensemble.load(members, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if ensemble.labels != names:
+        raise ValueError(f"members predict {ensemble.labels}, label set {label_set_name!r} is {names}; "
+                         "pass the members fine-tuned for this label set")
+    calibration = load_calibration(calibration_path)
+    ecfg = config["evaluate"]
+    stars = load_labelled(shards, ensemble.transform, LabelSource(config["labels"], names), [G_MAG])
+    seed = config["splits"].get("seed")
+    split = assign_splits(stars.source_id, config["splits"], config["seed"] if seed is None else seed)
+    test, train = stars.subset(split == "test"), stars.subset(split == "train")
+    if len(test) == 0:
+        raise ValueError("the test split holds no labelled star; raise splits.test")
+    batch = config["predict"]["batch_size"]
+    xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
+    xp_hidden[ensemble.layout.xp_indices] = True
+
+    q = ensemble.predict(test.x, batch_size=batch).astype(np.float64)
+    q_cal = apply_calibration(q, calibration, names)
+    q_noxp = ensemble.predict(test.x, extra_hidden=xp_hidden, batch_size=batch).astype(np.float64)
+    q_noxp_cal = apply_calibration(q_noxp, calibration, names)
+
+    bins = {"g_mag_bins": bin_masks(test.extra[G_MAG], ecfg["g_mag_bins"], "G")}
+    fe_h = ecfg["fe_h_label"]
+    if fe_h in names:
+        fe_h_true = test.y[:, names.index(fe_h)]
+    elif fe_h in ((config["labels"].get("columns")) or {}):
+        fe_h_true = LabelSource(config["labels"], [fe_h]).lookup(test.source_id)[0][:, 0]
+    else:
+        fe_h_true = None
+    if fe_h_true is not None:
+        bins["fe_h_bins"] = bin_masks(fe_h_true, ecfg["fe_h_bins"], fe_h)
+
+    metrics = {"label_set": label_set_name, "labels": names, "n_test": int(len(test)),
+               "n_train": int(len(train)), "members": [str(m) for m in members],
+               "member_sha256": ensemble.checksums, "calibration": str(calibration_path),
+               "coverage_target": calibration.get("coverage_target"),
+               "model": label_report(q, q_cal, test.y, names, bins),
+               "model_no_xp": label_report(q_noxp, q_noxp_cal, test.y, names, bins)}
+    if ecfg["baseline"]:
+        plx_hidden = parallax_hidden_columns(ensemble)
+        base = GradientBoostingBaseline(names, seed=int(config["seed"]), label_hidden_columns=plx_hidden
+                                        ).fit(train.x, train.y)
+        base_noxp = GradientBoostingBaseline(names, seed=int(config["seed"]), hidden_columns=ensemble.layout.xp_indices,
+                                             label_hidden_columns=plx_hidden).fit(train.x, train.y)
+        pred_base, pred_base_noxp = base.predict(test.x), base_noxp.predict(test.x)
+        metrics["baseline"] = baseline_report(pred_base, test.y, names)
+        metrics["baseline_no_xp"] = baseline_report(pred_base_noxp, test.y, names)
+        metrics["comparison"] = {
+            n: {"nmad_model": metrics["model"][n]["overall"]["nmad"],
+                "nmad_baseline": metrics["baseline"][n]["overall"]["nmad"],
+                "model_beats_baseline": _beats(metrics["model"][n]["overall"]["nmad"],
+                                               metrics["baseline"][n]["overall"]["nmad"])}
+            for n in names}
+    else:
+        pred_base = None
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
+    plot_predicted_vs_true(test.y, q_cal, names, out_dir / "predicted_vs_true.png", baseline=pred_base)
+    plot_residuals_vs_g(test.y, q_cal, test.extra[G_MAG], names, out_dir / "residuals_vs_g.png")
+    plot_coverage(metrics, out_dir / "coverage.png")
+    table = comparison_table(metrics)
+    print(table)
+    log.info("wrote %s", out_dir / "metrics.json")
+    return metrics
+
+
+def parallax_hidden_columns(ensemble) -> dict[str, list[int]]:
+    """The baseline must not see the Gaia parallax input for the parallax label either."""
+    member = ensemble.members[0]
+    if member.parallax_label is None or member.parallax_feature is None:
+        return {}
+    return {ensemble.labels[member.parallax_label]: [int(member.parallax_feature)]}
+
+
+def _beats(model: float | None, baseline: float | None) -> bool | None:
+    return None if model is None or baseline is None else bool(model < baseline)
+
+
+def run(args) -> int:
+    evaluate(load_config(args.config), args.label_set, args.members, args.calibration, args.shards,
+             args.out_dir, args.device)
+    return 0
