@@ -42,6 +42,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -133,6 +134,14 @@ def inverse_variance_weights(y_err_scaled: np.ndarray, reference: np.ndarray) ->
         w = (reference[None, :] / y_err_scaled) ** 2
     w = np.where(np.isfinite(w) & (y_err_scaled > 0), w, 1.0)
     return np.minimum(w, MAX_INVERSE_VARIANCE_WEIGHT)
+
+
+def reference_errors(y_err_scaled: np.ndarray) -> np.ndarray:
+    """Median positive scaled label error per label (1 for a label without errors)."""
+    positive = np.where(y_err_scaled > 0, y_err_scaled, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a label without any error column: all NaN
+        return np.nan_to_num(np.nanmedian(positive, axis=0), nan=1.0)
 
 
 # --- the objective -----------------------------------------------------------------------------------
@@ -334,9 +343,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
                             "both must be non-empty (check splits fractions and the catalogue join)")
     label_scaler = LabelScaler.fit(names, train.y)
     _, train_err_scaled = label_scaler.transform(train.y, train.y_err)
-    with np.errstate(all="ignore"):
-        err_ref = np.nan_to_num(np.nanmedian(np.where(train_err_scaled > 0, train_err_scaled, np.nan), axis=0),
-                                nan=1.0)
+    err_ref = reference_errors(train_err_scaled)
     log.info("label set %s %s: %d train / %d validation stars; member %d, seed %d, device %s",
              job.label_set, names, len(train), len(val), job.member, seed, device)
 

@@ -1,0 +1,98 @@
+"""Evaluation: metric definitions, and the CLI chain finetune → calibrate → evaluate on a tiny sky."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from msa.cli import main
+from msa.config import validate
+from msa.evaluate import bin_masks, point_metrics
+from msa.features import xp_normalises
+from msa.fit_scaler import fit_scaler
+from msa.ingest import ingest_shard
+from msa.layout import Layout
+from msa.pretrain import pretrain_segment
+from msa.synthetic import synthetic_config, write_sky
+
+torch.set_num_threads(1)
+
+
+def test_point_metrics_hand_computed():
+    true = np.array([0.0, 0.0, 0.0, 0.0, 0.0, np.nan])
+    pred = np.array([1.0, -1.0, 2.0, 0.0, 3.0, 5.0])
+    m = point_metrics(pred, true)
+    assert m["n"] == 5
+    assert m["bias"] == 1.0  # median of (1, −1, 2, 0, 3)
+    assert m["nmad"] == pytest.approx(1.4826 * 1.0)  # |Δ − 1| = 0, 2, 1, 1, 2 → median 1
+    assert m["rmse"] == pytest.approx(np.sqrt(15 / 5))
+    assert m["mae"] == pytest.approx(7 / 5)
+    assert point_metrics(np.array([np.nan]), np.array([1.0]))["nmad"] is None
+
+
+def test_bin_masks_cover_everything_once():
+    values = np.array([-3.0, -2.0, -1.5, -1.0, 0.2])
+    masks = bin_masks(values, [-2.0, -1.0], "fe_h")
+    assert list(masks) == ["fe_h<-2", "-2<=fe_h<-1", "fe_h>=-1"]
+    np.testing.assert_array_equal(np.sum(list(masks.values()), axis=0), 1)
+    np.testing.assert_array_equal(masks["-2<=fe_h<-1"], [False, True, True, False, False])
+
+
+def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
+    sky = write_sky(tmp_path / "sky", n_stars=900, n_shards=1, seed=2)
+    cfg = synthetic_config(sky.out_dir, tmp_path / "results", seed=3)
+    cfg["features"]["xp"] = {"bp": 4, "rp": 4, "normalise": "g_flux"}
+    cfg["label_sets"] = {"spectro": ["teff", "fe_h", "parallax"]}  # parallax: the true one, from the catalogue
+    cfg["pretrain"].update(epochs=1, epochs_per_job=1)
+    cfg["finetune"].update(epochs=2, members=2)
+    cfg["splits"] = {"train": 0.5, "validation": 0.1, "calibration": 0.2, "test": 0.2}
+    cfg["evaluate"] = {"fe_h_bins": [-0.5, 0.0], "g_mag_bins": [14.0, 16.0]}
+    config = validate(cfg)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shard = tmp_path / "store" / "shard-s000.h5"
+    surveys = {k: {**v, "path": v["path"].replace("{shard}", "s000")} for k, v in config["ingest"]["surveys"].items()}
+    ingest_shard(sky.xp_paths[0], sky.source_paths[0], surveys, shard, config["ingest"]["source_columns"],
+                 show_progress=False)
+    scaler, meta = fit_scaler([shard], Layout.from_config(config["features"]), xp_normalises(config["features"]))
+    scaler.save(tmp_path / "scaler.json", meta)
+    pretrain_segment(config, [shard], tmp_path / "scaler.json", tmp_path / "pretrain", 0)
+
+    common = ["--config", str(tmp_path / "config.yaml"), "--label-set", "spectro"]
+    members = []
+    for k in range(2):
+        out = tmp_path / "finetune" / f"member-{k}"
+        assert main(["finetune", *common, "--member", str(k), "--pretrained",
+                     str(tmp_path / "pretrain" / "segment-0.pt"), "--shards", str(shard), "--scaler",
+                     str(tmp_path / "scaler.json"), "--out-dir", str(out)]) == 0
+        members.append(str(out / "model.pt"))
+    seeds = [torch.load(m, weights_only=True)["seed"] for m in members]
+    assert seeds == [3, 4]  # member k trains with seed + k
+    cal_path = tmp_path / "calibration.json"
+    assert main(["calibrate", *common, "--members", *members, "--shards", str(shard), "--out", str(cal_path)]) == 0
+    cal = json.loads(cal_path.read_text())
+    assert cal["labels"] == ["teff", "fe_h", "parallax"] and cal["coverage_target"] == 0.68
+    for name in cal["labels"]:
+        entry = cal["per_label"][name]
+        assert entry["n_calibration"] > 100
+        assert set(entry["coverage"]) == {"calibration", "test"}
+        # on the calibration split itself, conformal coverage is ≥ nominal by construction
+        assert entry["coverage"]["calibration"]["after"] >= 0.68
+
+    out_dir = tmp_path / "evaluate"
+    assert main(["evaluate", *common, "--members", *members, "--calibration", str(cal_path),
+                 "--shards", str(shard), "--out-dir", str(out_dir)]) == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for section in ("model", "model_no_xp", "baseline", "baseline_no_xp", "comparison"):
+        assert set(metrics[section]) == {"teff", "fe_h", "parallax"}, section
+    overall = metrics["model"]["fe_h"]["overall"]
+    assert {"n", "rmse", "mae", "nmad", "bias", "coverage_before", "coverage"} <= set(overall)
+    assert overall["n"] == metrics["n_test"] > 100
+    assert set(metrics["model"]["teff"]["fe_h_bins"]) == {"fe_h<-0.5", "-0.5<=fe_h<0", "fe_h>=0"}
+    assert set(metrics["model"]["teff"]["g_mag_bins"]) == {"G<14", "14<=G<16", "G>=16"}
+    assert sum(b["n"] for b in metrics["model"]["teff"]["g_mag_bins"].values()) == overall["n"]
+    # photometry only is a different prediction from XP on
+    assert metrics["model_no_xp"]["teff"]["overall"]["rmse"] != metrics["model"]["teff"]["overall"]["rmse"]
+    for png in ("predicted_vs_true.png", "residuals_vs_g.png", "coverage.png"):
+        assert (out_dir / png).stat().st_size > 1000
