@@ -178,3 +178,21 @@ def test_cli_explicit_form(sky, tmp_path):
         assert not np.isnan(shard.read(["bp_1"])["bp_1"]).any()
     rc = main(["ingest", "--xp", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.h5"), "--no-progress"])
     assert rc == 1 and not (tmp_path / "x.h5").exists()
+
+
+def test_survey_formats_agree_and_rename(tmp_path):
+    from astropy.table import Table
+
+    from msa.surveys import SurveyError, read_survey
+
+    t = pd.read_csv(DEMO / "tmass_demo.csv").head(300)
+    t.to_parquet(tmp_path / "t.parquet")
+    Table.from_pandas(t).write(tmp_path / "t.fits")
+    ref = read_survey(DEMO / "tmass_demo.csv", {"j_m": "J", "ks_m": "K"})
+    assert set(ref) == {"source_id", "J", "K"} and np.isnan(ref["J"]).sum() == 4
+    for name in ("t.parquet", "t.fits"):
+        got = read_survey(tmp_path / name, {"j_m": "J", "ks_m": "K"})
+        for c in ("source_id", "J", "K"):
+            np.testing.assert_array_equal(got[c], ref[c][:300])
+    with pytest.raises(SurveyError, match=r"t\.parquet: missing column\(s\) \['j_msigcom'\]"):
+        read_survey(tmp_path / "t.parquet", {"j_m": "J"}, {"j_msigcom": "J_err"})
