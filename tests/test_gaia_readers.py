@@ -1,6 +1,5 @@
 """Gaia Archive readers on real DR3 files (CSV, ECSV, FITS) and on every kind of bad input."""
 
-import gzip
 from pathlib import Path
 
 import numpy as np
