@@ -266,7 +266,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ctx.distributed else model
     forward = torch.compile(net) if section["compile"] else net
-    generator = torch.Generator(device="cpu")
+    generator = torch.Generator(device=device)  # masks and noise drawn where the model runs
     amp = bool(section["amp"])
 
     def payload(at_segment_end: bool = False) -> dict:
