@@ -224,7 +224,8 @@ def test_report_gathers_figures_and_metrics(finished_run):
     report = finished_run.path / "results" / "report.html"
     finished_run.snakemake("--report", str(report))
     html = report.read_text(errors="replace")
-    for expected in ("loss.png", "skymap.png", "spectro.summary.json", "spectro.json"):
+    for expected in ("loss.png", "coverage.png", "metrics.json", "skymap.png", "spectro.summary.json",
+                     "spectro.json"):
         assert expected in html, f"{expected} missing from the report"
 
 

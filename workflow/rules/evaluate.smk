@@ -10,11 +10,11 @@ rule evaluate:
     output:
         evaluation=report(
             directory(f"{RESULTS}/evaluate/{{label_set}}"),
-            patterns=["{name}.png"],
+            patterns=["{name}.png", "{name}.json"],
             caption="../report/evaluation.rst",
             category="3. Calibration and evaluation",
             subcategory="{label_set}",
-            labels={"label set": "{label_set}", "figure": "{name}"},
+            labels={"label set": "{label_set}", "file": "{name}"},
         ),
     params:
         config=MSA_CONFIG,
