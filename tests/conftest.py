@@ -68,7 +68,9 @@ def tiny_config(tiny_sky):
     from msa.synthetic import synthetic_config
 
     config = synthetic_config(tiny_sky.out_dir, "results", seed=7)
-    config = merge(config, {"finetune": {"members": 1}, "pretrain": {"epochs": 2, "epochs_per_job": 1}})
+    # no gradient-boosting baseline in evaluate: the slowest step, and not what these tests check
+    config = merge(config, {"finetune": {"members": 1}, "pretrain": {"epochs": 2, "epochs_per_job": 1},
+                            "evaluate": {"baseline": False}})
     config["label_sets"] = {"spectro": ["teff", "logg", "fe_h", "alpha_m"]}
     return config
 
