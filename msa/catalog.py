@@ -158,7 +158,8 @@ def label_statistics(samples: dict[str, np.ndarray], labels: Sequence[str], unit
         ok = np.isfinite(q50)
         entry = {"unit": units.get(label, ""), "n_sampled": int(ok.sum())}
         if ok.any():
-            entry["q50_percentiles"] = {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(q50[ok], PERCENTILES))}
+            values = np.percentile(q50[ok], PERCENTILES)
+            entry["q50_percentiles"] = {f"p{p}": float(v) for p, v in zip(PERCENTILES, values)}
             entry["median_half_width"] = float(np.median((q84[ok] - q16[ok]) / 2))
         out[label] = entry
     return out
