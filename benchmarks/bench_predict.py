@@ -45,7 +45,7 @@ from msa.ensemble import Ensemble
 from msa.features import derive, store_columns, xp_normalises
 from msa.layout import Layout
 from msa.model import MaskedAutoencoder, QuantileHead
-from msa.predict import predict_shard
+from msa.predict import input_transform, predict_shard
 from msa.scaling import Scaler
 from msa.store import SOURCE_ID, Shard, write_shard
 
@@ -61,7 +61,7 @@ FULL_SKY_EXTRA_FEATURES = ["phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_
                            "parallax"]
 FULL_SKY_LABELS = ["teff", "logg", "fe_h", "alpha_m", "age", "parallax"]
 FULL_SKY_MEMBERS = 3  # finetune.members default
-FULL_SKY_STORE_COLUMNS = 2 * 110 + 2 * len(FULL_SKY_EXTRA_FEATURES)  # values + errors read per star
+FULL_SKY_STORE_COLUMNS = 110 + len(FULL_SKY_EXTRA_FEATURES)  # value columns read per star (no errors)
 
 # projection assumptions (printed)
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s, H100 SXM dense bf16
@@ -305,7 +305,7 @@ def main() -> None:
         flops_star, n_full = full_sky_flops_per_star()
         flops_ensemble = flops_star * FULL_SKY_MEMBERS
         t_compute = N_GAIA_STARS * flops_ensemble / (H100_BF16_DENSE_PEAK * ASSUMED_MFU)
-        read_cols = ensemble.transform.store_columns
+        read_cols = input_transform(ensemble).store_columns  # values only: what msa predict reads
         n_demo, stored_demo, _ = shard_sizes(demo, read_cols)
         bytes_star = stored_demo / n_demo  # real XP data, gzip + shuffle as ingested
         full_bytes_star = bytes_star / len(read_cols) * FULL_SKY_STORE_COLUMNS  # same bytes per column
@@ -318,7 +318,8 @@ def main() -> None:
             f"× {FULL_SKY_MEMBERS} members = {flops_ensemble / 1e6:.1f} MFLOP/star")
         log(f"    compute bound: 1.8e9 stars × {flops_ensemble / 1e6:.1f} MFLOP / ({H100_BF16_DENSE_PEAK / 1e12:.0f} "
             f"TFLOP/s bf16 dense × MFU {ASSUMED_MFU}) = {t_compute / 3600:.2f} h on one H100")
-        log(f"    bytes/star read: {bytes_star:,.0f} B stored (real demo XP, gzip+shuffle, {len(read_cols)} columns), "
+        log(f"    bytes/star read: {bytes_star:,.0f} B stored (real demo XP, gzip+shuffle, "
+            f"{len(read_cols)} value columns), "
             f"≈ {full_bytes_star:,.0f} B for the full-sky {FULL_SKY_STORE_COLUMNS} columns; "
             f"gzip decompression measured "
             f"{stored_rate / 1e6:.0f} MB/s stored per core here → {decompress_node / 1e9:.2f} GB/s on "

@@ -4,7 +4,7 @@ Three stages overlap, so the accelerator is never waiting on the disk:
 
 1. a reader thread streams ``predict.chunk_rows`` rows at a time, in file order, and applies the
    members' own ``FeatureTransform`` (the one used in training, with the scaler stored in the
-   checkpoints);
+   checkpoints), reading only the value columns: the encoder never sees the error columns;
 2. the calling thread runs the ensemble on large batches (``predict.batch_size``) and applies the
    split-conformal calibration;
 3. a writer thread appends each chunk to the Parquet file as one row group.
@@ -44,7 +44,8 @@ from msa.calibrate import apply_calibration, load_calibration
 from msa.checkpoint import file_sha256
 from msa.config import config_hash, load_config
 from msa.ensemble import Ensemble, combine_members
-from msa.layout import Layout
+from msa.features import FeatureTransform
+from msa.layout import Feature, Layout
 from msa.store import SOURCE_ID, Shard, atomic_path
 from msa.tables import iter_table_chunks, read_table_source_ids
 
@@ -143,9 +144,19 @@ class PreparedChunk:
     has_xp: np.ndarray  # bool (n,)
 
 
-def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, pin: bool = False) -> PreparedChunk:
+def input_transform(ensemble: Ensemble) -> FeatureTransform:
+    """The members' transform without the error columns: the encoder reads values only, so prediction
+    reads about half the XP bytes of training. Values are derived and scaled exactly as in training."""
+    layout = ensemble.layout
+    values_only = Layout(tuple(Feature(f.name, f.group, None) for f in layout.features), layout.force_mask,
+                         layout.reconstruct_groups)
+    return FeatureTransform(values_only, ensemble.scaler, ensemble.normalise_xp)
+
+
+def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: FeatureTransform,
+                  pin: bool = False) -> PreparedChunk:
     """Raw store columns → scaled inputs plus the per-star input counts (runs in the reader thread)."""
-    x, _ = ensemble.transform(raw)
+    x, _ = transform(raw)
     infinite = np.isinf(x)
     if infinite.any():
         # an infinite value (e.g. a zero flux turned into a magnitude) carries no information
@@ -234,7 +245,9 @@ def predict_chunks(
     with atomic_path(out) as tmp:
         writer = BackgroundParquetWriter(tmp, schema)
         try:
-            prepared = prefetch((prepare_chunk(raw, ensemble, pin) for raw in chunks), depth=prefetch_depth)
+            transform = input_transform(ensemble)
+            prepared = prefetch((prepare_chunk(raw, ensemble, transform, pin) for raw in chunks),
+                                depth=prefetch_depth)
             for chunk in tqdm(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk",
                               disable=None):
                 result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
@@ -320,7 +333,7 @@ def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict 
                   *, chunk_rows: int, batch_size: int, min_inputs: int, **kwargs) -> PredictSummary:
     """Predict every row of one shard, in order; see :func:`predict_chunks` for the other arguments."""
     shard_path = Path(shard_path)
-    columns = [SOURCE_ID, *ensemble.transform.store_columns]
+    columns = [SOURCE_ID, *input_transform(ensemble).store_columns]
     with Shard(shard_path) as shard:
         missing = [c for c in columns if c not in shard.columns]
         if missing:
@@ -346,7 +359,7 @@ def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict 
                   **kwargs) -> PredictSummary:
     """Predict a user's CSV/ECSV/FITS/Parquet table (store column names), keeping its row order."""
     ids = read_table_source_ids(table_path)  # refuses repeated source_ids before any work
-    chunks = iter_table_chunks(table_path, ensemble.transform.store_columns, chunk_rows, allow_missing)
+    chunks = iter_table_chunks(table_path, input_transform(ensemble).store_columns, chunk_rows, allow_missing)
     return predict_chunks(chunks, lambda: iter([ids]), ensemble, calibration, out, batch_size=batch_size,
                           min_inputs=min_inputs, n_chunks=math.ceil(len(ids) / chunk_rows), **kwargs)
 

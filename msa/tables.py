@@ -1,8 +1,9 @@
 """A user's own table of stars (CSV / ECSV / FITS / Parquet) read as store-like columns.
 
 ``msa predict --table FILE`` predicts stars that are not in the shard store. The table must use
-the store's column names (``source_id``, ``bp_1`` … ``rp_55``, ``bpe_1`` …, ``phot_g_mean_mag``,
-survey feature names, ...; see config/README.md), so the same ``FeatureTransform`` applies.
+the store's column names (``source_id``, ``bp_1`` … ``rp_55``, ``phot_g_mean_mag``, survey feature
+names, ...; see config/README.md), so the same ``FeatureTransform`` applies. Error columns are not
+needed for prediction.
 Rows keep the table's order; ``source_id`` is read as int64 without passing through float.
 
 This module imports only the store's ``SOURCE_ID`` name.
