@@ -49,7 +49,7 @@ def test_demo_through_slurm_requests_gpus_and_matches_a_local_run(cluster, tmp_p
 
     on_slurm = WorkflowDir(tmp_path / "slurm", quick_demo_config())
     done = on_slurm.snakemake(*ONE_THREAD, profile="slurm-ci", env=cluster.env, timeout=900)
-    assert "Submitted job" in done.stdout + done.stderr
+    assert "has been submitted with SLURM jobid" in done.stdout + done.stderr
 
     submitted: dict[str, list[dict]] = {}
     for job in cluster.jobs():

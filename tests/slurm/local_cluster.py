@@ -1,9 +1,11 @@
 """A real one-node SLURM cluster on localhost with one fake GPU, for the workflow's SLURM test.
 
 Needs root and Debian's ``slurmctld slurmd slurm-client munge`` packages (``.ci/run`` installs
-them). Everything the cluster writes -- slurm.conf, gres.conf, controller state, spool, logs,
-PID files -- lives under one folder; clients find it through ``SLURM_CONF`` (see :attr:`env`),
-so ``/etc/slurm`` is never touched. The fake GPU is a ``gpu`` GRES backed by ``/dev/null``: SLURM
+them). Controller state, spool, logs and PID files live under one folder. ``slurm.conf`` and
+``gres.conf`` go to ``/etc/slurm``, the one place every client finds them: Snakemake's job-step
+executor strips ``SLURM_CONF`` from the environment of the ``srun`` it runs inside each job. They
+are written only where no slurm.conf exists (or where one of ours was left behind), and removed
+by :meth:`stop`. The fake GPU is a ``gpu`` GRES backed by ``/dev/null``: SLURM
 schedules it like a card and jobs see ``CUDA_VISIBLE_DEVICES=0``. No accounting database, so
 Snakemake must poll with ``squeue`` (profile ``slurm-status-command: squeue``).
 
@@ -28,6 +30,9 @@ PACKAGES = "slurmctld slurmd slurm-client munge"
 # finished jobs stay visible to squeue this long; Snakemake's squeue polling needs it to be at
 # least 3 x slurm-init-seconds-before-status-checks
 MIN_JOB_AGE_S = 600
+ETC = Path("/etc/slurm")
+# first line of the config files we write: a slurm.conf without it belongs to someone else
+MARK = "# written by MSA tests/slurm/local_cluster.py; removed when the test cluster stops"
 
 
 def missing_requirements() -> str | None:
@@ -38,6 +43,9 @@ def missing_requirements() -> str | None:
                and not Path("/usr/sbin", d).exists()]
     if missing:
         return f"SLURM/munge not installed ({', '.join(missing)} missing): apt-get install {PACKAGES}"
+    conf = ETC / "slurm.conf"
+    if conf.exists() and not conf.read_text(errors="replace").startswith(MARK):
+        return f"{conf} exists and is not ours: not starting a test cluster over a real SLURM setup"
     return None
 
 
@@ -66,10 +74,10 @@ class LocalSlurm:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.node = socket.gethostname().split(".")[0]
-        self.conf = self.root / "etc" / "slurm.conf"
+        self.conf = ETC / "slurm.conf"
         self.logs = self.root / "log"
         self.pids: dict[str, int] = {}
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env = dict(os.environ)
 
     # --- configuration ---------------------------------------------------------------------------
 
@@ -84,10 +92,15 @@ class LocalSlurm:
         return " ".join(f"{k}={v}" for k, v in fields.items())
 
     def write_config(self) -> None:
-        for sub in ("etc", "state", "spool", "log", "run"):
+        reason = missing_requirements()
+        if reason:
+            raise RuntimeError(reason)
+        for sub in ("state", "spool", "log", "run"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        ETC.mkdir(parents=True, exist_ok=True)
         run = self.root / "run"
         self.conf.write_text(f"""\
+{MARK}
 ClusterName=msa-ci
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmUser=root
@@ -119,8 +132,8 @@ NodeName={self.node} NodeAddr=127.0.0.1 {self._node_hardware()} Gres=gpu:1 State
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
         # without File= slurmd drops a GPU GRES and drains the node
-        (self.conf.parent / "gres.conf").write_text(
-            f"AutoDetect=off\nNodeName={self.node} Name=gpu Count=1 File=/dev/null\n")
+        (ETC / "gres.conf").write_text(
+            f"{MARK}\nAutoDetect=off\nNodeName={self.node} Name=gpu Count=1 File=/dev/null\n")
 
     # --- daemons ---------------------------------------------------------------------------------
 
@@ -187,6 +200,10 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
                 log.warning("%s (PID %d) ignored SIGTERM; sending SIGKILL", name, pid)
                 os.kill(pid, signal.SIGKILL)
             log.info("stopped %s (PID %d)", name, pid)
+        for name in ("slurm.conf", "gres.conf"):
+            path = ETC / name
+            if path.exists() and path.read_text(errors="replace").startswith(MARK):
+                path.unlink()
 
     def __enter__(self) -> "LocalSlurm":
         return self.start()
