@@ -104,6 +104,14 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     assert "runtime=480" in resources["pretrain_segment"]
 
 
+def test_pretraining_on_several_gpus_runs_under_torchrun(workflow_dir):
+    one = workflow_dir.snakemake("--dry-run").stdout
+    four = workflow_dir.snakemake("--dry-run", "--set-resources", "pretrain_segment:gpu=4",
+                                  "--resources", "gpu=4").stdout
+    assert "torchrun" not in one and "Shell command: msa pretrain" in one
+    assert "torchrun --standalone --nproc-per-node 4 --no-python msa pretrain" in four
+
+
 def schema_keys(node: dict, prefix: str = "") -> list[str]:
     keys = []
     for name, sub in (node.get("properties") or {}).items():
