@@ -220,11 +220,12 @@ def decompress_rate(shard: Path, columns: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=16384)
+    p.add_argument("--rows", type=int, default=65536)
     p.add_argument("--big-rows", type=int, default=2_097_152)
     p.add_argument("--members", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--chunk-rows", type=int, default=65536)
+    p.add_argument("--chunk-rows", type=int, default=16384, help="(a): a few chunks per shard, so overlap counts")
+    p.add_argument("--rss-chunk-rows", default="16384,65536", help="(c): chunk sizes to compare")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for the model (1: one core computes, like a GPU, the other reads)")
@@ -284,7 +285,7 @@ def main() -> None:
         log(f"    (a Python process after importing torch and msa: {imports_mib:,.0f} MiB)")
         n, _, whole = shard_sizes(big, [SOURCE_ID])
         log(f"    big shard: {n:,} stars; held in memory it would take {whole / 2**20:,.0f} MiB")
-        for chunk_rows in sorted({args.chunk_rows // 4, args.chunk_rows}):
+        for chunk_rows in sorted({int(c) for c in args.rss_chunk_rows.split(",")}):
             config = yaml.safe_load(DEMO_CONFIG.read_text())
             config["predict"] = {**config.get("predict", {}), "chunk_rows": chunk_rows,
                                  "batch_size": args.batch_size}

@@ -335,7 +335,8 @@ def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict 
     shard_path = Path(shard_path)
     columns = [SOURCE_ID, *input_transform(ensemble).store_columns]
     with Shard(shard_path) as shard:
-        missing = [c for c in columns if c not in shard.columns]
+        present = set(shard.columns)
+        missing = [c for c in columns if c not in present]
         if missing:
             raise PredictionError(f"shard {shard_path} lacks column(s) {missing[:8]} that the model reads; "
                                   "ingest it with the config the model was trained with")
