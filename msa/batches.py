@@ -15,8 +15,6 @@ an epoch can be replayed exactly (``skip_batches`` resumes mid-epoch).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -26,12 +24,12 @@ import torch
 
 from msa.features import FeatureTransform
 from msa.masking import hash_uniform
+from msa.prefetch import prefetch
 from msa.store import SOURCE_ID, Shard, StoreError
 
 log = logging.getLogger(__name__)
 
 VALIDATION_SALT = 0x5A11D  # keeps the validation hash independent of the mask hash for the same seed
-_END = object()
 
 
 @dataclass
@@ -51,11 +49,6 @@ class Batch:
         nb = device.type == "cuda"
         return Batch(self.x.to(device, non_blocking=nb), self.err.to(device, non_blocking=nb), self.source_id,
                      {k: v.to(device, non_blocking=nb) for k, v in self.extra.items()})
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def hash_fraction(source_id: np.ndarray, seed: int) -> np.ndarray:
@@ -256,45 +249,9 @@ class ShardStream:
         if n_pending:
             yield from flush(final=True)
 
-    # --- the prefetching iterator -------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
-        if self.prefetch_batches <= 0:
-            yield from self.batches()
-            return
-        handoff: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    handoff.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for batch in self.batches():
-                    if not put(batch):
-                        return
-                put(_END)
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                put(_Failure(error))
-
-        thread = threading.Thread(target=produce, name="msa-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = handoff.get()
-                if item is _END:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        """Batches, produced by a background thread ``prefetch_batches`` ahead (0: inline)."""
+        yield from prefetch(self.batches(), self.prefetch_batches)
 
 
 def load_rows(shard_paths: Sequence[str | Path], transform: FeatureTransform, source_ids: np.ndarray,

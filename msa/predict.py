@@ -46,6 +46,7 @@ from msa.config import config_hash, load_config
 from msa.ensemble import Ensemble, combine_members
 from msa.features import FeatureTransform
 from msa.layout import Feature, Layout
+from msa.prefetch import prefetch
 from msa.store import SOURCE_ID, Shard, atomic_path
 from msa.tables import iter_table_chunks, read_table_source_ids
 
@@ -61,44 +62,6 @@ class PredictionError(RuntimeError):
 
 # --- background stages -------------------------------------------------------------------------
 _DONE = object()
-
-
-def prefetch(items: Iterable, depth: int = 2) -> Iterator:
-    """Iterate ``items`` in a background thread, at most ``depth`` ahead; exceptions re-raise here."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():  # never block forever once the consumer has gone
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as err:  # handed to the consumer, which re-raises it
-            put(err)
-
-    thread = threading.Thread(target=produce, name="msa-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 class BackgroundParquetWriter:
