@@ -37,7 +37,8 @@ def write_if_changed(path, text):
 
 # The one file every `msa --config` call reads: the validated config with all defaults.
 MSA_CONFIG = f"{RESULTS}/.msa/config.yaml"
-write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=True))
+# key order kept: the order of features in the config is the model's input order
+write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=False))
 
 
 def discover_shards(pattern):
