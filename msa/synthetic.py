@@ -21,8 +21,8 @@ The "instrument" (the coefficient response matrices) is fixed by a constant seed
 with different seeds share the same physics; ``seed`` only changes the stars.
 
 source_ids are realistic: HEALPix level-12 pixel × 2^35 + an even running number, all > 2^53,
-ascending from shard to shard like the Archive's bulk files. ra/dec are drawn uniformly on the
-sphere and are not tied to the pixel encoded in the source_id.
+ascending from shard to shard like the Archive's bulk files; ra/dec lie inside the level-12
+pixel that the source_id encodes, as they do in Gaia.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ import pandas as pd
 import yaml
 from tqdm import tqdm
 
+from msa.healpix import pixel_centres, source_id_to_pixel
+
 log = logging.getLogger(__name__)
 
 N_COEFF = 55
@@ -45,6 +47,7 @@ N_CORRELATIONS = N_COEFF * (N_COEFF - 1) // 2  # 1485: the strict upper triangle
 SOLUTION_ID = 4545469030156206080  # the value of the DR3 reference rows
 HEALPIX12_PIXELS = 12 * 4**12
 SOURCE_ID_PIXEL_SHIFT = 2**35
+PIXEL12_HALF_WIDTH_DEG = 0.0072  # half the ~0.86 arcmin side of a level-12 pixel
 # the "instrument" is the same for every sky: physics fixed, stars drawn from `seed`
 PHYSICS_SEED = 20220613
 XP_LIMIT_MAG = 17.65
@@ -226,8 +229,11 @@ def simulate_stars(n_stars: int, seed: int) -> SimulatedStars:
     h_true = j_true - 0.3 * bp_rp + 0.04 * (p["logg"] - 3.0)
     k_true = h_true - 0.08 * bp_rp - 0.02 * p["fe_h"]
     sig_j = 0.02 + 0.05 * 10 ** (0.4 * (j_true - 15.5))
-    ra = rng.uniform(0, 360, n_stars)
-    dec = np.degrees(np.arcsin(rng.uniform(-1, 1, n_stars)))
+    # positions inside the level-12 HEALPix pixel that the source_id encodes, as in Gaia
+    ra, dec = pixel_centres(source_id_to_pixel(sid, 12), 12)
+    dec = np.clip(dec + rng.uniform(-1, 1, n_stars) * PIXEL12_HALF_WIDTH_DEG, -90.0, 90.0)
+    ra = np.mod(ra + rng.uniform(-1, 1, n_stars) * PIXEL12_HALF_WIDTH_DEG
+                / np.maximum(np.cos(np.radians(dec)), 1e-3), 360.0)
     tangential = rng.normal(0, 30.0, (2, n_stars)) * plx_true / 4.74  # 30 km/s → mas/yr
     df = pd.DataFrame({
         "source_id": sid, "ra": ra, "dec": dec,

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from msa.config import validate
+from msa.healpix import pixel_centres, source_id_to_pixel
 from msa.layout import Layout
 from msa.synthetic import (LABEL_COLUMNS, N_COEFF, N_CORRELATIONS, SOURCE_COLUMNS, XP_LIMIT_MAG,
                            synthetic_config, write_sky, xp_column_names)
@@ -60,6 +61,16 @@ def test_counts_ids_and_shard_order(sky, tables):
     # each shard's id range lies entirely before the next one's
     ranges = [pd.read_csv(p, usecols=["source_id"])["source_id"].agg(["min", "max"]) for p in sky.source_paths]
     assert all(a["max"] < b["min"] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_positions_lie_in_the_pixel_the_source_id_encodes(tables):
+    _, source, _, _ = tables
+    pixel_of_id = source_id_to_pixel(source["source_id"].to_numpy(), 9)
+    ra, dec = pixel_centres(pixel_of_id, 9)
+    # a level-9 pixel is ~7 arcmin wide: each star must sit within its own pixel's reach
+    assert np.all(np.abs(source["dec"].to_numpy() - dec) < 0.12)
+    dra = np.abs((source["ra"].to_numpy() - ra + 180.0) % 360.0 - 180.0) * np.cos(np.radians(dec))
+    assert np.all(dra < 0.12)
 
 
 def test_faint_stars_have_no_xp(sky, tables):
