@@ -187,6 +187,16 @@ def test_changing_predict_settings_reruns_predict_and_catalog_only(finished_run)
         "catalog[label_set=spectro]"}
 
 
+def test_reordering_features_reruns_everything_after_ingest(finished_run):
+    config = dict(finished_run.config)
+    photometry = config["features"]["gaia_photometry"]
+    config["features"] = {**config["features"], "gaia_photometry": dict(reversed(photometry.items()))}
+    finished_run.write_config(config, "reordered.yaml")
+    # the feature order is the model's input order: not a cosmetic change
+    assert planned_jobs(finished_run, "reordered.yaml") == (
+        UPSTREAM - {"ingest[shard=s000]", "ingest[shard=s001]"}) | label_set_jobs("spectro", range(1))
+
+
 def test_adding_a_label_set_adds_only_its_jobs(finished_run):
     config = merge(finished_run.config, {"label_sets": {"age": ["age"]}})
     finished_run.write_config(config, "age.yaml")

@@ -87,9 +87,10 @@ def label_inputs():
 
 
 def settings(**parts):
-    """Canonical JSON of the config parts read by a rule, used as its `params`: changing one of
-    them reruns exactly the rules that read it (key order in the YAML does not matter)."""
-    return json.dumps(parts, sort_keys=True, default=str)
+    """JSON of the config parts read by a rule, used as its `params`: changing one of them
+    reruns exactly the rules that read it. Key order is kept, not sorted: the order of the
+    features in the config is the model's input order, so reordering them must rerun too."""
+    return json.dumps(parts, default=str)
 
 
 def section(name, *, drop=()):
