@@ -58,6 +58,10 @@ class PretrainError(RuntimeError):
 
 
 # --- small pure pieces ----------------------------------------------------------------------------
+# the settings an in-progress checkpoint must share with the current run to be resumed
+SETTINGS_SECTIONS = ["seed", "features", "model", "pretrain"]
+
+
 def segment_epochs(section: dict, segment: int) -> tuple[int, int]:
     """Epoch range ``[start, stop)`` of segment ``segment``."""
     per_job, total = section["epochs_per_job"], section["epochs"]
@@ -213,7 +217,14 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     pos = _Position(epoch=start_epoch)
     metrics: list[dict] = []
 
-    resume_from = work_path if work_path.exists() else (out_dir / f"segment-{segment - 1}.pt" if segment > 0 else None)
+    settings_hash = config_hash(config, SETTINGS_SECTIONS)
+    resume_from = out_dir / f"segment-{segment - 1}.pt" if segment > 0 else None
+    if work_path.exists():
+        if load_checkpoint(work_path).get("config_hash") == settings_hash:
+            resume_from = work_path
+        elif ctx.is_main:  # a killed run with other settings: its state must not leak into this one
+            log.warning("ignoring %s: it was made with other pretraining settings; segment %d starts afresh",
+                        work_path, segment)
     if resume_from is not None:
         if not resume_from.exists():
             raise PretrainError(f"segment {segment} starts from {resume_from}, which does not exist; "
@@ -275,7 +286,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
                 "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "epoch_partial": pos.partial(),
                 "segment": segment, "segment_complete": at_segment_end, "n_batches_per_epoch": n_batches,
                 "world_size": ctx.world_size, "rng": rng_state(), "config": config,
-                "config_hash": config_hash(config, ["seed", "features", "model", "pretrain"]),
+                "config_hash": settings_hash,
                 "layout": layout.to_dict(), "scaler": scaler.to_dict(), "metrics": metrics}
 
     def save_work() -> None:

@@ -134,6 +134,22 @@ def test_sigterm_checkpoints_and_exits_143(store, tmp_path):
     assert ckpt["step"] > 0 and not (tmp_path / "out" / "segment-0.pt").exists()
 
 
+def test_in_progress_checkpoint_from_other_settings_is_not_resumed(store, tmp_path, caplog):
+    paths, scaler = store
+    config = make_config(epochs=1, epochs_per_job=1)
+    reference = pretrain_segment(config, paths, scaler, tmp_path / "reference", 0)
+    # a killed run with another learning rate left its state behind; the new settings must start afresh
+    stale = pretrain_segment(make_config(epochs=1, epochs_per_job=1, lr=0.05), paths, scaler, tmp_path / "stale", 0)
+    work = tmp_path / "out" / "work" / "segment-0.pt"
+    work.parent.mkdir(parents=True)
+    (tmp_path / "stale" / "segment-0.pt").rename(work)
+    with caplog.at_level("WARNING"):
+        result = pretrain_segment(config, paths, scaler, tmp_path / "out", 0)
+    assert "made with other pretraining settings" in caplog.text
+    assert result.step == reference.step == stale.step
+    torch.testing.assert_close(params(result.model), params(reference.model), rtol=0, atol=1e-6)
+
+
 def test_layout_mismatch_is_refused_naming_the_difference(store, tmp_path):
     paths, scaler = store
     pretrain_segment(make_config(epochs=1, epochs_per_job=1), paths, scaler, tmp_path, 0)
