@@ -370,8 +370,12 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
 
     state = {"epoch": 0, "batch": 0, "step": 0, "metrics": [], "best_val": float("inf"), "bad_epochs": 0,
              "best": None, "sums": {}}
-    if work_path.exists():
-        state = _resume(work_path, chash, model, head, optimizer, scheduler, generator)
+    if work_path.exists() and load_checkpoint(work_path).get("config_hash") != chash:
+        # a killed run with other settings: its state must not leak into this one
+        log.warning("ignoring %s: it was made with other fine-tuning settings; this member starts afresh",
+                    work_path)
+    elif work_path.exists():
+        state = _resume(work_path, model, head, optimizer, scheduler, generator)
         log.info("resuming %s at epoch %d, batch %d (step %d)", work_path, state["epoch"], state["batch"],
                  state["step"])
 
@@ -474,11 +478,8 @@ def validation_loss(objective: Objective, data: Tensors, batch_size: int, amp) -
     return {"pinball": float(total.sum() / count.sum().clamp_min(1)), "per_label": per_label}
 
 
-def _resume(path: Path, chash: str, model, head, optimizer, scheduler, generator) -> dict:
+def _resume(path: Path, model, head, optimizer, scheduler, generator) -> dict:
     ckpt = load_checkpoint(path)
-    if ckpt.get("config_hash") != chash:
-        raise FinetuneError(f"{path} was written with a different configuration; delete {path.parent} to "
-                            "start this member afresh")
     model.load_state_dict(ckpt["model"])
     head.load_state_dict(ckpt["head"])
     optimizer.load_state_dict(ckpt["optimizer"])

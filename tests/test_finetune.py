@@ -139,6 +139,14 @@ def test_killed_run_resumes_to_the_same_model(pipeline, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and (out / "loss.png").stat().st_size > 0
 
+    # killed again, then rerun with another learning rate: the old state is not carried over
+    stale = tmp_path / "stale"
+    assert finetune_member(member_job(pipeline, "mixed", stale, config), kill_at_step_20) == 143
+    changed = validate({**config, "finetune": {**config["finetune"], "lr_head": 0.001}})
+    steps = []
+    assert finetune_member(member_job(pipeline, "mixed", stale, changed), steps.append) == 0
+    assert steps[0] == 1
+
 
 def test_freeze_encoder_and_epochs_per_job(pipeline, tmp_path):
     base = pipeline["config"]
