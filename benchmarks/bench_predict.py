@@ -131,7 +131,9 @@ def write_members(work: Path, layout: Layout, scaler: Scaler, normalise: bool, m
 
 def zero_calibration(work: Path) -> tuple[dict, Path]:
     cal = {"coverage_target": 0.68, "mode": "symmetric", "labels": LABELS,
-           "per_label": {l: {"offset_lower": 0.0, "offset_upper": 0.0, "n_calibration": 1} for l in LABELS}}
+           "per_label": {l: {"offset_lower": 0.0, "offset_upper": 0.0, "n_calibration": 1} for l in LABELS},
+           "per_label_without_xp": {l: {"offset_lower": 0.0, "offset_upper": 0.0, "n_calibration": 1}
+                                    for l in LABELS}}
     path = work / "calibration.json"
     path.write_text(json.dumps(cal))
     return cal, path

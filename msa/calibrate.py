@@ -9,6 +9,10 @@ data its coverage is at least ``coverage`` and at most ``coverage + 1/(n+1)`` in
 ``mode: per_side`` calibrates the two ends separately (scores ``q16 − y`` and ``y − q84`` at
 ``1 − α/2`` each), which keeps each tail near 16 %.
 
+Stars with and without XP spectra get separate offsets (Mondrian conformal prediction by group):
+the photometry-only intervals are calibrated on the calibration stars predicted with every XP
+column hidden, so the coverage guarantee holds for each group, not only on average over both.
+
 The offsets are in physical label units and may be negative (intervals that were too wide
 shrink); :func:`apply_calibration` clips each end at the median, so q16 ≤ q50 ≤ q84 always holds.
 
@@ -98,11 +102,13 @@ def fit_calibration(q: np.ndarray, y: np.ndarray, labels: Sequence[str], coverag
     return {"coverage_target": coverage, "mode": mode, "labels": list(labels), "per_label": per_label}
 
 
-def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | None = None) -> np.ndarray:
+def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | None = None,
+                      has_xp: np.ndarray | None = None) -> np.ndarray:
     """Calibrated quantiles ``(n, L, 3)``: q16 − offset_lower, q84 + offset_upper, clipped at q50.
 
     ``labels`` names the label axis of ``q`` (default: the calibration's own label order); every
-    one must have an entry in the calibration.
+    one must have an entry in the calibration. ``has_xp`` (bool, ``(n,)``) selects the offsets of
+    the stars' group; None treats every star as having XP.
     """
     labels = list(calibration["labels"] if labels is None else labels)
     q = np.array(q, dtype=np.float64 if np.asarray(q).dtype == np.float64 else np.float32, copy=True)
@@ -112,11 +118,22 @@ def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | 
     if missing:
         raise CalibrationError(f"calibration has no entry for label(s) {missing}; it was made for "
                                f"{calibration['labels']}. Re-run `msa calibrate` for this label set")
+    without_xp = calibration.get("per_label_without_xp")
+    if has_xp is not None and without_xp is None and not np.all(has_xp):
+        raise CalibrationError("the calibration has no offsets for stars without XP; re-run `msa calibrate`")
+    no_xp = np.zeros(len(q), dtype=bool) if has_xp is None else ~np.asarray(has_xp, dtype=bool)
     for j, name in enumerate(labels):
-        entry = calibration["per_label"][name]
-        q[:, j, 0] = np.minimum(q[:, j, 0] - entry["offset_lower"], q[:, j, 1])
-        q[:, j, 2] = np.maximum(q[:, j, 2] + entry["offset_upper"], q[:, j, 1])
+        lower, upper = _offsets_per_row(calibration["per_label"][name], (without_xp or {}).get(name), no_xp)
+        q[:, j, 0] = np.minimum(q[:, j, 0] - lower, q[:, j, 1])
+        q[:, j, 2] = np.maximum(q[:, j, 2] + upper, q[:, j, 1])
     return q
+
+
+def _offsets_per_row(with_xp: dict, without_xp: dict | None, no_xp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if without_xp is None or not no_xp.any():
+        return np.full(len(no_xp), with_xp["offset_lower"]), np.full(len(no_xp), with_xp["offset_upper"])
+    return (np.where(no_xp, without_xp["offset_lower"], with_xp["offset_lower"]),
+            np.where(no_xp, without_xp["offset_upper"], with_xp["offset_upper"]))
 
 
 def load_calibration(path: str | Path) -> dict:
@@ -129,10 +146,10 @@ def load_calibration(path: str | Path) -> dict:
     return calibration
 
 
-def coverage_report(q: np.ndarray, y: np.ndarray, calibration: dict) -> dict:
+def coverage_report(q: np.ndarray, y: np.ndarray, calibration: dict, has_xp: np.ndarray | None = None) -> dict:
     """Per label: coverage of [q16, q84] before and after calibration, and the count."""
     before, n = interval_coverage(q, y)
-    after, _ = interval_coverage(apply_calibration(q, calibration), y)
+    after, _ = interval_coverage(apply_calibration(q, calibration, has_xp=has_xp), y)
     return {name: {"before": _num(before[j]), "after": _num(after[j]), "n": int(n[j])}
             for j, name in enumerate(calibration["labels"])}
 
@@ -172,20 +189,30 @@ def run(args) -> int:
     seed = config["splits"].get("seed")
     seed = config["seed"] if seed is None else seed
     cfg = config["calibrate"]
+    xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
+    xp_hidden[ensemble.layout.xp_indices] = True
     result = None
-    reports = {}
+    reports = {"with_xp": {}, "without_xp": {}}
     for split in ("calibration", "test"):
         part = stars.subset(split_mask(stars.source_id, config["splits"], seed, split))
-        q = ensemble.predict(part.x, batch_size=config["predict"]["batch_size"])
+        batch = config["predict"]["batch_size"]
+        q = ensemble.predict(part.x, batch_size=batch)
+        # the same stars as photometry-only stars: every XP column hidden
+        q_no_xp = ensemble.predict(part.x, extra_hidden=xp_hidden, batch_size=batch)
         if split == "calibration":
             result = fit_calibration(q, part.y, names, cfg["coverage"], cfg["mode"])
-        reports[split] = coverage_report(q, part.y, result)
-    for name in names:
-        entry = result["per_label"][name]
-        entry["coverage"] = {split: reports[split][name] for split in reports}
-        log.info("%s: offsets %+.4g / %+.4g (n=%d); coverage cal %.3f→%.3f, test %.3f→%.3f", name,
-                 entry["offset_lower"], entry["offset_upper"], entry["n_calibration"],
-                 *(reports[s][name][k] or np.nan for s in ("calibration", "test") for k in ("before", "after")))
+            result["per_label_without_xp"] = fit_calibration(q_no_xp, part.y, names, cfg["coverage"],
+                                                             cfg["mode"])["per_label"]
+        reports["with_xp"][split] = coverage_report(q, part.y, result)
+        reports["without_xp"][split] = coverage_report(q_no_xp, part.y, result, has_xp=np.zeros(len(part), bool))
+    for group, key in (("with_xp", "per_label"), ("without_xp", "per_label_without_xp")):
+        for name in names:
+            entry = result[key][name]
+            entry["coverage"] = {split: reports[group][split][name] for split in reports[group]}
+            log.info("%s, %s: offsets %+.4g / %+.4g (n=%d); coverage cal %.3f→%.3f, test %.3f→%.3f", name,
+                     group, entry["offset_lower"], entry["offset_upper"], entry["n_calibration"],
+                     *(reports[group][s][name][k] or np.nan for s in ("calibration", "test")
+                       for k in ("before", "after")))
     result.update(label_set=args.label_set, members=[str(p) for p in args.members],
                   member_sha256=ensemble.checksums)
     with atomic_path(args.out) as tmp:

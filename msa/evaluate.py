@@ -147,7 +147,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     q = ensemble.predict(test.x, batch_size=batch).astype(np.float64)
     q_cal = apply_calibration(q, calibration, names)
     q_noxp = ensemble.predict(test.x, extra_hidden=xp_hidden, batch_size=batch).astype(np.float64)
-    q_noxp_cal = apply_calibration(q_noxp, calibration, names)
+    q_noxp_cal = apply_calibration(q_noxp, calibration, names, has_xp=np.zeros(len(test), dtype=bool))
 
     bins = {"g_mag_bins": bin_masks(test.extra[G_MAG], ecfg["g_mag_bins"], "G")}
     fe_h = ecfg["fe_h_label"]

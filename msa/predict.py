@@ -215,7 +215,7 @@ def predict_chunks(
                               disable=None):
                 result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
                 member_q, latent = result if save_latent else (result, None)
-                q = _combine_and_calibrate(member_q, calibration, labels)
+                q = _combine_and_calibrate(member_q, calibration, labels, chunk.has_xp)
                 flagged = chunk.n_inputs < min_inputs
                 q[flagged] = np.nan
                 if latent is not None:
@@ -232,10 +232,11 @@ def predict_chunks(
     return summary
 
 
-def _combine_and_calibrate(member_q: np.ndarray, calibration: dict | None, labels: Sequence[str]) -> np.ndarray:
+def _combine_and_calibrate(member_q: np.ndarray, calibration: dict | None, labels: Sequence[str],
+                           has_xp: np.ndarray) -> np.ndarray:
     q = combine_members(member_q)
     if calibration is not None:
-        q = apply_calibration(q, calibration, labels).astype(np.float32, copy=False)
+        q = apply_calibration(q, calibration, labels, has_xp).astype(np.float32, copy=False)
     return q
 
 

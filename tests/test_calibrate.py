@@ -81,6 +81,18 @@ def test_apply_calibration_by_label_name_and_missing_label():
         apply_calibration(q, cal, labels=["a", "c"])
 
 
+def test_stars_without_xp_take_their_own_offsets():
+    cal = {"labels": ["a"], "per_label": {"a": {"offset_lower": 1.0, "offset_upper": 2.0}},
+           "per_label_without_xp": {"a": {"offset_lower": 3.0, "offset_upper": 4.0}}}
+    q = np.array([[[0.0, 1.0, 2.0]], [[0.0, 1.0, 2.0]]])
+    out = apply_calibration(q, cal, has_xp=np.array([True, False]))
+    np.testing.assert_allclose(out[:, 0], [[-1.0, 1.0, 4.0], [-3.0, 1.0, 6.0]])
+    np.testing.assert_allclose(apply_calibration(q, cal)[:, 0], [[-1.0, 1.0, 4.0]] * 2)  # default: with XP
+    del cal["per_label_without_xp"]
+    with pytest.raises(CalibrationError, match="without XP"):
+        apply_calibration(q, cal, has_xp=np.array([True, False]))
+
+
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
 

@@ -73,12 +73,13 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
     assert main(["calibrate", *common, "--members", *members, "--shards", str(shard), "--out", str(cal_path)]) == 0
     cal = json.loads(cal_path.read_text())
     assert cal["labels"] == ["teff", "fe_h", "parallax"] and cal["coverage_target"] == 0.68
-    for name in cal["labels"]:
-        entry = cal["per_label"][name]
-        assert entry["n_calibration"] > 100
-        assert set(entry["coverage"]) == {"calibration", "test"}
-        # on the calibration split itself, conformal coverage is ≥ nominal by construction
-        assert entry["coverage"]["calibration"]["after"] >= 0.68
+    for group in ("per_label", "per_label_without_xp"):  # stars with XP, and photometry only
+        for name in cal["labels"]:
+            entry = cal[group][name]
+            assert entry["n_calibration"] > 100
+            assert set(entry["coverage"]) == {"calibration", "test"}
+            # on the calibration split itself, conformal coverage is ≥ nominal by construction
+            assert entry["coverage"]["calibration"]["after"] >= 0.68
 
     out_dir = tmp_path / "evaluate"
     assert main(["evaluate", *common, "--members", *members, "--calibration", str(cal_path),

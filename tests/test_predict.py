@@ -29,7 +29,12 @@ N_STARS, N_NO_XP, N_ONLY_G = 300, 40, 7
 CALIBRATION = {"coverage_target": 0.68, "mode": "per_side", "labels": LABELS,
                "per_label": {"teff": {"offset_lower": 50.0, "offset_upper": 80.0, "n_calibration": 100},
                              "logg": {"offset_lower": 0.1, "offset_upper": 0.1, "n_calibration": 100},
-                             "parallax": {"offset_lower": 0.0, "offset_upper": 0.05, "n_calibration": 100}}}
+                             "parallax": {"offset_lower": 0.0, "offset_upper": 0.05, "n_calibration": 100}},
+               # photometry-only stars have offsets of their own
+               "per_label_without_xp": {
+                   "teff": {"offset_lower": 150.0, "offset_upper": 200.0, "n_calibration": 100},
+                   "logg": {"offset_lower": 0.3, "offset_upper": 0.3, "n_calibration": 100},
+                   "parallax": {"offset_lower": 0.1, "offset_upper": 0.1, "n_calibration": 100}}}
 
 
 def star_columns(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -77,10 +82,10 @@ def run_shard(setup, out, **kwargs):
     return predict_shard(setup["shard"], setup["ensemble"], calibration, out, **opts)
 
 
-def expected_quantiles(ensemble, cols, calibration=CALIBRATION):
+def expected_quantiles(ensemble, cols, has_xp, calibration=CALIBRATION):
     x, _ = ensemble.transform(cols)
     q = combine_members(ensemble.predict_members(x))
-    return apply_calibration(q, calibration, ensemble.labels)
+    return apply_calibration(q, calibration, ensemble.labels, has_xp)
 
 
 def quantile_array(frame: pd.DataFrame, labels=LABELS) -> np.ndarray:
@@ -106,12 +111,16 @@ def test_predictions_are_the_calibrated_ensemble_and_ordered(setup, tmp_path):
     frame = pd.read_parquet(out)
     q = quantile_array(frame)
     flagged = frame["flag_too_few_inputs"].to_numpy()
-    expected = expected_quantiles(setup["ensemble"], setup["cols"])
+    has_xp = frame["has_xp"].to_numpy()
+    expected = expected_quantiles(setup["ensemble"], setup["cols"], has_xp)
     np.testing.assert_allclose(q[~flagged], expected[~flagged], rtol=1e-5, atol=1e-4)
     assert np.all(q[~flagged, :, 0] <= q[~flagged, :, 1]) and np.all(q[~flagged, :, 1] <= q[~flagged, :, 2])
-    # the calibration widened the teff interval by its offsets (relative to the raw ensemble)
+    # the calibration widened the teff interval by its group's offset (relative to the raw ensemble)
     raw = combine_members(setup["ensemble"].predict_members(setup["ensemble"].transform(setup["cols"])[0]))
-    np.testing.assert_allclose((q[~flagged, 0, 2] - raw[~flagged, 0, 2]), 80.0, atol=1e-2)
+    with_xp, without_xp = ~flagged & has_xp, ~flagged & ~has_xp
+    assert with_xp.any() and without_xp.any()
+    np.testing.assert_allclose((q[with_xp, 0, 2] - raw[with_xp, 0, 2]), 80.0, atol=1e-2)
+    np.testing.assert_allclose((q[without_xp, 0, 2] - raw[without_xp, 0, 2]), 200.0, atol=1e-2)
 
 
 def test_stars_without_xp_and_with_too_few_inputs(setup, tmp_path):
@@ -223,7 +232,7 @@ def test_cli_writes_metadata_that_identifies_the_model(setup, tmp_path):
     assert latent.shape == (N_STARS, setup["ensemble"].latent_dim)
     assert np.all(np.isfinite(latent[~frame["flag_too_few_inputs"].to_numpy()]))
     np.testing.assert_allclose(quantile_array(frame)[~frame["flag_too_few_inputs"].to_numpy()],
-                               expected_quantiles(setup["ensemble"], setup["cols"])
+                               expected_quantiles(setup["ensemble"], setup["cols"], frame["has_xp"].to_numpy())
                                [~frame["flag_too_few_inputs"].to_numpy()], rtol=1e-5, atol=1e-4)
 
 
