@@ -4,6 +4,7 @@ local run with the same seeds."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -23,6 +24,8 @@ ONE_THREAD = ["--set-threads", *(f"{r}=1" for r in sorted(GPU_RULES | CPU_RULES)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = missing_requirements()
+    if reason and os.environ.get("MSA_REQUIRE_SLURM"):
+        pytest.fail(f"MSA_REQUIRE_SLURM is set (as in .ci/run) but the SLURM test cannot run: {reason}")
     if reason:
         pytest.skip(reason)
     with LocalSlurm(tmp_path_factory.mktemp("slurm")) as running:
