@@ -199,11 +199,12 @@ def run(args) -> int:
         q = ensemble.predict(part.x, batch_size=batch)
         # the same stars as photometry-only stars: every XP column hidden
         q_no_xp = ensemble.predict(part.x, extra_hidden=xp_hidden, batch_size=batch)
+        has_xp = ensemble.has_xp(part.x)  # labelled stars without a spectrum belong to the other group
         if split == "calibration":
-            result = fit_calibration(q, part.y, names, cfg["coverage"], cfg["mode"])
+            result = fit_calibration(q[has_xp], part.y[has_xp], names, cfg["coverage"], cfg["mode"])
             result["per_label_without_xp"] = fit_calibration(q_no_xp, part.y, names, cfg["coverage"],
                                                              cfg["mode"])["per_label"]
-        reports["with_xp"][split] = coverage_report(q, part.y, result)
+        reports["with_xp"][split] = coverage_report(q[has_xp], part.y[has_xp], result)
         reports["without_xp"][split] = coverage_report(q_no_xp, part.y, result, has_xp=np.zeros(len(part), bool))
     for group, key in (("with_xp", "per_label"), ("without_xp", "per_label_without_xp")):
         for name in names:

@@ -113,6 +113,19 @@ class Ensemble:
         self.device = device
         self.amp = amp
         self.transform = FeatureTransform(layout, scaler, normalise_xp)
+        # features in every member's force mask: no member sees them, so they are not inputs
+        self.hidden_from_every_member = np.logical_and.reduce([m.force_mask.cpu().numpy() for m in members])
+
+    def visible_inputs(self, x_scaled: np.ndarray) -> np.ndarray:
+        """Bool ``(n, F)``: entries present (finite) and seen by at least one member."""
+        return np.isfinite(x_scaled) & ~self.hidden_from_every_member
+
+    def has_xp(self, x_scaled: np.ndarray, visible: np.ndarray | None = None) -> np.ndarray:
+        """Bool ``(n,)``: the star's prediction used an XP spectrum (any XP coefficient visible).
+        This is the group of a star for calibration and the ``has_xp`` column of the catalogue."""
+        visible = self.visible_inputs(x_scaled) if visible is None else visible
+        xp = self.layout.xp_indices
+        return visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(visible), dtype=bool)
 
     @classmethod
     def load(cls, member_paths: Sequence[str | Path], device: str | torch.device = "cpu",

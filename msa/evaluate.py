@@ -145,7 +145,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     xp_hidden[ensemble.layout.xp_indices] = True
 
     q = ensemble.predict(test.x, batch_size=batch).astype(np.float64)
-    q_cal = apply_calibration(q, calibration, names)
+    q_cal = apply_calibration(q, calibration, names, has_xp=ensemble.has_xp(test.x))
     q_noxp = ensemble.predict(test.x, extra_hidden=xp_hidden, batch_size=batch).astype(np.float64)
     q_noxp_cal = apply_calibration(q_noxp, calibration, names, has_xp=np.zeros(len(test), dtype=bool))
 

@@ -124,17 +124,11 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: Fea
     if infinite.any():
         # an infinite value (e.g. a zero flux turned into a magnitude) carries no information
         x[infinite] = np.nan
-    visible = np.isfinite(x) & ~hidden_from_every_member(ensemble)
-    xp = ensemble.layout.xp_indices
-    has_xp = visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(x), dtype=bool)
+    visible = ensemble.visible_inputs(x)
+    has_xp = ensemble.has_xp(x, visible)
     tensor = torch.from_numpy(x)
     return PreparedChunk(np.asarray(raw[SOURCE_ID], dtype=np.int64), tensor.pin_memory() if pin else tensor,
                          visible.sum(axis=1).astype(np.int16), has_xp)
-
-
-def hidden_from_every_member(ensemble: Ensemble) -> np.ndarray:
-    """Bool ``(F,)``: features in every member's force mask; no member sees them, so they are not inputs."""
-    return np.logical_and.reduce([m.force_mask.cpu().numpy() for m in ensemble.members])
 
 
 def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int | None,

@@ -80,6 +80,9 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
             assert set(entry["coverage"]) == {"calibration", "test"}
             # on the calibration split itself, conformal coverage is ≥ nominal by construction
             assert entry["coverage"]["calibration"]["after"] >= 0.68
+    for name in cal["labels"]:
+        # the with-XP offsets come from stars with a spectrum only; photometry-only offsets from every star
+        assert cal["per_label"][name]["n_calibration"] < cal["per_label_without_xp"][name]["n_calibration"]
 
     out_dir = tmp_path / "evaluate"
     assert main(["evaluate", *common, "--members", *members, "--calibration", str(cal_path),
