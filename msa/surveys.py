@@ -30,11 +30,15 @@ def _read_frame(path: Path, columns: list[str]) -> pd.DataFrame:
             import pyarrow.parquet as pq
             available = pq.ParquetFile(path).schema_arrow.names
             _require(path, available, columns)
-            return pd.read_parquet(path, columns=columns)
+            table = pq.read_table(path, columns=columns)
+            _check_ids(path, table[SOURCE_ID].null_count, str(table[SOURCE_ID].type).startswith(("int", "uint")))
+            return table.to_pandas()
         if name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
             from astropy.table import Table
             table = Table.read(path)
             _require(path, table.colnames, columns)
+            ids = np.ma.asarray(table[SOURCE_ID])
+            _check_ids(path, int(np.ma.count_masked(ids)), np.issubdtype(ids.dtype, np.integer))
             return pd.DataFrame({c: np.ma.filled(np.ma.asarray(table[c]).astype(
                 np.int64 if c == SOURCE_ID else np.float64), np.nan if c != SOURCE_ID else -1) for c in columns})
         if name.endswith((".csv", ".csv.gz", ".ecsv", ".ecsv.gz", ".txt", ".txt.gz")):
@@ -49,6 +53,16 @@ def _read_frame(path: Path, columns: list[str]) -> pd.DataFrame:
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise SurveyError(f"survey table {path}: cannot read it ({err})") from err
     raise SurveyError(f"survey table {path}: unknown format; use CSV(.gz), ECSV, FITS or Parquet")
+
+
+def _check_ids(path: Path, n_empty: int, is_integer: bool) -> None:
+    """source_ids must be present and integer: a float64 column cannot hold them exactly (> 2^53)."""
+    if n_empty:
+        raise SurveyError(f"survey table {path}: {n_empty} row(s) with an empty {SOURCE_ID}; drop the rows "
+                          "without a Gaia match before ingesting")
+    if not is_integer:
+        raise SurveyError(f"survey table {path}: {SOURCE_ID} is not an integer column; write it as int64 "
+                          "(floats cannot hold Gaia source_ids exactly)")
 
 
 def _require(path: Path, available, required) -> None:
