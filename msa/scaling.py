@@ -63,6 +63,11 @@ class Scaler:
         if list(self.names) != layout.names:
             missing = [n for n in layout.names if n not in self.names]
             extra = [n for n in self.names if n not in layout.names]
+            if not missing and not extra:
+                i = next(i for i, (a, b) in enumerate(zip(self.names, layout.names)) if a != b)
+                raise ScalerError(f"{source} has the layout's features in another order (position {i}: "
+                                  f"{self.names[i]!r} vs {layout.names[i]!r}); refit it with `msa fit-scaler` "
+                                  "on the current config")
             raise ScalerError(
                 f"{source} does not match the feature layout (missing {missing[:5]}, extra {extra[:5]}); "
                 "refit it with `msa fit-scaler` on the current config"

@@ -83,3 +83,12 @@ def test_cli_writes_scaler_with_meta(tmp_path):
     assert meta["seed"] == 9 and meta["rows"] == 300 and len(meta["shards"]) == 2 and meta["config_hash"]
     scaler = Scaler.load(out)
     FeatureTransform(Layout.from_config(small_features()), scaler, True)  # layout matches
+
+
+def test_scaler_for_reordered_features_names_the_position():
+    from msa.scaling import Scaler, ScalerError
+
+    layout = Layout.from_config({"gaia_photometry": {"phot_g_mean_mag": None, "phot_bp_mean_mag": None}})
+    scaler = Scaler.from_stats(["phot_bp_mean_mag", "phot_g_mean_mag"], [0, 0], [1, 1])
+    with pytest.raises(ScalerError, match=r"another order \(position 0: 'phot_bp_mean_mag' vs 'phot_g_mean_mag'\)"):
+        scaler.check_layout(layout)
