@@ -162,6 +162,12 @@ def test_freeze_encoder_and_epochs_per_job(pipeline, tmp_path):
         torch.testing.assert_close(ckpt["model"][key], value)  # linear probe: encoder untouched
     assert len(ckpt["metrics"]) == 2 and ckpt["labels"] == ["teff", "gaia_parallax"]
     assert ckpt["label_scale"][0] > 100  # teff scaled by its train-split standard deviation (K)
+    # the label scaler is fitted on the train split only, not on every labelled star
+    ens = Ensemble.load([out / "model.pt"])
+    stars = load_labelled([pipeline["shard"]], ens.transform, LabelSource(config["labels"], ens.labels), [])
+    train = assign_splits(stars.source_id, config["splits"], split_seed(config)) == "train"
+    np.testing.assert_allclose(ckpt["label_centre"], np.nanmean(stars.y[train], axis=0), rtol=1e-5)
+    assert not np.allclose(ckpt["label_centre"], np.nanmean(stars.y, axis=0), rtol=1e-5)
 
     bad = validate({**base, "finetune": {**base["finetune"], "label_weights": {"logg": 1.0}}})
     shutil.rmtree(tmp_path / "bad", ignore_errors=True)
