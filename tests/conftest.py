@@ -26,6 +26,11 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+# rules call `msa` (and torchrun): take them from the interpreter running the tests, also when
+# its bin folder is not on PATH (an unactivated venv, a --user install)
+BIN_PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
 class WorkflowDir:
     """A folder holding one config for the workflow; runs `snakemake` there (nothing in the repo)."""
 
@@ -47,7 +52,7 @@ class WorkflowDir:
                "--directory", str(self.path), "--configfile", str(self.path / config),
                "--workflow-profile", str(REPO / "profiles" / profile), *args]
         done = subprocess.run(cmd, cwd=self.path, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+                              env={**os.environ, "PATH": BIN_PATH, **(env or {})})
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
                                  f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SNAKEFILE, WorkflowDir, merge
+from conftest import BIN_PATH, REPO, SNAKEFILE, WorkflowDir, merge
 
 pytestmark = pytest.mark.workflow
 
@@ -306,7 +306,8 @@ def test_killed_pretraining_resumes_exactly_on_retry(tmp_path, pretrained_once, 
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
            "--configfile", str(workdir / "config.yaml"), "--workflow-profile",
            str(REPO / "profiles" / "default"), "--cores", "2", "--retries", "1", target]
-    snakemake = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    snakemake = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "PATH": BIN_PATH})
     killed = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and snakemake.poll() is None and killed is None:
