@@ -173,7 +173,7 @@ def run(args) -> int:
     from msa.config import load_config
     from msa.ensemble import Ensemble
     from msa.labels import LabelSource, label_set, load_labelled
-    from msa.splits import split_mask
+    from msa.splits import split_mask, split_seed
     from msa.store import atomic_path
 
     import torch
@@ -186,8 +186,7 @@ def run(args) -> int:
         raise CalibrationError(f"members predict {ensemble.labels}, label set {args.label_set!r} is {names}; "
                                "pass the members fine-tuned for this label set")
     stars = load_labelled(args.shards, ensemble.transform, LabelSource(config["labels"], names))
-    seed = config["splits"].get("seed")
-    seed = config["seed"] if seed is None else seed
+    seed = split_seed(config)
     cfg = config["calibrate"]
     xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
     xp_hidden[ensemble.layout.xp_indices] = True

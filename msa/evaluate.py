@@ -4,8 +4,14 @@ Per label: RMSE, MAE, NMAD (1.4826 · median |Δ − median Δ|), median bias (m
 Δ = predicted median − true value, and the coverage of [q16, q84] before and after the conformal
 calibration, overall and in bins of true [Fe/H] (``evaluate.fe_h_bins`` edges) and of Gaia G
 (``evaluate.g_mag_bins`` edges). The same with every XP coefficient hidden (photometry only).
-A gradient-boosted-trees baseline (:mod:`msa.baseline`, same scaled inputs, trained on the train
-split, with and without XP) is scored on the same stars. A parallax label is always scored from
+Yardsticks scored on the same test stars, each trained on the same train split with the same
+inputs (and, where they stop early, the same validation split), with XP and photometry only:
+
+* ``baseline``: gradient-boosted trees (:mod:`msa.baseline`);
+* ``baseline_mlp``: a plain supervised MLP tuned on the validation split (:mod:`msa.baseline_mlp`);
+* ``from_scratch``: this model's architecture and fine-tuning from a randomly initialised encoder
+  (members from ``msa finetune --from-scratch``, given with ``--scratch-members``), so the gain of
+  pretraining is measured, not assumed. A parallax label is always scored from
 the ensemble's masked pass (the Gaia parallax input hidden), which :mod:`msa.ensemble` applies.
 
 Writes ``metrics.json`` and figures (predicted vs true, residuals vs G, coverage per label with
@@ -22,10 +28,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from msa.baseline import GradientBoostingBaseline
+from msa.baseline_mlp import PlainMLPBaseline
 from msa.calibrate import apply_calibration, interval_coverage, load_calibration
 from msa.config import load_config
 from msa.labels import LabelSource, label_set, load_labelled
-from msa.splits import assign_splits
+from msa.splits import assign_splits, split_seed
 from msa.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -89,8 +96,9 @@ def baseline_report(pred: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> d
 
 def comparison_table(metrics: dict) -> str:
     """Plain-text model vs baseline table (NMAD, RMSE, bias, coverage; XP on/off)."""
-    header = (f"{'label':>10} {'n':>5} | {'NMAD':>9} {'base':>9} {'noXP':>9} {'baseNoXP':>9} | "
-              f"{'RMSE':>9} {'base':>9} | {'bias':>9} | {'cov0':>5} {'cov':>5} {'covNoXP':>7}")
+    header = (f"{'label':>10} {'n':>5} | {'NMAD':>9} {'trees':>9} {'MLP':>9} {'scratch':>9} | "
+              f"{'noXP':>9} {'treesNoXP':>9} {'MLPnoXP':>9} {'scrNoXP':>9} | "
+              f"{'RMSE':>9} | {'bias':>9} | {'cov0':>5} {'cov':>5} {'covNoXP':>7}")
     lines = [header, "-" * len(header)]
 
     def g(section, name, key):
@@ -98,11 +106,12 @@ def comparison_table(metrics: dict) -> str:
         return "—" if v is None else f"{v:.4g}"
 
     for name in metrics["labels"]:
+        nmads = " ".join(f"{g(sec + suffix, name, 'nmad'):>9}" for suffix in ("", "_no_xp")
+                         for sec in ("model", "baseline", "baseline_mlp", "from_scratch"))
+        nmads = nmads[:39] + " |" + nmads[39:]
         lines.append(
-            f"{name:>10} {g('model', name, 'n'):>5} | {g('model', name, 'nmad'):>9} "
-            f"{g('baseline', name, 'nmad'):>9} {g('model_no_xp', name, 'nmad'):>9} "
-            f"{g('baseline_no_xp', name, 'nmad'):>9} | {g('model', name, 'rmse'):>9} "
-            f"{g('baseline', name, 'rmse'):>9} | {g('model', name, 'bias'):>9} | "
+            f"{name:>10} {g('model', name, 'n'):>5} | {nmads} | {g('model', name, 'rmse'):>9} | "
+            f"{g('model', name, 'bias'):>9} | "
             f"{g('model', name, 'coverage_before'):>5} {g('model', name, 'coverage'):>5} "
             f"{g('model_no_xp', name, 'coverage'):>7}")
     return "\n".join(lines)
@@ -116,12 +125,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calibration", required=True, help="calibration JSON from `msa calibrate`")
     parser.add_argument("--shards", nargs="+", required=True, help="shard store files holding the labelled stars")
     parser.add_argument("--out-dir", required=True, help="folder for metrics.json and the figures")
+    parser.add_argument("--scratch-members", nargs="*", default=[],
+                        help="members of `msa finetune --from-scratch` (the no-pretraining yardstick)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], calibration_path: str | Path,
-             shards: Sequence[str | Path], out_dir: str | Path, device: str | None = None) -> dict:
-    """Score the ensemble (and the baseline) on the test split; write metrics.json + figures."""
+             shards: Sequence[str | Path], out_dir: str | Path, device: str | None = None,
+             scratch_members: Sequence[str | Path] = ()) -> dict:
+    """Score the ensemble and the yardsticks on the test split; write metrics.json + figures."""
     import torch
 
     from msa.ensemble import Ensemble
@@ -135,8 +147,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     calibration = load_calibration(calibration_path)
     ecfg = config["evaluate"]
     stars = load_labelled(shards, ensemble.transform, LabelSource(config["labels"], names), [G_MAG])
-    seed = config["splits"].get("seed")
-    split = assign_splits(stars.source_id, config["splits"], config["seed"] if seed is None else seed)
+    split = assign_splits(stars.source_id, config["splits"], split_seed(config))
     test, train = stars.subset(split == "test"), stars.subset(split == "train")
     if len(test) == 0:
         raise ValueError("the test split holds no labelled star; raise splits.test")
@@ -166,23 +177,21 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
                "coverage_target": calibration.get("coverage_target"),
                "model": label_report(q, q_cal, test.y, names, bins),
                "model_no_xp": label_report(q_noxp, q_noxp_cal, test.y, names, bins)}
+    pred_base = None
     if ecfg["baseline"]:
-        plx_hidden = parallax_hidden_columns(ensemble)
-        base = GradientBoostingBaseline(names, seed=int(config["seed"]), label_hidden_columns=plx_hidden
-                                        ).fit(train.x, train.y)
-        base_noxp = GradientBoostingBaseline(names, seed=int(config["seed"]), hidden_columns=ensemble.layout.xp_indices,
-                                             label_hidden_columns=plx_hidden).fit(train.x, train.y)
-        pred_base, pred_base_noxp = base.predict(test.x), base_noxp.predict(test.x)
-        metrics["baseline"] = baseline_report(pred_base, test.y, names)
-        metrics["baseline_no_xp"] = baseline_report(pred_base_noxp, test.y, names)
-        metrics["comparison"] = {
-            n: {"nmad_model": metrics["model"][n]["overall"]["nmad"],
-                "nmad_baseline": metrics["baseline"][n]["overall"]["nmad"],
-                "model_beats_baseline": _beats(metrics["model"][n]["overall"]["nmad"],
-                                               metrics["baseline"][n]["overall"]["nmad"])}
-            for n in names}
-    else:
-        pred_base = None
+        pred_base = _add_tree_baselines(metrics, ensemble, names, train, test, int(config["seed"]))
+    if ecfg["baseline_mlp"]:
+        val = stars.subset(split == "validation")
+        _add_mlp_baselines(metrics, ensemble, names, train, val, test, int(config["seed"]), ecfg["mlp_grid"])
+    if scratch_members:
+        scratch = Ensemble.load(scratch_members, device=ensemble.device)
+        if scratch.labels != names or scratch.layout.diff(ensemble.layout):
+            raise ValueError(f"--scratch-members predict {scratch.labels} on another layout than the model's "
+                             "members; pass the from-scratch members of this label set")
+        metrics["from_scratch"] = yardstick_report(scratch.predict(test.x, batch_size=batch), test.y, names)
+        metrics["from_scratch_no_xp"] = yardstick_report(
+            scratch.predict(test.x, extra_hidden=xp_hidden, batch_size=batch), test.y, names)
+    metrics["comparison"] = comparison(metrics, names)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +206,61 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     return metrics
 
 
+def _add_tree_baselines(metrics: dict, ensemble, names, train, test, seed: int) -> np.ndarray:
+    """Gradient-boosted trees with and without XP; returns the with-XP predictions (for the figure)."""
+    plx_hidden = parallax_hidden_columns(ensemble)
+    base = GradientBoostingBaseline(names, seed=seed, label_hidden_columns=plx_hidden).fit(train.x, train.y)
+    base_noxp = GradientBoostingBaseline(names, seed=seed, hidden_columns=ensemble.layout.xp_indices,
+                                         label_hidden_columns=plx_hidden).fit(train.x, train.y)
+    pred = base.predict(test.x)
+    metrics["baseline"] = baseline_report(pred, test.y, names)
+    metrics["baseline_no_xp"] = baseline_report(base_noxp.predict(test.x), test.y, names)
+    return pred
+
+
+def _add_mlp_baselines(metrics: dict, ensemble, names, train, val, test, seed: int, grid: dict) -> None:
+    """The plain MLP with and without XP. One network serves every label, so a Gaia parallax input
+    that is also a label is removed for all of them (the model hides it for that label only)."""
+    plx = sorted({c for cols in parallax_hidden_columns(ensemble).values() for c in cols})
+    for suffix, hidden in (("", plx), ("_no_xp", sorted(set(plx) | set(ensemble.layout.xp_indices.tolist())))):
+        mlp = PlainMLPBaseline(names, seed=seed, hidden_columns=hidden, grid=grid).fit(train.x, train.y, val.x,
+                                                                                        val.y)
+        metrics["baseline_mlp" + suffix] = baseline_report(mlp.predict(test.x), test.y, names)
+        metrics.setdefault("baseline_mlp_settings", {})["with_xp" if not suffix else "no_xp"] = \
+            dict(mlp.chosen.__dict__)
+
+
+def yardstick_report(q: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
+    """Point metrics of the median and the uncalibrated [q16, q84] coverage, per label."""
+    out = {}
+    for j, name in enumerate(labels):
+        entry = point_metrics(q[:, j, 1], y[:, j])
+        entry["coverage_before"] = _float(interval_coverage(q[:, j:j + 1], y[:, j:j + 1])[0][0])
+        out[name] = {"overall": entry}
+    return out
+
+
+YARDSTICKS = ("baseline", "baseline_mlp", "from_scratch")
+
+
+def comparison(metrics: dict, names: Sequence[str]) -> dict:
+    """Per label, with XP and without: the model's NMAD, each yardstick's, and model / best yardstick."""
+    out = {}
+    for name in names:
+        entry = {}
+        for suffix, tag in (("", "with_xp"), ("_no_xp", "no_xp")):
+            model = (metrics.get("model" + suffix) or {}).get(name, {}).get("overall", {}).get("nmad")
+            yard = {y: metrics[y + suffix][name]["overall"]["nmad"] for y in YARDSTICKS
+                    if y + suffix in metrics and metrics[y + suffix][name]["overall"]["nmad"] is not None}
+            best = min(yard, key=yard.get) if yard else None
+            entry[tag] = {"nmad_model": model, **{f"nmad_{y}": v for y, v in yard.items()},
+                          "best_yardstick": best,
+                          "ratio_to_best": None if best is None or model is None or not yard[best]
+                          else model / yard[best]}
+        out[name] = entry
+    return out
+
+
 def parallax_hidden_columns(ensemble) -> dict[str, list[int]]:
     """The baseline must not see the Gaia parallax input for the parallax label either."""
     member = ensemble.members[0]
@@ -205,11 +269,7 @@ def parallax_hidden_columns(ensemble) -> dict[str, list[int]]:
     return {ensemble.labels[member.parallax_label]: [int(member.parallax_feature)]}
 
 
-def _beats(model: float | None, baseline: float | None) -> bool | None:
-    return None if model is None or baseline is None else bool(model < baseline)
-
-
 def run(args) -> int:
     evaluate(load_config(args.config), args.label_set, args.members, args.calibration, args.shards,
-             args.out_dir, args.device)
+             args.out_dir, args.device, args.scratch_members)
     return 0

@@ -15,6 +15,9 @@ The training objective per batch (all labels standard-scaled with train-split st
   masking rules and ratios as pretraining unless ``finetune.*_masking_ratio`` are set);
 * the head sees either that masked pass (``mask_prediction: true``) or a second pass that hides
   only the forced columns (what inference does);
+* ``no_xp_weight`` × the pinball loss of a pass with every XP column hidden as well: most of the
+  sky has no XP spectrum, so the photometry-only prediction is trained on every row, not only on
+  the rows the random mask happens to strip of XP;
 * parallax done right: when the label set holds ``parallax_label`` and the layout has
   ``parallax_feature`` as an input, the parallax quantiles (loss and inference) come from a pass
   with the parallax input hidden, so the model cannot copy its answer;
@@ -25,8 +28,8 @@ The training objective per batch (all labels standard-scaled with train-split st
 * Gaussian perturbation of ``pert_features`` (groups or names) by their errors, one draw per
   entry, and, with ``pert_labels``, of the labels by theirs.
 
-Early stopping on the validation split's pinball loss (computed on the inference path) with
-``patience`` epochs; the best weights are kept. Member ``k`` uses seed ``config.seed + k``;
+Early stopping on the validation split's pinball loss (computed on the inference path, plus
+``no_xp_weight`` × the same with XP hidden) with ``patience`` epochs; the best weights are kept. Member ``k`` uses seed ``config.seed + k``;
 every member shares the splits (they hash ``source_id`` with the config seed).
 
 Member checkpoint (``kind: finetune``): ``model``, ``model_hparams``, ``head``, ``head_hparams``,
@@ -62,7 +65,7 @@ from msa.losses import pinball_loss, reconstruction_loss
 from msa.masking import MaskSpec, draw_mask
 from msa.model import QuantileHead
 from msa.scaling import Scaler
-from msa.splits import assign_splits
+from msa.splits import assign_splits, split_seed
 from msa.training import (GracefulStop, autocast_context, check_finite, make_scheduler,
                           parameter_groups, select_device)
 
@@ -79,12 +82,6 @@ class FinetuneError(RuntimeError):
 
 
 # --- set-up ----------------------------------------------------------------------------------------
-def split_seed(config: Mapping) -> int:
-    """The seed that the split hash uses: ``splits.seed`` or the top-level seed (never the member's)."""
-    seed = (config.get("splits") or {}).get("seed")
-    return int(config["seed"] if seed is None else seed)
-
-
 def feature_indices(layout: Layout, names_or_groups: Sequence[str]) -> np.ndarray:
     """Layout positions of the named features and of every feature in the named groups."""
     idx: list[int] = []
@@ -160,6 +157,10 @@ class Objective:
         force[torch.as_tensor(mask_spec.force_indices, dtype=torch.long)] = True
         self.force_mask = force.to(device)
         self.recon_idx = torch.as_tensor(layout.reconstruct_indices, dtype=torch.long, device=device)
+        xp = torch.zeros(n_features, dtype=torch.bool)
+        xp[torch.as_tensor(layout.xp_indices, dtype=torch.long)] = True
+        self.xp_mask = xp.to(device)
+        self.no_xp_weight = float(cfg["no_xp_weight"]) if len(layout.xp_indices) else 0.0
         self.pert_idx = torch.as_tensor(feature_indices(layout, cfg["pert_features"]), dtype=torch.long,
                                         device=device)
         weights = [float(cfg["label_weights"].get(n, 1.0)) for n in label_scaler.names]
@@ -200,9 +201,11 @@ class Objective:
             q = torch.where(keep[None, :, None], q_plx, q)
         return q
 
-    def predict_scaled(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference path: hide the forced columns only (+ the parallax masked pass)."""
-        return self._quantiles(x, self.force_mask.expand(x.shape[0], -1))
+    def predict_scaled(self, x: torch.Tensor, hide_xp: bool = False) -> torch.Tensor:
+        """Inference path: hide the forced columns only (+ the parallax masked pass); with
+        ``hide_xp`` every XP column too (the photometry-only prediction)."""
+        hidden = self.force_mask | self.xp_mask if hide_xp else self.force_mask
+        return self._quantiles(x, hidden.expand(x.shape[0], -1))
 
     def batch_losses(self, x, err, y, y_err, weights, plx_obs, plx_err, generator: torch.Generator
                      ) -> dict[str, torch.Tensor]:
@@ -231,10 +234,16 @@ class Objective:
             q = self._quantiles(x, hidden, latent)
         else:
             q = self._quantiles(x, base)
-        out["pinball"] = pinball_loss(q.float(), y, weights * self.label_weights[None, :])
+        label_weights = weights * self.label_weights[None, :]
+        out["pinball"] = pinball_loss(q.float(), y, label_weights)
+        if self.no_xp_weight > 0:
+            q_no_xp = self._quantiles(x, hidden | self.xp_mask)
+            out["pinball_no_xp"] = pinball_loss(q_no_xp.float(), y, label_weights)
         if cfg["parallax_mle_weight"] > 0 and self.plx.label_index is not None:
             out["mle"] = self.parallax_nll(q, plx_obs, plx_err)
         total = out["pinball"]
+        if "pinball_no_xp" in out:
+            total = total + self.no_xp_weight * out["pinball_no_xp"]
         if "recon" in out:
             total = total + cfg["multitask_weight"] * out["recon"]
         if "mle" in out:
@@ -293,9 +302,15 @@ def to_tensors(stars: LabelledStars, label_scaler: LabelScaler, plx: ParallaxSet
 
 
 # --- the run -----------------------------------------------------------------------------------------------
-def _pretrained(path: str | Path, layout: Layout) -> tuple[nn.Module, dict]:
-    """The pretrained autoencoder and its checkpoint (layout checked by ``load_pretrained``)."""
+def _pretrained(path: str | Path | None, layout: Layout, model_cfg: Mapping) -> tuple[nn.Module, dict]:
+    """The pretrained autoencoder and its checkpoint (layout checked by ``load_pretrained``);
+    with no path, a randomly initialised one of the config's architecture (the from-scratch
+    yardstick that measures what pretraining adds) and an empty checkpoint."""
+    from msa.model import MaskedAutoencoder
     from msa.pretrain import load_pretrained
+
+    if path is None:
+        return MaskedAutoencoder(layout.n_features, len(layout.reconstruct_indices), **model_cfg), {}
 
     loaded = load_pretrained(path, layout)
     model, ckpt = loaded if isinstance(loaded, tuple) else (loaded, load_checkpoint(path))
@@ -309,7 +324,7 @@ class MemberRun:
     config: dict
     label_set: str
     member: int
-    pretrained: Path
+    pretrained: Path | None  # None: a randomly initialised encoder (no pretraining)
     shards: list[Path]
     scaler_path: Path
     out_dir: Path
@@ -348,7 +363,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
              job.label_set, names, len(train), len(val), job.member, seed, device)
 
     torch.manual_seed(seed)
-    model, pre_ckpt = _pretrained(job.pretrained, layout)
+    model, pre_ckpt = _pretrained(job.pretrained, layout, config["model"])
     if "scaler" in pre_ckpt and pre_ckpt["scaler"] != scaler.to_dict():
         raise FinetuneError(f"the scaler {job.scaler_path} differs from the one {job.pretrained} was pretrained "
                             "with; fine-tune with the pipeline's own scaler.json")
@@ -429,6 +444,8 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
             row = {"epoch": epoch, "step": state["step"],
                    **{f"train_{k}": s[0] / max(s[1], 1) for k, s in state["sums"].items()},
                    "val_pinball": val["pinball"],
+                   **({"val_pinball_with_xp": val["pinball_with_xp"], "val_pinball_no_xp": val["pinball_no_xp"]}
+                      if "pinball_no_xp" in val else {}),
                    **{f"val_pinball_{n}": v for n, v in zip(names, val["per_label"])},
                    "lr_head": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
             improved = val["pinball"] < state["best_val"]
@@ -459,23 +476,31 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
 
 
 def validation_loss(objective: Objective, data: Tensors, batch_size: int, amp) -> dict:
-    """Mean pinball loss (all labels, and per label) on the inference path."""
+    """Mean pinball loss (all labels, and per label) on the inference path; with the objective's
+    ``no_xp_weight``, plus that weight × the same with XP hidden (``pinball`` is then the sum)."""
     objective.eval()
-    total = torch.zeros(len(objective.label_scale), dtype=torch.float64)
-    count = torch.zeros_like(total)
+    out = {}
+    passes = [("", False)] + ([("_no_xp", True)] if objective.no_xp_weight > 0 else [])
     with torch.no_grad(), amp:
-        for start in range(0, len(data), batch_size):
-            sl = slice(start, start + batch_size)
-            q = objective.predict_scaled(data.x[sl]).float()
-            for j in range(q.shape[1]):
-                y = data.y[sl, j:j + 1]
-                n = int((~torch.isnan(y)).sum())
-                if n:
-                    total[j] += float(pinball_loss(q[:, j:j + 1], y)) * n
-                    count[j] += n
+        for suffix, hide_xp in passes:
+            total = torch.zeros(len(objective.label_scale), dtype=torch.float64)
+            count = torch.zeros_like(total)
+            for start in range(0, len(data), batch_size):
+                sl = slice(start, start + batch_size)
+                q = objective.predict_scaled(data.x[sl], hide_xp=hide_xp).float()
+                for j in range(q.shape[1]):
+                    y = data.y[sl, j:j + 1]
+                    n = int((~torch.isnan(y)).sum())
+                    if n:
+                        total[j] += float(pinball_loss(q[:, j:j + 1], y)) * n
+                        count[j] += n
+            out["pinball" + suffix] = float(total.sum() / count.sum().clamp_min(1))
+            out["per_label" + suffix] = (total / count.clamp_min(1)).tolist()
     objective.train()
-    per_label = (total / count.clamp_min(1)).tolist()
-    return {"pinball": float(total.sum() / count.sum().clamp_min(1)), "per_label": per_label}
+    if "pinball_no_xp" in out:
+        out["pinball_with_xp"] = out["pinball"]
+        out["pinball"] = out["pinball"] + objective.no_xp_weight * out["pinball_no_xp"]
+    return out
 
 
 def _resume(path: Path, model, head, optimizer, scheduler, generator) -> dict:
@@ -520,7 +545,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
     parser.add_argument("--member", type=int, required=True, help="ensemble member index k (seed = seed + k)")
-    parser.add_argument("--pretrained", required=True, help="pretrained model.pt")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pretrained", help="pretrained model.pt")
+    source.add_argument("--from-scratch", action="store_true",
+                        help="start from a randomly initialised encoder (the yardstick for what pretraining adds)")
     parser.add_argument("--shards", nargs="+", required=True, help="shard store files")
     parser.add_argument("--scaler", required=True, help="the pipeline's feature scaler JSON")
     parser.add_argument("--out-dir", required=True, help="member folder: model.pt, metrics.jsonl, loss.png")
@@ -528,7 +556,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    job = MemberRun(load_config(args.config), args.label_set, args.member, Path(args.pretrained),
+    job = MemberRun(load_config(args.config), args.label_set, args.member,
+                    None if args.from_scratch else Path(args.pretrained),
                     [Path(s) for s in args.shards], Path(args.scaler), Path(args.out_dir),
                     torch.device(args.device) if args.device else None)
     try:

@@ -302,7 +302,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
                                  skip_batches=pos.batch_in_epoch, max_batches=n_batches, **stream_kw)
             bar = tqdm(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
                        desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
-                       disable=not ctx.is_main, mininterval=2.0)
+                       disable=not ctx.is_main or None, mininterval=2.0)
             tick = time.perf_counter()
             stopped = False
             for batch in stream:

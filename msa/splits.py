@@ -60,6 +60,13 @@ def assign_splits(source_id: np.ndarray, splits_cfg: Mapping, seed: int) -> np.n
     return np.asarray(SPLIT_NAMES, dtype=object)[code].astype(str)
 
 
+def split_seed(config: Mapping) -> int:
+    """The seed of the split hash: ``splits.seed``, else the top-level seed. Never a member's
+    seed, so every member and every stage sees the same split of every star."""
+    seed = (config.get("splits") or {}).get("seed")
+    return int(config["seed"] if seed is None else seed)
+
+
 def split_mask(source_id: np.ndarray, splits_cfg: Mapping, seed: int, name: str) -> np.ndarray:
     """Boolean mask of the stars that fall in split ``name``."""
     if name not in SPLIT_NAMES:

@@ -94,7 +94,7 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
             rule = header.group(1)
         elif rule and line.strip().startswith("resources:"):
             resources[rule] = line
-    for gpu_rule in ("pretrain_segment", "finetune", "predict"):
+    for gpu_rule in ("pretrain_segment", "finetune", "finetune_scratch", "predict"):
         assert "gpu=1" in resources[gpu_rule] and "cpus_per_gpu=" in resources[gpu_rule]
         assert "slurm_partition=CHANGE_ME_gpu_partition" in resources[gpu_rule]
     for cpu_rule in ("ingest", "fit_scaler", "calibrate", "evaluate", "catalog"):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -131,6 +132,16 @@ def launcher(wildcards, resources):
 def member_models(wildcards):
     return expand(
         f"{RESULTS}/finetune/{wildcards.label_set}/member-{{member}}/model.pt", member=MEMBERS
+    )
+
+
+def scratch_member_models(wildcards):
+    """The from-scratch members evaluate compares against (none when evaluate.from_scratch is off)."""
+    if not config["evaluate"]["from_scratch"]:
+        return []
+    return expand(
+        f"{RESULTS}/finetune_scratch/{wildcards.label_set}/member-{{member}}/model.pt",
+        member=MEMBERS,
     )
 
 

@@ -4,6 +4,7 @@
 rule evaluate:
     input:
         members=member_models,
+        scratch=scratch_member_models,
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
         shards=SHARD_FILES,
         labels=label_inputs(),
@@ -36,5 +37,5 @@ rule evaluate:
         runtime=attempt_scaled(60),
     shell:
         "msa evaluate --config {params.config} --label-set {wildcards.label_set} "
-        "--members {input.members} --calibration {input.calibration} --shards {input.shards} "
+        "--members {input.members} --scratch-members {input.scratch} --calibration {input.calibration} --shards {input.shards} "
         "--out-dir {output.evaluation} > {log} 2>&1"

@@ -1,5 +1,7 @@
 # One job per label set and ensemble member. `finetune.members` is deliberately not in the
 # params: raising it adds member jobs and leaves the existing members alone.
+# `finetune_scratch` trains the same members from a random encoder (evaluate.from_scratch): the
+# yardstick that measures what pretraining adds.
 
 
 rule finetune:
@@ -21,6 +23,7 @@ rule finetune:
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),
+        start=lambda wildcards, input: f"--pretrained {shlex.quote(str(input.pretrained))}",
         settings=lambda wildcards: settings(
             seed=config["seed"],
             finetune=section("finetune", drop=("members",)),
@@ -40,5 +43,31 @@ rule finetune:
         runtime=attempt_scaled(60),
     shell:
         "msa finetune --config {params.config} --label-set {wildcards.label_set} "
-        "--member {wildcards.member} --pretrained {input.pretrained} --shards {input.shards} "
+        "--member {wildcards.member} {params.start} --shards {input.shards} "
         "--scaler {input.scaler} --out-dir {params.out_dir} >> {log} 2>&1"
+
+
+use rule finetune as finetune_scratch with:
+    input:
+        shards=SHARD_FILES,
+        scaler=f"{RESULTS}/scaler.json",
+        labels=label_inputs(),
+    output:
+        model=f"{RESULTS}/finetune_scratch/{{label_set}}/member-{{member}}/model.pt",
+        metrics=f"{RESULTS}/finetune_scratch/{{label_set}}/member-{{member}}/metrics.jsonl",
+        loss=f"{RESULTS}/finetune_scratch/{{label_set}}/member-{{member}}/loss.png",
+    params:
+        config=MSA_CONFIG,
+        out_dir=subpath(output.model, parent=True),
+        start="--from-scratch",
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            finetune=section("finetune", drop=("members",)),
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+            model=config["model"],
+        ),
+    log:
+        f"{LOGS}/finetune_scratch/{{label_set}}/member-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune_scratch/{{label_set}}/member-{{member}}.tsv"

@@ -1,0 +1,225 @@
+"""Ablation benchmark: does pretraining earn its keep on real APOGEE × Gaia XP stars?
+
+Trains, on the bundled demo (or any config), under the same inputs, splits and fine-tuning budget:
+
+* ``model``        — the pipeline: masked-autoencoder pretraining, then the fine-tuned ensemble;
+* ``from_scratch`` — the same architecture and fine-tuning, encoder randomly initialised;
+* ``mlp``          — the plain supervised MLP yardstick (:mod:`msa.baseline_mlp`), tuned on validation;
+* ``gbt``          — the gradient-boosted trees of :mod:`msa.baseline`;
+
+each with XP and photometry only (``*_no_xp``: the networks with every XP column hidden, the
+baselines trained without XP), for several seeds, and prints NMAD per label (median over seeds) and
+the ratio of the model to the best yardstick. Score on ``--split validation`` while choosing
+settings; only the final figures come from ``--split test``.
+
+    python benchmarks/bench_accuracy.py --workdir /tmp/msa-acc --seeds 0 1 2 --split validation
+    python benchmarks/bench_accuracy.py --workdir /tmp/msa-acc --set pretrain.epochs=60 --tag long
+
+``--set section.key=YAML`` overrides the config (several allowed). Pretraining and fine-tuning
+runs are cached in ``--workdir`` by the hash of the settings they depend on, so variants that
+change fine-tuning only reuse the pretrained model. Results go to ``--workdir/results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from msa.baseline import GradientBoostingBaseline
+from msa.baseline_mlp import PlainMLPBaseline
+from msa.config import config_hash, load_config, validate
+from msa.ensemble import Ensemble
+from msa.evaluate import point_metrics
+from msa.finetune import MemberRun, finetune_member
+from msa.splits import assign_splits, split_seed
+from msa.labels import LabelSource, label_set, load_labelled
+from msa.pretrain import pretrain_segment, segment_epochs
+
+log = logging.getLogger("bench_accuracy")
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("model", "from_scratch", "mlp", "gbt")
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return validate(config, source="bench_accuracy overrides")
+
+
+def build_store(config: dict, config_path: Path, work: Path) -> tuple[list[Path], Path]:
+    """Ingest every shard of the config and fit the scaler (once per workdir)."""
+    store = work / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    pattern = config["ingest"]["xp"]
+    prefix, _, suffix = pattern.partition("{shard}")
+    names = sorted(p.name[len(Path(prefix).name):len(p.name) - len(suffix)]
+                   for p in (REPO / prefix).parent.glob(Path(prefix).name + "*" + suffix))
+    shards = []
+    for name in names:
+        out = store / f"{name}.h5"
+        if not out.exists():
+            subprocess.run(["msa", "ingest", "--config", str(config_path), "--shard", name, "--out", str(out),
+                            "--no-progress"], check=True, cwd=REPO)
+        shards.append(out)
+    scaler = work / "scaler.json"
+    if not scaler.exists():
+        subprocess.run(["msa", "fit-scaler", "--config", str(config_path), "--shards", *map(str, shards),
+                        "--out", str(scaler)], check=True, cwd=REPO)
+    return shards, scaler
+
+
+def pretrained(config: dict, shards, scaler, work: Path) -> Path:
+    out = work / "pretrain" / config_hash(config, ["seed", "features", "model", "pretrain"])
+    final = out / "model.pt"
+    if final.exists():
+        return final
+    section = config["pretrain"]
+    n_segments = -(-section["epochs"] // section["epochs_per_job"])
+    t0 = time.time()
+    for segment in range(n_segments):
+        segment_epochs(section, segment)
+        pretrain_segment(config, shards, scaler, out, segment)
+    (out / f"segment-{n_segments - 1}.pt").rename(final)
+    log.info("pretraining took %.0f s", time.time() - t0)
+    return final
+
+
+def members(config: dict, set_name: str, pretrained_path: Path | None, shards, scaler, work: Path) -> list[Path]:
+    sections = ["seed", "features", "model", "labels", "label_sets", "splits", "finetune"]
+    if pretrained_path is not None:
+        sections.append("pretrain")
+    kind = "scratch" if pretrained_path is None else "pretrained"
+    out = work / "finetune" / f"{kind}-{config_hash(config, sections)}"
+    paths = []
+    for k in range(config["finetune"]["members"]):
+        member_dir = out / f"member-{k}"
+        if not (member_dir / "model.pt").exists():
+            finetune_member(MemberRun(config, set_name, k, pretrained_path, list(shards), scaler, member_dir))
+        paths.append(member_dir / "model.pt")
+    return paths
+
+
+def nmad_table(pred: np.ndarray, y: np.ndarray, names) -> dict:
+    return {n: point_metrics(pred[:, j], y[:, j])["nmad"] for j, n in enumerate(names)}
+
+
+def run_seed(config: dict, set_name: str, shards, scaler, work: Path, split_name: str, variants) -> dict:
+    names = label_set(config, set_name)
+    out: dict[str, dict] = {}
+    ensembles = {}
+    if "model" in variants:
+        ensembles["model"] = Ensemble.load(members(config, set_name, pretrained(config, shards, scaler, work),
+                                                   shards, scaler, work))
+    if "from_scratch" in variants:
+        ensembles["from_scratch"] = Ensemble.load(members(config, set_name, None, shards, scaler, work))
+    any_ens = next(iter(ensembles.values()), None)
+    if any_ens is None:
+        from msa.features import FeatureTransform
+        from msa.scaling import Scaler
+        transform = FeatureTransform.from_config(config, Scaler.load(scaler))
+    else:
+        transform = any_ens.transform
+    stars = load_labelled(shards, transform, LabelSource(config["labels"], names))
+    split = assign_splits(stars.source_id, config["splits"], split_seed(config))
+    train, val, scored = (stars.subset(split == s) for s in ("train", "validation", split_name))
+    xp = transform.layout.xp_indices
+    xp_hidden = np.zeros(transform.layout.n_features, dtype=bool)
+    xp_hidden[xp] = True
+    for name, ens in ensembles.items():
+        out[name] = nmad_table(ens.predict(scored.x)[..., 1], scored.y, names)
+        out[name + "_no_xp"] = nmad_table(ens.predict(scored.x, extra_hidden=xp_hidden)[..., 1], scored.y, names)
+    seed = int(config["seed"])
+    if "mlp" in variants:
+        for suffix, hidden in (("", ()), ("_no_xp", xp)):
+            mlp = PlainMLPBaseline(names, seed=seed, hidden_columns=hidden).fit(train.x, train.y, val.x, val.y)
+            out["mlp" + suffix] = nmad_table(mlp.predict(scored.x), scored.y, names)
+    if "gbt" in variants:
+        for suffix, hidden in (("", ()), ("_no_xp", xp)):
+            gbt = GradientBoostingBaseline(names, seed=seed, hidden_columns=hidden).fit(train.x, train.y)
+            out["gbt" + suffix] = nmad_table(gbt.predict(scored.x), scored.y, names)
+    return out
+
+
+def summarise(per_seed: list[dict], names) -> dict:
+    rows = {}
+    for variant in per_seed[0]:
+        rows[variant] = {n: float(np.median([s[variant][n] for s in per_seed])) for n in names}
+    return rows
+
+
+def print_table(summary: dict, names, title: str) -> None:
+    print(f"\n{title}  (NMAD, median over seeds)")
+    print(f"{'variant':>20} " + " ".join(f"{n:>9}" for n in names))
+    for variant, row in summary.items():
+        print(f"{variant:>20} " + " ".join(f"{row[n]:9.4g}" for n in names))
+    for suffix in ("", "_no_xp"):
+        if "model" + suffix not in summary:
+            continue
+        yard = [v + suffix for v in ("mlp", "gbt", "from_scratch") if v + suffix in summary]
+        for n in names:
+            best = min(yard, key=lambda v: summary[v][n]) if yard else None
+            if best:
+                print(f"  {('with XP' if not suffix else 'no XP'):>8} {n:>8}: model / {best} = "
+                      f"{summary['model' + suffix][n] / summary[best][n]:.3f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "config" / "config.yaml"))
+    p.add_argument("--label-set", default="spectro")
+    p.add_argument("--workdir", default="/tmp/msa-bench-accuracy")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="offsets added to the config seed")
+    p.add_argument("--split", default="validation", choices=["validation", "test"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=YAML value")
+    p.add_argument("--tag", default="", help="a name for this run in results.jsonl")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)
+    os.environ.setdefault("MSA_NO_PROGRESS", "1")
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = apply_overrides(load_config(args.config), args.overrides)
+    # the split is the config's, whatever the seed: only initialisation, masks and shuffling vary
+    base["splits"]["seed"] = split_seed(base)
+    work = Path(args.workdir)
+    shards, scaler = build_store(base, Path(args.config).resolve(), work)
+    names = label_set(base, args.label_set)
+    per_seed = []
+    t0 = time.time()
+    for offset in args.seeds:
+        config = copy.deepcopy(base)
+        config["seed"] = int(base["seed"]) + offset
+        per_seed.append(run_seed(config, args.label_set, shards, scaler, work, args.split, args.variants))
+        log.info("seed offset %d done (%.0f s so far)", offset, time.time() - t0)
+    summary = summarise(per_seed, names)
+    print_table(summary, names, f"{args.split} split, {len(args.seeds)} seed(s), tag {args.tag or '-'}, "
+                f"overrides {args.overrides or '-'}")
+    with open(work / "results.jsonl", "a") as fh:
+        fh.write(json.dumps({"tag": args.tag, "split": args.split, "overrides": args.overrides,
+                             "seeds": args.seeds, "summary": summary, "per_seed": per_seed,
+                             "wall_s": time.time() - t0}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
