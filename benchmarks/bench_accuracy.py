@@ -62,10 +62,13 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return validate(config, source="bench_accuracy overrides")
 
 
-def build_store(config: dict, config_path: Path, work: Path) -> tuple[list[Path], Path]:
-    """Ingest every shard of the config and fit the scaler (once per workdir)."""
+def build_store(config: dict, work: Path) -> tuple[list[Path], Path]:
+    """Ingest every shard of the config and fit the scaler (once per workdir: a workdir is for
+    one ``ingest``/``features``/``scaler`` setting)."""
     store = work / "store"
     store.mkdir(parents=True, exist_ok=True)
+    config_path = work / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     pattern = config["ingest"]["xp"]
     prefix, _, suffix = pattern.partition("{shard}")
     names = sorted(p.name[len(Path(prefix).name):len(p.name) - len(suffix)]
@@ -202,7 +205,7 @@ def main(argv=None) -> int:
     # the split is the config's, whatever the seed: only initialisation, masks and shuffling vary
     base["splits"]["seed"] = split_seed(base)
     work = Path(args.workdir)
-    shards, scaler = build_store(base, Path(args.config).resolve(), work)
+    shards, scaler = build_store(base, work)
     names = label_set(base, args.label_set)
     per_seed = []
     t0 = time.time()

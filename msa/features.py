@@ -7,6 +7,10 @@ in one place, for every stage (scaler fitting, pretraining, fine-tuning, predict
   (``features.xp.normalise: g_flux``), so that spectra of stars of any brightness share a scale;
 * magnitude errors derived from ``phot_*_mean_flux_over_error`` (σ_m = 2.5 / ln 10 / (F/σ_F))
   for error names of the form ``phot_X_mean_mag_error``;
+* with ``features.colours_relative_to: phot_g_mean_mag``, every other magnitude becomes a colour
+  ``m − G`` (its error kept as the band's own: G errors are far smaller). Star to star, magnitudes
+  differ mostly by distance, colours by temperature, metallicity and extinction; a network given
+  magnitudes must resolve differences of a few hundredths of their spread to recover colours;
 * every other feature and error column is read from the store unchanged.
 """
 
@@ -83,6 +87,9 @@ def derive(raw: Mapping[str, np.ndarray], layout: Layout, normalise_xp: bool) ->
             values[:, j] = v
             if e is not None:
                 errors[:, j] = e
+    colours = layout.colour_indices
+    if len(colours):
+        values[:, colours] -= values[:, [layout.index(layout.colour_reference)]]
     return values, errors
 
 

@@ -61,7 +61,7 @@ from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
 from msa.labels import LabelScaler, LabelSource, LabelledStars, label_set, load_labelled
 from msa.layout import GROUP_ORDER, Layout
-from msa.losses import pinball_loss, reconstruction_loss
+from msa.losses import pinball_loss, reconstruction_objective
 from msa.masking import MaskSpec, draw_mask
 from msa.model import QuantileHead
 from msa.scaling import Scaler
@@ -146,12 +146,16 @@ class Objective:
     """Model + head + every loss term; ``batch_losses`` for training, ``predict_scaled`` for inference."""
 
     def __init__(self, model: nn.Module, head: QuantileHead, cfg: Mapping, layout: Layout,
-                 mask_spec: MaskSpec, plx: ParallaxSetup, label_scaler: LabelScaler, recon_kind: str,
+                 mask_spec: MaskSpec, plx: ParallaxSetup, label_scaler: LabelScaler, pretrain_cfg: Mapping,
                  device: torch.device):
         self.model, self.head, self.cfg, self.plx = model, head, cfg, plx
         self.mask_spec = mask_spec
         self.device = device
-        self.recon_kind = recon_kind
+        # the multitask term is the pretraining objective, as pretraining defines it
+        self.recon_kind = pretrain_cfg["loss"]
+        self.recon_balance = pretrain_cfg["loss_balance"]
+        self.recon_min_error = pretrain_cfg["min_error"]
+        self.recon_groups = layout.reconstruct_groups_positions()
         n_features = layout.n_features
         force = torch.zeros(n_features, dtype=torch.bool)
         force[torch.as_tensor(mask_spec.force_indices, dtype=torch.long)] = True
@@ -228,8 +232,9 @@ class Objective:
         out = {}
         if use_recon:
             recon = self.model.decode(latent)
-            out["recon"] = reconstruction_loss(recon, x[:, self.recon_idx], err[:, self.recon_idx],
-                                               hidden[:, self.recon_idx], kind=self.recon_kind)
+            out["recon"] = reconstruction_objective(recon, x[:, self.recon_idx], err[:, self.recon_idx],
+                                                    hidden[:, self.recon_idx], self.recon_kind, self.recon_groups,
+                                                    self.recon_balance, self.recon_min_error)
         if cfg["mask_prediction"]:
             q = self._quantiles(x, hidden, latent)
         else:
@@ -373,8 +378,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     if cfg["freeze_encoder"]:
         model.requires_grad_(False)
     mask_spec = MaskSpec.from_config(layout, cfg, fallback=config["pretrain"])
-    objective = Objective(model, head, cfg, layout, mask_spec, plx, label_scaler, config["pretrain"]["loss"],
-                          device)
+    objective = Objective(model, head, cfg, layout, mask_spec, plx, label_scaler, config["pretrain"], device)
     optimizer = torch.optim.AdamW(objective.parameter_groups())
     scheduler = make_scheduler(optimizer, restart_epochs=cfg["epochs"], min_lr=0.0)
     generator = torch.Generator(device=device)

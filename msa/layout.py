@@ -17,6 +17,7 @@ import numpy as np
 XP_GROUP = "xp"
 XP_BANDS = ("bp", "rp")
 GROUP_ORDER = ("xp", "gaia_photometry", "survey_photometry", "astrometry", "context")
+PHOTOMETRY_GROUPS = ("gaia_photometry", "survey_photometry")
 
 
 class LayoutError(ValueError):
@@ -47,6 +48,8 @@ class Layout:
     features: tuple[Feature, ...]
     force_mask: tuple[str, ...] = ()
     reconstruct_groups: tuple[str, ...] = field(default=GROUP_ORDER)
+    # every other magnitude enters as a colour, m − m_ref (None: magnitudes as they are)
+    colour_reference: str | None = None
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
@@ -67,6 +70,10 @@ class Layout:
         unknown = sorted(set(self.force_mask) - set(names))
         if unknown:
             raise LayoutError(f"features.force_mask: unknown feature(s) {unknown}; known: {names[:5]}…")
+        if self.colour_reference is not None and self.colour_reference not in [
+                f.name for f in self.features if f.group in PHOTOMETRY_GROUPS]:
+            raise LayoutError(f"features.colours_relative_to: {self.colour_reference!r} is not a feature of "
+                              f"{list(PHOTOMETRY_GROUPS)}; name one of the configured magnitudes or null")
         bad_groups = sorted(set(self.reconstruct_groups) - set(GROUP_ORDER))
         if bad_groups:
             raise LayoutError(f"features.reconstruct: unknown group(s) {bad_groups}; use {list(GROUP_ORDER)}")
@@ -95,7 +102,8 @@ class Layout:
         if not feats:
             raise LayoutError("features: no input features configured")
         recon = features_cfg.get("reconstruct", list(GROUP_ORDER))
-        return cls(tuple(feats), tuple(features_cfg.get("force_mask") or ()), tuple(recon))
+        return cls(tuple(feats), tuple(features_cfg.get("force_mask") or ()), tuple(recon),
+                   features_cfg.get("colours_relative_to"))
 
     def to_dict(self) -> dict:
         """Plain data (for checkpoints and JSON)."""
@@ -103,6 +111,7 @@ class Layout:
             "features": [[f.name, f.group, f.error] for f in self.features],
             "force_mask": list(self.force_mask),
             "reconstruct_groups": list(self.reconstruct_groups),
+            "colour_reference": self.colour_reference,
         }
 
     @classmethod
@@ -111,9 +120,19 @@ class Layout:
             tuple(Feature(n, g, e) for n, g, e in d["features"]),
             tuple(d["force_mask"]),
             tuple(d["reconstruct_groups"]),
+            d.get("colour_reference"),
         )
 
     # --- queries ------------------------------------------------------------------------------
+    @property
+    def colour_indices(self) -> np.ndarray:
+        """Positions of the magnitudes that enter as colours (every photometric feature but the
+        reference); empty without a colour reference."""
+        if self.colour_reference is None:
+            return np.empty(0, dtype=np.int64)
+        return np.array([i for i, f in enumerate(self.features)
+                         if f.group in PHOTOMETRY_GROUPS and f.name != self.colour_reference], dtype=np.int64)
+
     @property
     def names(self) -> list[str]:
         return [f.name for f in self.features]
@@ -151,6 +170,13 @@ class Layout:
             [i for i, f in enumerate(self.features) if f.group in self.reconstruct_groups], dtype=np.int64
         )
 
+    def reconstruct_groups_positions(self) -> dict[str, list[int]]:
+        """Group name → positions within the decoder output (which covers ``reconstruct_indices``)."""
+        groups: dict[str, list[int]] = {}
+        for pos, idx in enumerate(self.reconstruct_indices):
+            groups.setdefault(self.features[idx].group, []).append(pos)
+        return groups
+
     def diff(self, other: "Layout") -> str:
         """Human-readable difference between two layouts ('' when equal)."""
         if self == other:
@@ -175,4 +201,6 @@ class Layout:
             lines.append(f"force_mask {list(self.force_mask)} vs {list(other.force_mask)}")
         if self.reconstruct_groups != other.reconstruct_groups:
             lines.append(f"reconstruct {list(self.reconstruct_groups)} vs {list(other.reconstruct_groups)}")
+        if self.colour_reference != other.colour_reference:
+            lines.append(f"colours relative to {self.colour_reference} vs {other.colour_reference}")
         return "; ".join(lines)

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 LOSS_KINDS = ("mae", "mse", "error_weighted")
+BALANCES = ("entries", "groups")
 QUANTILES = (0.16, 0.5, 0.84)
 MIN_SCALED_ERROR = 1e-2  # floor on σ (scaled units): a reported error of ~0 must not dominate the loss
 
@@ -86,6 +87,27 @@ def per_group_loss(recon, target, target_err, hidden, kind: str, groups: Mapping
     with no counted entry."""
     sums = per_group_sums(recon, target, target_err, hidden, kind, groups, min_error)
     return {name: (s / w if w > 0 else torch.full_like(s, float("nan"))) for name, (s, w) in sums.items()}
+
+
+def reconstruction_objective(recon, target, target_err, hidden, kind: str, groups: Mapping[str, Sequence[int]],
+                             balance: str = "entries", min_error: float = MIN_SCALED_ERROR) -> torch.Tensor:
+    """The reconstruction term that training minimises; scalar.
+
+    ``balance: entries`` is :func:`reconstruction_loss` over every counted entry: with error
+    weights a few high-S/N XP coefficients then carry almost all the weight and photometry next
+    to none. ``balance: groups`` is the mean over groups (XP, Gaia photometry, survey photometry,
+    …) of each group's own weighted mean, so every kind of input is learned, whatever its count
+    of columns or the size of its errors. A group without a counted entry is left out.
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"pretrain.loss_balance: {balance!r} is not one of {list(BALANCES)}")
+    if balance == "entries":
+        return reconstruction_loss(recon, target, target_err, hidden, kind, min_error)
+    sums = per_group_sums(recon, target, target_err, hidden, kind, groups, min_error)
+    means = [s / w for s, w in sums.values() if w > 0]
+    if not means:
+        return recon.float().sum() * 0.0
+    return torch.stack(means).mean()
 
 
 def pinball_loss(q: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None,

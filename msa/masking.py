@@ -1,8 +1,9 @@
 """Which input entries the encoder must not see: random training masks and a fixed validation mask.
 
 Two masking groups: the XP block (all XP coefficients of a star hidden together, for a fraction
-``xp_ratio`` of rows, so the model learns to predict a whole spectrum from photometry) and the
-element group (every other feature hidden independently with probability ``element_ratio``).
+``xp_ratio`` of rows, so the model learns to predict a whole spectrum from photometry; with
+``xp_band_masking`` a chosen row loses BP only, RP only or both, a third of the time each, so the
+model also learns one band from the other) and the element group (every other feature hidden independently with probability ``element_ratio``).
 Forced columns (``force_mask_cols`` plus the layout's ``force_mask``) are always hidden.
 
 Also home of the per-star hash (:func:`hash_uniform`): a deterministic number in [0, 1) from a
@@ -66,6 +67,13 @@ class MaskSpec:
     xp_indices: np.ndarray
     element_indices: np.ndarray
     n_features: int | None = None
+    # positions of the BP and of the RP coefficients; set for per-band XP masking
+    band_indices: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def n_row_draws(self) -> int:
+        """Uniform numbers drawn per row besides one per feature: the XP choice (+ the band)."""
+        return 2 if self.band_indices is not None else 1
 
     def __post_init__(self) -> None:
         for name in ("xp_ratio", "element_ratio"):
@@ -110,16 +118,31 @@ class MaskSpec:
         xp_idx = np.array([i for i, g in enumerate(groups) if g == XP_GROUP], dtype=np.int64)
         el_idx = np.array([i for i, g in enumerate(groups) if g != XP_GROUP], dtype=np.int64)
         force_idx = np.array([layout.index(n) for n in force_names], dtype=np.int64)
+        band_masking = section.get("xp_band_masking")
+        if band_masking is None:
+            band_masking = fallback.get("xp_band_masking", False)
+        bands = None
+        if band_masking:
+            xp_set = set(xp_idx.tolist())
+            bands = tuple(np.array([i for i, f in enumerate(layout.features) if i in xp_set
+                                    and f.name.startswith(prefix)], dtype=np.int64) for prefix in ("bp_", "rp_"))
         return cls(pick("xp_masking_ratio"), pick("m_masking_ratio"), force_idx, xp_idx, el_idx,
-                   layout.n_features)
+                   layout.n_features, bands)
 
     def _assemble(self, row_u: torch.Tensor, elem_u: torch.Tensor) -> torch.Tensor:
-        """Mask from per-row uniforms (n,) and per-entry uniforms (n, F)."""
+        """Mask from per-row uniforms (n, n_row_draws) and per-entry uniforms (n, F)."""
         n, width = elem_u.shape
         hidden = torch.zeros((n, width), dtype=torch.bool, device=elem_u.device)
-        if len(self.xp_indices):
+        chosen = row_u[:, 0] < self.xp_ratio
+        if self.band_indices is not None:
+            band = row_u[:, 1]  # < 1/3: BP only, < 2/3: RP only, else both
+            for cols, lost in zip(self.band_indices, (band < 2 / 3, band >= 1 / 3)):
+                cols = torch.as_tensor(cols, device=elem_u.device)
+                if len(cols):
+                    hidden[:, cols] = (chosen & lost).unsqueeze(1).expand(n, len(cols))
+        elif len(self.xp_indices):
             xp_cols = torch.as_tensor(self.xp_indices, device=elem_u.device)
-            hidden[:, xp_cols] = (row_u < self.xp_ratio).unsqueeze(1).expand(n, len(self.xp_indices))
+            hidden[:, xp_cols] = chosen.unsqueeze(1).expand(n, len(self.xp_indices))
         if len(self.element_indices):
             el_cols = torch.as_tensor(self.element_indices, device=elem_u.device)
             hidden[:, el_cols] = elem_u[:, el_cols] < self.element_ratio
@@ -137,8 +160,8 @@ def draw_mask(spec: MaskSpec, n_rows: int, generator: torch.Generator,
     """
     width = spec.width
     gen_device = generator.device
-    u = torch.rand((n_rows, width + 1), generator=generator, device=gen_device)
-    hidden = spec._assemble(u[:, width], u[:, :width])
+    u = torch.rand((n_rows, width + spec.n_row_draws), generator=generator, device=gen_device)
+    hidden = spec._assemble(u[:, width:], u[:, :width])
     return hidden.to(device, non_blocking=True)
 
 
@@ -150,6 +173,6 @@ def fixed_validation_mask(spec: MaskSpec, source_id: np.ndarray, seed: int,
     and every run, so validation curves are comparable across epochs and runs.
     """
     width = spec.width
-    u = hash_uniform(source_id, seed, np.arange(width + 1))
+    u = hash_uniform(source_id, seed, np.arange(width + spec.n_row_draws))
     u = torch.from_numpy(u.astype(np.float32))
-    return spec._assemble(u[:, width], u[:, :width]).to(device)
+    return spec._assemble(u[:, width:], u[:, :width]).to(device)

@@ -4,7 +4,10 @@ Inputs are scaled feature values ``x`` of shape ``(batch, n_features)`` (NaN whe
 boolean ``hidden`` mask of the same shape (True where the entry is masked on purpose). Missing and
 hidden entries are treated alike: their value is replaced by a learned per-feature "missing"
 embedding (no sentinel number ever goes through the periodic embeddings), and a 0/1 indicator
-channel per feature tells the encoder which entries it did not see.
+channel per feature (``indicators``) tells the encoder which entries it did not see. With
+``raw_inputs`` the scaled values themselves (0 where unseen) also enter the first layer beside
+their embeddings: a linear path on which differences of inputs (colours from magnitudes) are one
+weight away, where through low-frequency periodic embeddings they are faint.
 
 This module is a leaf: it imports nothing from the package.
 """
@@ -66,6 +69,8 @@ class MaskedAutoencoder(nn.Module):
         norm: str = "layernorm",
         activation: str = "gelu",
         dropout: float = 0.0,
+        indicators: bool = True,
+        raw_inputs: bool = False,
     ):
         super().__init__()
         _check_choice("norm", norm, NORMS)
@@ -76,14 +81,16 @@ class MaskedAutoencoder(nn.Module):
             n_features=n_features, n_reconstruct=n_reconstruct, d_embedding=d_embedding,
             n_frequencies=n_frequencies, frequency_init_scale=frequency_init_scale, lite=lite,
             encoder_widths=encoder_widths, decoder_widths=decoder_widths, norm=norm,
-            activation=activation, dropout=dropout,
+            activation=activation, dropout=dropout, indicators=indicators, raw_inputs=raw_inputs,
         )
+        self.indicators, self.raw_inputs = bool(indicators), bool(raw_inputs)
         self.embed = PeriodicEmbeddings(
             n_features, d_embedding, n_frequencies=n_frequencies,
             frequency_init_scale=frequency_init_scale, lite=lite,
         )
         self.missing_embedding = nn.Parameter(torch.randn(n_features, d_embedding) * 0.02)
-        d_in = n_features * d_embedding + n_features  # embeddings + one indicator per feature
+        # embeddings, then one indicator and one raw value per feature where enabled
+        d_in = n_features * (d_embedding + int(self.indicators) + int(self.raw_inputs))
         self.encoder = residual_stack(d_in, encoder_widths, norm, activation, dropout)
         self.latent_dim = encoder_widths[-1]
         self.decoder = residual_stack(self.latent_dim, decoder_widths, norm, activation, dropout)
@@ -93,10 +100,15 @@ class MaskedAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Latent ``(batch, latent_dim)`` from values (NaN = missing) and the hidden mask."""
         unseen = hidden | torch.isnan(x)
-        emb = self.embed(torch.where(unseen, torch.zeros_like(x), x))
+        seen_x = torch.where(unseen, torch.zeros_like(x), x)
+        emb = self.embed(seen_x)
         emb = torch.where(unseen.unsqueeze(-1), self.missing_embedding.to(emb.dtype), emb)
-        h = torch.cat([emb.flatten(1), unseen.to(emb.dtype)], dim=1)
-        return self.encoder(h)
+        parts = [emb.flatten(1)]
+        if self.indicators:
+            parts.append(unseen.to(emb.dtype))
+        if self.raw_inputs:
+            parts.append(seen_x.to(emb.dtype))
+        return self.encoder(torch.cat(parts, dim=1))
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(self.decoder(latent))

@@ -41,7 +41,7 @@ from msa.checkpoint import (CheckpointError, check_layout, load_checkpoint, rest
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
 from msa.layout import GROUP_ORDER, Layout
-from msa.losses import per_group_sums, reconstruction_loss, reconstruction_sums
+from msa.losses import per_group_sums, reconstruction_objective, reconstruction_sums
 from msa.masking import MaskSpec, draw_mask, fixed_validation_mask
 from msa.model import MaskedAutoencoder
 from msa.plots import plot_loss_curves
@@ -103,14 +103,6 @@ def perturb(x: torch.Tensor, err: torch.Tensor, columns: torch.Tensor, scale: fl
     out = x.clone()
     out[:, columns] = x[:, columns] + scale * sigma * noise[:, columns]
     return out
-
-
-def reconstruct_groups(layout: Layout) -> dict[str, list[int]]:
-    """Group name → positions within the decoder output (which covers ``reconstruct_indices``)."""
-    groups: dict[str, list[int]] = {}
-    for pos, idx in enumerate(layout.reconstruct_indices):
-        groups.setdefault(layout.features[idx].group, []).append(pos)
-    return groups
 
 
 def load_pretrained(path: str | Path, layout: Layout, map_location="cpu") -> tuple[MaskedAutoencoder, dict]:
@@ -206,7 +198,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     transform = FeatureTransform(layout, scaler, xp_normalises(config["features"]))
     spec = MaskSpec.from_config(layout, section)
     recon_idx = torch.as_tensor(layout.reconstruct_indices)
-    groups = reconstruct_groups(layout)
+    groups = layout.reconstruct_groups_positions()
     pert_cols = torch.as_tensor(perturbed_columns(layout, section["pert_features"]))
     device = ctx.device
 
@@ -312,8 +304,9 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
                 x_in = perturb(batch.x, batch.err, pert_cols, section["pert_scale"], generator)
                 with autocast_context(device, amp):
                     recon, latent = forward(x_in, hidden)
-                loss = reconstruction_loss(recon.float(), batch.x[:, recon_idx], batch.err[:, recon_idx],
-                                           hidden[:, recon_idx], section["loss"])
+                loss = reconstruction_objective(recon.float(), batch.x[:, recon_idx], batch.err[:, recon_idx],
+                                                hidden[:, recon_idx], section["loss"], groups,
+                                                section["loss_balance"], section["min_error"])
                 if section["latent_l1"]:
                     loss = loss + section["latent_l1"] * latent.float().abs().mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -408,8 +401,8 @@ def validate(forward, model, transform, val_paths, val_filter, spec, recon_idx, 
                 recon, _ = model(batch.x, hidden)
             args = (recon.float(), batch.x[:, recon_idx], batch.err[:, recon_idx], hidden[:, recon_idx],
                     section["loss"])
-            total, weight = reconstruction_sums(*args)
-            per = per_group_sums(*args, groups)
+            total, weight = reconstruction_sums(*args, min_error=section["min_error"])
+            per = per_group_sums(*args, groups, min_error=section["min_error"])
             sums += np.array([total.item(), weight.item()]
                              + [v.item() for n in names for v in per[n]])
     sums = ctx.all_reduce_sum(sums.tolist()).numpy()
@@ -417,6 +410,8 @@ def validate(forward, model, transform, val_paths, val_filter, spec, recon_idx, 
     if sums[1] <= 0:
         return None, {}
     per_group = {n: float(sums[2 + 2 * i] / sums[3 + 2 * i]) for i, n in enumerate(names) if sums[3 + 2 * i] > 0}
+    if section["loss_balance"] == "groups":  # the same definition as the training objective
+        return float(np.mean(list(per_group.values()))), per_group
     return float(sums[0] / sums[1]), per_group
 
 

@@ -174,3 +174,26 @@ def test_freeze_encoder_and_epochs_per_job(pipeline, tmp_path):
     shutil.rmtree(tmp_path / "bad", ignore_errors=True)
     with pytest.raises(FinetuneError, match="label_weights"):
         finetune_member(member_job(pipeline, "mixed", tmp_path / "bad", bad))
+
+
+def test_from_scratch_and_the_photometry_only_pass(pipeline, tmp_path):
+    """No pretrained model: a fresh encoder of the config's architecture, differing from the
+    pretrained weights; no_xp_weight adds the XP-hidden pass to training and early stopping."""
+    base = pipeline["config"]
+    config = validate({**base, "finetune": {**base["finetune"], "epochs": 2, "no_xp_weight": 0.5}})
+    out = tmp_path / "scratch"
+    job = member_job(pipeline, "mixed", out, config)
+    job.pretrained = None
+    assert finetune_member(job) == 0
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    rows = ckpt["metrics"]
+    for row in rows:
+        assert row["train_pinball_no_xp"] > 0
+        # early stopping scores both paths: the sum, weighted as in training
+        assert row["val_pinball"] == pytest.approx(row["val_pinball_with_xp"] + 0.5 * row["val_pinball_no_xp"])
+    pretrained, _ = load_pretrained(pipeline["root"] / "pretrain" / "segment-0.pt", Layout.from_dict(ckpt["layout"]))
+    assert ckpt["model_hparams"] == pretrained.hparams
+    fresh = torch.load(out / "model.pt", weights_only=True)["model"]
+    emb = "missing_embedding"
+    assert not torch.allclose(fresh[emb], pretrained.state_dict()[emb])
+    Ensemble.load([out / "model.pt"])  # a from-scratch member is an ordinary member

@@ -92,3 +92,28 @@ def test_diff_names_what_differs():
 def test_index_of_unknown_feature_names_it():
     with pytest.raises(LayoutError, match=r"feature 'G' is not in the layout"):
         Layout.from_config(BASE).index("G")
+
+
+def test_colours_relative_to_a_magnitude():
+    import numpy as np
+
+    from msa.features import derive
+
+    cfg = {"xp": {"bp": 1, "rp": 0}, "gaia_photometry": {"phot_g_mean_mag": None, "phot_bp_mean_mag": None},
+           "survey_photometry": {"K": None}, "astrometry": {"parallax": None},
+           "colours_relative_to": "phot_g_mean_mag"}
+    layout = Layout.from_config(cfg)
+    assert [layout.names[i] for i in layout.colour_indices] == ["phot_bp_mean_mag", "K"]
+    raw = {"bp_1": np.array([1.0, 2.0]), "bpe_1": np.array([0.1, 0.1]), "phot_g_mean_mag": np.array([15.0, 12.0]),
+           "phot_bp_mean_mag": np.array([15.5, 13.0]), "K": np.array([13.0, np.nan]),
+           "parallax": np.array([1.0, 2.0])}
+    values, _ = derive(raw, layout, normalise_xp=False)
+    np.testing.assert_allclose(values[:, layout.index("phot_bp_mean_mag")], [0.5, 1.0])
+    np.testing.assert_allclose(values[:, layout.index("K")], [-2.0, np.nan])  # missing stays missing
+    np.testing.assert_allclose(values[:, layout.index("phot_g_mean_mag")], [15.0, 12.0])
+    np.testing.assert_allclose(values[:, layout.index("parallax")], [1.0, 2.0])  # not a magnitude
+    plain = Layout.from_config({**cfg, "colours_relative_to": None})
+    assert "colours relative to" in layout.diff(plain)
+    assert Layout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
+    with pytest.raises(LayoutError, match="colours_relative_to"):
+        Layout.from_config({**cfg, "colours_relative_to": "parallax"})

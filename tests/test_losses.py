@@ -89,3 +89,22 @@ def test_pinball_hand_computation_nan_labels_and_weights():
     qg = q.clone().requires_grad_(True)
     pinball_loss(qg, y).backward()
     assert torch.isfinite(qg.grad).all() and (qg.grad[0, 1] == 0).all()
+
+
+def test_group_balance_is_the_mean_of_group_means():
+    from msa.losses import reconstruction_objective
+
+    torch.manual_seed(0)
+    recon, target = torch.randn(50, 5), torch.randn(50, 5)
+    err = torch.full((50, 5), 0.5)
+    err[:, 0] = 0.02  # one very precise column would dominate an entry-weighted mean
+    hidden = torch.rand(50, 5) < 0.5
+    groups = {"xp": [0, 1, 2], "phot": [3, 4]}
+    per = per_group_loss(recon, target, err, hidden, "error_weighted", groups)
+    balanced = reconstruction_objective(recon, target, err, hidden, "error_weighted", groups, "groups")
+    assert torch.isclose(balanced, (per["xp"] + per["phot"]) / 2)
+    entries = reconstruction_objective(recon, target, err, hidden, "error_weighted", groups, "entries")
+    assert torch.isclose(entries, reconstruction_loss(recon, target, err, hidden, "error_weighted"))
+    assert not torch.isclose(balanced, entries)
+    with pytest.raises(ValueError, match="loss_balance"):
+        reconstruction_objective(recon, target, err, hidden, "mse", groups, "columns")

@@ -98,3 +98,28 @@ def test_hash_uniform_range_and_uniformity():
     hist, _ = np.histogram(u, bins=10, range=(0, 1))
     assert np.all(np.abs(hist / len(u) - 0.1) < 0.01)
     np.testing.assert_array_equal(u, hash_uniform(np.arange(50_000), seed=11))
+
+
+def test_band_masking_hides_bp_only_rp_only_or_both_a_third_each():
+    layout = small_layout()
+    spec = MaskSpec.from_config(layout, {**SECTION, "xp_masking_ratio": 0.6, "xp_band_masking": True})
+    hidden = draw_mask(spec, 30000, torch.Generator().manual_seed(1)).numpy()
+    bp = hidden[:, [layout.index(f"bp_{i}") for i in range(1, 5)]]
+    rp = hidden[:, [layout.index(f"rp_{i}") for i in range(1, 4)]]
+    # a band is hidden whole or not at all
+    assert np.all(bp.all(1) == bp.any(1)) and np.all(rp.all(1) == rp.any(1))
+    bp, rp = bp[:, 0], rp[:, 0]
+    for share in (bp & ~rp, rp & ~bp, bp & rp):
+        assert abs(share.mean() - 0.2) < 0.015
+    # the same rule in the fixed validation mask
+    val = fixed_validation_mask(spec, np.arange(30000, dtype=np.int64), seed=3).numpy()
+    vbp, vrp = val[:, layout.index("bp_1")], val[:, layout.index("rp_1")]
+    assert abs((vbp & ~vrp).mean() - 0.2) < 0.015 and abs((vbp & vrp).mean() - 0.2) < 0.015
+
+
+def test_band_masking_falls_back_to_the_pretraining_setting():
+    layout = small_layout()
+    spec = MaskSpec.from_config(layout, {"xp_masking_ratio": None, "m_masking_ratio": None},
+                                fallback={**SECTION, "xp_band_masking": True})
+    assert spec.band_indices is not None and spec.n_row_draws == 2
+    assert MaskSpec.from_config(layout, SECTION).band_indices is None

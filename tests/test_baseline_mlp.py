@@ -1,0 +1,54 @@
+"""The plain-MLP yardstick: learns, is chosen on validation only, drops hidden columns, is seeded."""
+
+import numpy as np
+import pytest
+import torch
+
+from msa.baseline_mlp import MLPBaselineError, PlainMLPBaseline
+
+torch.set_num_threads(1)
+GRID = {"width": [32], "dropout": [0.0], "weight_decay": [1e-4], "loss": ["mse", "l1"]}
+
+
+def data(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = np.column_stack([3 * x[:, 0] - 2 * x[:, 1], np.sin(2 * x[:, 2])]) + rng.normal(0, 0.05, (n, 2))
+    x[rng.random((n, 6)) < 0.05] = np.nan  # missing inputs are filled and flagged
+    y[rng.random(n) < 0.1, 1] = np.nan  # a missing label is ignored
+    return x, y * [100.0, 1.0] + [5000.0, 0.0]  # physical units: the scaling is the model's job
+
+
+def test_learns_much_better_than_the_mean_and_is_reproducible():
+    x, y = data(1500, 0)
+    xv, yv = data(300, 1)
+    xt, yt = data(300, 2)
+    fit = dict(x_train=x, y_train=y, x_val=xv, y_val=yv)
+    mlp = PlainMLPBaseline(["a", "b"], seed=3, grid=GRID).fit(**fit)
+    pred = mlp.predict(xt)
+    for j in range(2):
+        ok = np.isfinite(yt[:, j])
+        rmse = np.sqrt(np.mean((pred[ok, j] - yt[ok, j]) ** 2))
+        assert rmse < 0.35 * np.nanstd(yt[:, j])
+    assert len(mlp.validation_scores) == 2 and mlp.chosen.loss in ("mse", "l1")
+    np.testing.assert_array_equal(PlainMLPBaseline(["a", "b"], seed=3, grid=GRID).fit(**fit).predict(xt), pred)
+
+
+def test_hidden_columns_are_not_inputs():
+    x, y = data(600, 0)
+    xv, yv = data(200, 1)
+    mlp = PlainMLPBaseline(["a", "b"], seed=0, hidden_columns=[0, 1], grid=GRID).fit(x, y, xv, yv)
+    shuffled = x.copy()
+    shuffled[:, [0, 1]] = np.random.default_rng(5).normal(size=(len(x), 2))
+    np.testing.assert_array_equal(mlp.predict(shuffled), mlp.predict(x))
+    # without columns 0 and 1 the first label cannot be learned
+    pred = mlp.predict(xv)
+    assert np.sqrt(np.mean((pred[:, 0] - yv[:, 0]) ** 2)) > 0.8 * np.std(yv[:, 0])
+
+
+def test_too_few_stars_and_predict_before_fit_are_refused():
+    x, y = data(5, 0)
+    with pytest.raises(MLPBaselineError, match="need at least"):
+        PlainMLPBaseline(["a", "b"]).fit(x, y, x, y)
+    with pytest.raises(MLPBaselineError, match="fit"):
+        PlainMLPBaseline(["a", "b"]).predict(x)
