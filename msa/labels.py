@@ -17,6 +17,7 @@ scaler is never touched here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,10 +25,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from msa.store import SOURCE_ID
+from msa.errors import InputError
+from msa.source_ids import SOURCE_ID, parse_source_ids
+
+log = logging.getLogger(__name__)
 
 
-class LabelError(ValueError):
+class LabelError(InputError, ValueError):
     """The ``labels`` / ``label_sets`` config or a label catalogue is inconsistent."""
 
 
@@ -70,8 +74,9 @@ def label_columns(labels_cfg: Mapping, names: Sequence[str]) -> list[LabelColumn
     return out
 
 
-def read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
-    """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table."""
+def read_table(path: str | Path, columns: Sequence[str], id_column: str | None = None) -> pd.DataFrame:
+    """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table; ``id_column``
+    (one of ``columns``) is read as exact int64 source_ids (:func:`msa.source_ids.parse_source_ids`)."""
     path = Path(path)
     suffixes = "".join(path.suffixes).lower()
     try:
@@ -86,7 +91,12 @@ def read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
                 raise KeyError(missing)
             df = table[list(columns)].to_pandas()
         else:
-            df = pd.read_csv(path, usecols=list(columns))
+            # ids as text, parsed exactly below: pandas would round float text such as "…504.0"
+            df = pd.read_csv(path, usecols=list(columns), dtype={id_column: str} if id_column else None)
+        if id_column is not None:
+            df[id_column] = parse_source_ids(df[id_column], path, id_column)
+    except InputError:
+        raise
     except (KeyError, ValueError) as err:
         raise LabelError(f"label catalogue {path}: cannot read column(s) {list(columns)} ({err}); "
                          "fix labels.columns or labels.source_id_column") from err
@@ -116,12 +126,8 @@ class LabelSource:
 
     def _load_catalogue(self, path: Path, id_column: str, cols: list[LabelColumn]) -> None:
         wanted = [id_column] + [c.value for c in cols] + [c.error for c in cols if c.error]
-        df = read_table(path, list(dict.fromkeys(wanted)))
-        ids = df[id_column].to_numpy()
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise LabelError(f"label catalogue {path}: column {id_column!r} must be integer Gaia source_ids "
-                             f"(found dtype {ids.dtype}; empty ids?)")
-        ids = ids.astype(np.int64)
+        df = read_table(path, list(dict.fromkeys(wanted)), id_column=id_column)
+        ids = df[id_column].to_numpy(np.int64)
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         dup = np.unique(ids[1:][ids[1:] == ids[:-1]])

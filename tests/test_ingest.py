@@ -202,13 +202,14 @@ def test_survey_with_empty_or_float_source_ids_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from msa.surveys import SurveyError, read_survey
+    from msa.source_ids import SourceIdError
+    from msa.surveys import read_survey
 
     ids = pa.array([75527034260250932, None, 75527034260250934], pa.int64())
     pq.write_table(pa.table({"source_id": ids, "j_m": [10.0, 11.0, 12.0]}), tmp_path / "null.parquet")
-    with pytest.raises(SurveyError, match=r"null\.parquet: 1 row\(s\) with an empty source_id"):
+    with pytest.raises(SourceIdError, match=r"null\.parquet: column 'source_id' row 1: '' is empty"):
         read_survey(tmp_path / "null.parquet", {"j_m": "J"})
     # float ids would merge neighbouring Gaia stars (75527034260250932 → …928)
     pq.write_table(pa.table({"source_id": [7.5527034260250932e16], "j_m": [10.0]}), tmp_path / "float.parquet")
-    with pytest.raises(SurveyError, match="not an integer column"):
+    with pytest.raises(SourceIdError, match=r"float\.parquet: column 'source_id' has type double, not integer"):
         read_survey(tmp_path / "float.parquet", {"j_m": "J"})
