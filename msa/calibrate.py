@@ -30,12 +30,14 @@ from typing import Sequence
 
 import numpy as np
 
+from msa.errors import InputError
+
 log = logging.getLogger(__name__)
 
 MODES = ("symmetric", "per_side")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError, ValueError):
     """Too few calibration stars, or a calibration file that does not fit the predictions."""
 
 

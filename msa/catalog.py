@@ -35,11 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from msa.errors import InputError
 from msa.config import load_config
 from msa.healpix import n_pixels, pixel_centres, source_id_to_pixel
 from msa.plots import plt, save_figure
 from msa.splits import unit_hash
-from msa.store import SOURCE_ID, atomic_path
+from msa.store import SOURCE_ID, atomic_path, dir_mode
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ IDENTITY_KEYS = ("label_set", "labels", "member_sha256", "calibration_sha256", "
 PERCENTILES = (1, 5, 16, 50, 84, 95, 99)
 
 
-class CatalogError(RuntimeError):
+class CatalogError(InputError, RuntimeError):
     """Inputs that cannot form one catalogue: different models, duplicate stars, unreadable files."""
 
 
@@ -234,6 +235,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
     dest = paths["dataset"]
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp_dir, dir_mode())  # mkdtemp's 0700 would hide the catalogue from the group
     try:
         rows_per_pixel = write_partitions(inputs, tmp_dir, level)
         stats = summarise_partitions(tmp_dir, level, labels, sky_map_label, sample_fraction, seed)

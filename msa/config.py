@@ -17,10 +17,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from msa.errors import InputError
+
 SCHEMA_RESOURCE = "schemas/config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """The configuration file is unreadable or does not follow the schema."""
 
 

@@ -125,9 +125,11 @@ def _text_batches(path: Path, columns: Sequence[str], types: dict[str, pa.DataTy
     """Stream record batches of ``columns`` from a CSV/ECSV(.gz) file, errors named by file."""
     names, n_comment, delimiter = text_header(path)
     _require(path, names, columns)
-    raw = open(path, "rb")
+    # a native file, not pa.PythonFile: arrow's reader threads calling back into Python were left
+    # running after an error and aborted the interpreter at exit (SIGABRT)
+    raw = pa.OSFile(str(path), "r")
     try:
-        stream = pa.PythonFile(raw, mode="r")
+        stream = raw
         if path.name.lower().endswith(".gz"):
             stream = pa.CompressedInputStream(stream, "gzip")
         reader = pcsv.open_csv(

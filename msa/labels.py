@@ -111,6 +111,8 @@ class LabelSource:
     def __init__(self, labels_cfg: Mapping, names: Sequence[str]):
         self.names = list(names)
         self.columns = label_columns(labels_cfg, names)
+        self.catalogue_path = labels_cfg.get("catalogue")
+        self.min_match_fraction = float(labels_cfg.get("min_match_fraction", 0.0))
         self._ids = np.empty(0, dtype=np.int64)
         self._values = np.empty((0, 0))
         self._errors = np.empty((0, 0))
@@ -247,6 +249,20 @@ class LabelledStars:
                              self.y_err[mask], {k: v[mask] for k, v in self.extra.items()})
 
 
+def _report_catalogue_join(source: LabelSource, parts: list[LabelledStars], n_shards: int) -> None:
+    """Log how many catalogue stars the shards hold; fewer than ``labels.min_match_fraction`` is an error."""
+    n_catalogue = len(source.catalogue_ids)
+    if not n_catalogue:
+        return
+    matched = int(sum(np.isin(p.source_id, source.catalogue_ids).sum() for p in parts))
+    log.info("label catalogue %s: %d of its %d stars are in the %d shard(s); %d unmatched",
+             source.catalogue_path, matched, n_catalogue, n_shards, n_catalogue - matched)
+    if matched < source.min_match_fraction * n_catalogue:
+        raise LabelError(f"label catalogue {source.catalogue_path}: only {matched} of its {n_catalogue} stars are in "
+                         f"the store (below labels.min_match_fraction = {source.min_match_fraction}); check that "
+                         "the catalogue's source_id column holds Gaia DR3 ids, or lower the fraction")
+
+
 def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSource,
                   extra_columns: Sequence[str] = ()) -> LabelledStars:
     """Read every star with at least one label of ``source`` from the shards.
@@ -273,6 +289,7 @@ def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSou
             extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan))
                      for c in extra_columns}
             parts.append(LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra))
+    _report_catalogue_join(source, parts, len(shard_paths))
     if not parts:
         raise LabelError(f"no star in the {len(shard_paths)} shard(s) has a label of {source.names}; "
                          "check labels.catalogue and that the shards hold the catalogue's stars")

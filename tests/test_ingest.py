@@ -70,7 +70,8 @@ def test_provenance_attrs(demo_shard):
     assert len(xp_input["sha256"]) == 64 and "mtime" in xp_input
     counts = json.loads(attrs["counts"])
     assert counts == {"xp_rows": 3896, "source_rows": 3896, "sources_without_xp": 0,
-                      "survey_tmass_matched": 3896, "written": 3896}
+                      "survey_tmass_rows": 3896, "survey_tmass_matched": 3896, "survey_tmass_unmatched": 0,
+                      "written": 3896}
     assert attrs["msa_version"] and int(attrs["n_rows"]) == 3896
 
 
@@ -177,7 +178,7 @@ def test_cli_explicit_form(sky, tmp_path):
         assert {"j_m", "ks_msigcom", "phot_g_mean_mag"} <= set(shard.columns)
         assert not np.isnan(shard.read(["bp_1"])["bp_1"]).any()
     rc = main(["ingest", "--xp", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.h5"), "--no-progress"])
-    assert rc == 1 and not (tmp_path / "x.h5").exists()
+    assert rc == 2 and not (tmp_path / "x.h5").exists()  # bad input
 
 
 def test_survey_formats_agree_and_rename(tmp_path):

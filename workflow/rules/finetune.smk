@@ -39,6 +39,6 @@ rule finetune:
         mem_mb=16000,
         runtime=attempt_scaled(60),
     shell:
-        "msa finetune --config {params.config} --label-set {wildcards.label_set} "
-        "--member {wildcards.member} --pretrained {input.pretrained} --shards {input.shards} "
-        "--scaler {input.scaler} --out-dir {params.out_dir} >> {log} 2>&1"
+        "msa finetune --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--member {wildcards.member:q} --pretrained {input.pretrained:q} --shards {input.shards:q} "
+        "--scaler {input.scaler:q} --out-dir {params.out_dir:q} >> {log:q} 2>&1"
