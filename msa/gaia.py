@@ -100,12 +100,18 @@ def table_columns(path: str | Path) -> list[str]:
     kind = file_kind(path)
     if kind == "text":
         return text_header(path)[0]
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-        return list(pq.ParquetFile(path).schema_arrow.names)
-    from astropy.io import fits
-    with fits.open(path, memmap=True) as hdul:
-        return list(_fits_table(hdul, path).columns.names)
+    if not path.exists():
+        raise ArchiveFormatError(f"{path}: file not found")
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        from astropy.io import fits
+        with fits.open(path, memmap=True) as hdul:
+            return list(_fits_table(hdul, path).columns.names)
+    except (OSError, pa.ArrowInvalid, zlib.error) as err:  # astropy and arrow say "not this format" so
+        raise ArchiveFormatError(f"{path}: not a readable {kind.upper()} file ({err}); check that its "
+                                 "content matches its suffix (.fits, .parquet, .csv, ...)") from err
 
 
 def _require(path: Path, available: Sequence[str], required: Sequence[str]) -> None:

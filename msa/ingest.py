@@ -100,6 +100,11 @@ def ingest_shard(
     otherwise gives a shard without that survey, silently).
     """
     xp_path = Path(xp_path)
+    for role, given in [("xp", xp_path), ("source", source_path),
+                        *((f"survey {n}", spec["path"]) for n, spec in (surveys or {}).items())]:
+        if given is not None and not Path(given).is_file():
+            raise IngestError(f"{given}: {role} file not found; fix the path (--xp/--source/--photometry "
+                              "or the config's ingest section)")
     check_out_path(out, [xp_path, source_path, *(spec["path"] for spec in (surveys or {}).values())],
                    SHARD_SUFFIXES)
     inputs = [{"role": "xp", **file_fingerprint(xp_path)}]
