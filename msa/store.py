@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -73,7 +74,7 @@ def _pid_alive(pid: int) -> bool:
 def sweep_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that killed writers of ``path`` left beside it; returns them.
 
-    A temporary is named ``.NAME.HOST.PID.XXXX.tmp``: it is stale when HOST is this machine and PID
+    A temporary (file or folder) is named ``.NAME.HOST.PID.XXXX.tmp``: it is stale when HOST is this machine and PID
     is no longer running, or (another machine, or an unparsable name) when older than a day.
     """
     path = Path(path)
@@ -87,11 +88,26 @@ def sweep_temporaries(path: str | os.PathLike) -> list[Path]:
         try:
             stale = (not _pid_alive(pid)) if same_host else time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS
             if stale:
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
                 removed.append(tmp)
         except FileNotFoundError:  # another process swept it first
             continue
     return removed
+
+
+def _temp_name_prefix(path: Path) -> str:
+    return f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}."
+
+
+def make_temp_dir(path: str | os.PathLike) -> Path:
+    """A new folder beside ``path`` (for building a folder output, then renaming it into place),
+    named so that :func:`sweep_temporaries` removes it if this process is killed; umask mode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_name_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp's 0700 would hide a shared catalogue from the group
+    return tmp
 
 
 @contextmanager
@@ -104,8 +120,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}.",
-                               suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_name_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

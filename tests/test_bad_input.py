@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from msa.cli import main
 from msa.gaia import XP_LIST_COLUMNS, iter_xp
 from msa.store import Shard, atomic_path, check_out_path, sweep_temporaries, write_shard
+from test_catalog import LEVEL, predictions  # noqa: F401  (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path("/work/shared/data/gaia_archive_samples")
@@ -361,8 +362,7 @@ def test_outputs_take_the_umask_mode(tmp_path, umask):
 
 def test_failed_write_leaves_no_temporary_and_stale_ones_are_swept(tmp_path):
     out = tmp_path / "s.h5"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = _dead_pid()
     host = socket.gethostname()
     stale = tmp_path / f".s.h5.{host}.{dead}.abc123.tmp"  # a killed writer's, on this machine
     live = tmp_path / f".s.h5.{host}.{os.getpid()}.def456.tmp"  # a running writer's: kept
@@ -448,8 +448,13 @@ def test_label_set_names_that_escape_results_are_refused():
 
 source_ids = st.integers(min_value=0, max_value=2**63 - 1)
 coefficients = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=55, max_size=55)
-rows = st.lists(st.tuples(source_ids, st.one_of(st.none(), coefficients), coefficients),
-                min_size=1, max_size=6, unique_by=lambda r: r[0])
+
+
+@st.composite
+def rows(draw):
+    """Archive rows: distinct int64 ids, an optional BP block, an RP block (float32 values)."""
+    ids = draw(st.lists(source_ids, min_size=1, max_size=4, unique=True))
+    return [(sid, draw(st.one_of(st.none(), coefficients)), draw(coefficients)) for sid in ids]
 
 
 def _archive_list(values, style: str) -> str:
@@ -459,8 +464,9 @@ def _archive_list(values, style: str) -> str:
     return f'"({body})"' if style == "csv" else f'"[{body}]"'
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=rows, style=st.sampled_from(["csv", "ecsv"]))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(rows=rows(), style=st.sampled_from(["csv", "ecsv"]))
 def test_valid_archive_rows_round_trip_exactly(tmp_path, rows, style):
     header = "source_id,bp_coefficients,bp_coefficient_errors,rp_coefficients,rp_coefficient_errors\n"
     lines = [f"{sid},{_archive_list(bp, style)},{_archive_list(bp, style)},{_archive_list(rp, style)},"
@@ -476,3 +482,21 @@ def test_valid_archive_rows_round_trip_exactly(tmp_path, rows, style):
         expected_bp = np.full(55, np.nan, np.float32) if bp is None else np.asarray(bp, np.float32)
         np.testing.assert_array_equal(got["bp_coefficients"][i], expected_bp)
         np.testing.assert_array_equal(got["rp_coefficients"][i], np.asarray(rp, np.float32))
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_catalogue_folder_is_group_readable_and_killed_builds_are_swept(predictions, tmp_path):
+    from msa.catalog import build_catalog
+
+    out = tmp_path / "catalog" / "spectro"
+    out.parent.mkdir()
+    killed = out.parent / f".spectro.{socket.gethostname()}.{_dead_pid()}.x1y2.tmp"  # a killed build's folder
+    killed.mkdir()
+    (killed / "part-0.parquet").write_bytes(b"partial")
+    build_catalog(predictions["files"], out, "spectro", LEVEL, "teff")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert not killed.exists() and not list(out.parent.glob(".*.tmp"))
