@@ -176,10 +176,11 @@ def run(args) -> int:
     from msa.ensemble import Ensemble
     from msa.labels import LabelSource, label_set, load_labelled
     from msa.splits import split_mask
-    from msa.store import atomic_path
+    from msa.store import atomic_path, check_out_path
 
     import torch
 
+    check_out_path(args.out, [args.config, *args.members, *args.shards], (".json",))
     config = load_config(args.config)
     names = label_set(config, args.label_set)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -339,6 +339,26 @@ def test_table_ids_above_2_53_round_trip_exactly(predict_setup, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
+def _fit_scaler(tmp: Path, out: str) -> list[str]:
+    write_shard(tmp / "shard.h5", {"source_id": np.arange(5), "phot_g_mean_mag": np.linspace(10, 12, 5)})
+    (tmp / "config.json").write_text("{}")
+    return ["fit-scaler", "--config", str(tmp / "config.json"), "--shards", str(tmp / "shard.h5"),
+            "--out", str(tmp / out)]
+
+
+OTHER_OUT_CASES = [
+    Case("fit-scaler-out-is-the-config", lambda t: _fit_scaler(t, "config.json"),
+         r"--out .*config\.json is the input .*config\.json", out="config.json"),
+    Case("fit-scaler-out-is-a-shard", lambda t: _fit_scaler(t, "shard.h5"),
+         r"--out .*shard\.h5: expected a file ending in \.json", out="shard.h5"),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_OUT_CASES, ids=lambda c: c.id)
+def test_other_stages_refuse_an_out_that_is_an_input(case, tmp_path, capsys):
+    check_refused(tmp_path, case, case.argv(tmp_path), capsys)
+
+
 # --- atomic writes: modes, temporaries, corrupt checkpoints ---------------------------------------
 
 def _umask() -> int:
