@@ -89,7 +89,7 @@ def text_header(path: str | Path) -> tuple[list[str], int, str]:
         raise ArchiveFormatError(f"{path}: cannot read the header ({err}); is the file complete?") from err
     text = line.decode("utf-8", "replace").strip()
     if not text:
-        raise ArchiveFormatError(f"{path}: no header line (empty file?)")
+        raise ArchiveFormatError(f"{path}: no header line (empty file?); download or export it again")
     names = [c.strip().strip('"') for c in text.split(delimiter)]
     return names, n_comment, delimiter
 
