@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msa.errors import InputError
 from msa import __version__
+from msa.errors import InputError
 from msa.layout import Layout
 from msa.store import atomic_path
 

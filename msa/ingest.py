@@ -25,8 +25,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from msa.errors import InputError
 from msa import __version__
+from msa.errors import InputError
 from msa.config import config_hash, load_config, validate
 from msa.gaia import (N_XP_COEFFICIENTS, SOURCE_ID, check_unique_ids, concat_blocks,
                       file_kind, iter_xp, read_table, table_columns)

@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from msa.errors import InputError
 from msa import __version__
+from msa.errors import InputError
 from msa.calibrate import apply_calibration, load_calibration
 from msa.checkpoint import file_sha256
 from msa.config import config_hash, load_config

@@ -5,7 +5,10 @@ all of one length, rows sorted by ``source_id``, chunked and compressed. Provena
 the root attributes (``msa_version``, ``n_rows``, ``created``, ``inputs`` as JSON, ...).
 Reading a subset of columns over a row range touches only those columns' chunks.
 
-This module is a leaf: it imports nothing from the package but the version.
+It is also the package's one atomic writer (:func:`atomic_path`, :func:`make_temp_dir`) and the
+check that an output does not overwrite an input (:func:`check_out_path`).
+
+This module is a leaf: it imports nothing from the package but the version and the error base.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
-from msa.errors import InputError
 from msa import __version__
+from msa.errors import InputError
 
 SOURCE_ID = "source_id"
 CHUNK_ROWS = 16384
@@ -37,11 +40,11 @@ class StoreError(InputError, RuntimeError):
     """A shard is missing, unreadable, or lacks a column that was asked for."""
 
 
-STALE_TEMP_SECONDS = 24 * 3600  # a temporary from another host is swept once this old
+STALE_TEMP_SECONDS = 24 * 3600  # any temporary this old is swept (its writer's host may be another)
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it straight back
     os.umask(mask)
     return mask
 
@@ -74,8 +77,8 @@ def _pid_alive(pid: int) -> bool:
 def sweep_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that killed writers of ``path`` left beside it; returns them.
 
-    A temporary (file or folder) is named ``.NAME.HOST.PID.XXXX.tmp``: it is stale when HOST is this machine and PID
-    is no longer running, or (another machine, or an unparsable name) when older than a day.
+    A temporary (file or folder) is named ``.NAME.HOST.PID.XXXX.tmp``: it is stale when HOST is this
+    machine and PID is no longer running, or whatever its name when a day old.
     """
     path = Path(path)
     host, removed = socket.gethostname(), []
@@ -86,7 +89,8 @@ def sweep_temporaries(path: str | os.PathLike) -> list[Path]:
         except (IndexError, ValueError):
             same_host, pid = False, -1
         try:
-            stale = (not _pid_alive(pid)) if same_host else time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS
+            # a day old is stale on any machine: a pid can be reused, no write here takes that long
+            stale = (same_host and not _pid_alive(pid)) or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS
             if stale:
                 shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
                 removed.append(tmp)
@@ -125,13 +129,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        if tmp.is_dir():
-            os.chmod(tmp, dir_mode())
-        elif tmp.exists():
+        if tmp.exists():
             os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
-        if tmp.is_file() or tmp.is_symlink():
+        if tmp.exists():
             tmp.unlink()
 
 
