@@ -39,7 +39,7 @@ MSA_CONFIG = f"{RESULTS}/.msa/config.yaml"
 write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=False))
 
 
-# Names that become paths (shards; label sets are checked by the schema): no '/', '..', spaces
+# Names that become paths (shards; label sets are checked by the schema): no slash, no '..', no spaces
 # or shell characters. Rule shell commands also quote every path and wildcard.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
 
