@@ -11,6 +11,7 @@ passed through float; a float column or float text is refused naming the row).
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -127,8 +128,9 @@ def _iter_raw(path: Path, fmt: str, wanted: list[str], chunk_rows: int) -> Itera
             except ValueError as err:  # pandas names the value, not the column: find it
                 raise TableError(f"{path}: {_bad_csv_value(path, wanted) or err}; write numbers, "
                                  "or leave a field empty for a missing value") from None
-            except (OSError, EOFError) as err:
-                raise TableError(f"{path}: cannot read the table ({err}); is the file complete?") from err
+            except (OSError, EOFError, zlib.error) as err:  # e.g. a truncated .csv.gz
+                raise TableError(f"{path}: cannot read the table ({err}); is the file complete? "
+                                 "Download or export it again") from err
             yield _as_columns(frame, wanted, path, first_row)
             first_row += len(frame)
     elif fmt == "parquet":

@@ -304,11 +304,21 @@ PREDICT_CASES = [
         r"edited\.csv: column '\w+' row 1: 'bright' is not a number", out="out/p.parquet"),
     Case("table-header-only", lambda s: predict_argv(s, _edit_table(s, lambda ls: ls[:1])),
          r"edited\.csv: the table has no rows", out="out/p.parquet"),
+    Case("table-truncated-gzip", lambda s: predict_argv(s, _truncated_table(s)),
+         r"stars\.csv\.gz: cannot read the table .*is the file complete", out="out/p.parquet"),
     Case("out-is-the-table", lambda s: predict_argv(s, _parquet_table(s), out=_parquet_table(s)),
          r"--out .*stars\.parquet is the input .*stars\.parquet", out="stars.parquet"),
     Case("out-wrong-suffix", lambda s: predict_argv(s, out=Path(s["table"]).parent / "out" / "p.pt"),
          r"--out .*p\.pt: expected a file ending in \.parquet", out="out/p.pt"),
 ]
+
+
+def _truncated_table(s) -> Path:
+    import gzip
+    whole = gzip.compress(Path(s["table"]).read_bytes())
+    path = Path(s["table"]).with_name("stars.csv.gz")
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    return path
 
 
 def _parquet_table(s) -> Path:
