@@ -532,3 +532,42 @@ def test_catalogue_folder_is_group_readable_and_killed_builds_are_swept(predicti
     build_catalog(predictions["files"], out, "spectro", LEVEL, "teff")
     assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert not killed.exists() and not list(out.parent.glob(".*.tmp"))
+
+
+# --- label catalogues: exact ids and the join report ----------------------------------------------
+
+def _labelled_shard(tmp: Path):
+    from test_ensemble import small_layout, unit_scaler
+    from test_predict import star_columns
+
+    from msa.features import FeatureTransform
+    cols = star_columns(150)
+    write_shard(tmp / "shard.h5", cols)
+    layout = small_layout()
+    return tmp / "shard.h5", FeatureTransform(layout, unit_scaler(layout), False), cols["source_id"]
+
+
+def test_label_catalogue_with_float_text_id_is_refused(tmp_path):
+    from msa.labels import LabelSource
+    from msa.source_ids import SourceIdError
+
+    ids = [str(2**60 + 1), str(2**60 + 3) + ".0", str(2**60 + 5)]
+    (tmp_path / "labels.csv").write_text("source_id,teff\n" + "".join(f"{i},5000\n" for i in ids))
+    with pytest.raises(SourceIdError, match=r"labels\.csv: column 'source_id' row 1: '\d+\.0' is not an integer"):
+        LabelSource({"catalogue": str(tmp_path / "labels.csv"), "columns": {"teff": {"value": "teff"}}}, ["teff"])
+
+
+def test_label_join_is_logged_and_a_poor_one_fails(tmp_path, caplog):
+    from msa.labels import LabelError, LabelSource, load_labelled
+
+    shard, transform, ids = _labelled_shard(tmp_path)
+    catalogue_ids = [*ids[:30].tolist(), 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]  # 30 in the store, 10 not
+    (tmp_path / "labels.csv").write_text("source_id,teff\n" + "".join(f"{i},5000\n" for i in catalogue_ids))
+    cfg = {"catalogue": str(tmp_path / "labels.csv"), "columns": {"teff": {"value": "teff"}}}
+    caplog.set_level("INFO")
+    stars = load_labelled([shard], transform, LabelSource(cfg, ["teff"]))
+    assert len(stars) == 30
+    assert "labels.csv: 30 of its 40 stars are in the 1 shard(s); 10 unmatched" in caplog.text
+    with pytest.raises(LabelError, match=r"labels\.csv: only 30 of its 40 stars are in the store "
+                                         r"\(below labels\.min_match_fraction = 0\.9\)"):
+        load_labelled([shard], transform, LabelSource({**cfg, "min_match_fraction": 0.9}, ["teff"]))
