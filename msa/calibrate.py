@@ -30,12 +30,14 @@ from typing import Sequence
 
 import numpy as np
 
+from msa.errors import InputError
+
 log = logging.getLogger(__name__)
 
 MODES = ("symmetric", "per_side")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InputError, ValueError):
     """Too few calibration stars, or a calibration file that does not fit the predictions."""
 
 
@@ -174,10 +176,11 @@ def run(args) -> int:
     from msa.ensemble import Ensemble
     from msa.labels import LabelSource, label_set, load_labelled
     from msa.splits import split_mask, split_seed
-    from msa.store import atomic_path
+    from msa.store import atomic_path, check_out_path
 
     import torch
 
+    check_out_path(args.out, [args.config, *args.members, *args.shards], (".json",))
     config = load_config(args.config)
     names = label_set(config, args.label_set)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -35,11 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from msa.errors import InputError
 from msa.config import load_config
 from msa.healpix import n_pixels, pixel_centres, source_id_to_pixel
 from msa.plots import plt, save_figure
 from msa.splits import unit_hash
-from msa.store import SOURCE_ID, atomic_path
+from msa.store import SOURCE_ID, atomic_path, make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ IDENTITY_KEYS = ("label_set", "labels", "member_sha256", "calibration_sha256", "
 PERCENTILES = (1, 5, 16, 50, 84, 95, 99)
 
 
-class CatalogError(RuntimeError):
+class CatalogError(InputError, RuntimeError):
     """Inputs that cannot form one catalogue: different models, duplicate stars, unreadable files."""
 
 
@@ -208,7 +208,7 @@ def _replace_dir(tmp_dir: Path, dest: Path) -> None:
     """Put ``tmp_dir`` at ``dest``; an existing ``dest`` is moved aside first and removed after."""
     old = None
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = make_temp_dir(dest)
         os.replace(dest, old / dest.name)
     os.replace(tmp_dir, dest)
     if old is not None:
@@ -233,7 +233,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
     sample_fraction = min(1.0, percentile_sample_rows / max(total_rows, 1))
     dest = paths["dataset"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp_dir = make_temp_dir(dest)  # sweeps the folders of killed runs first
     try:
         rows_per_pixel = write_partitions(inputs, tmp_dir, level)
         stats = summarise_partitions(tmp_dir, level, labels, sky_map_label, sample_fraction, seed)

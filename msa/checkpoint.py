@@ -12,18 +12,24 @@ states), ``config`` (the resolved config section), ``layout`` (``Layout.to_dict(
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from msa import __version__
+from msa.errors import InputError
 from msa.layout import Layout
 from msa.store import atomic_path
 
+log = logging.getLogger(__name__)
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the current layout."""
 
 
@@ -43,6 +49,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def set_aside_if_corrupt(path: str | Path) -> bool:
+    """Whether an in-progress checkpoint at ``path`` loads; an unreadable one (a write cut short by
+    a kill, a full disk) is renamed to ``NAME.corrupt-TIME`` with a warning, so the run starts
+    afresh instead of every retry failing on it."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        load_checkpoint(path)
+        return True
+    except CheckpointError as err:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:  # another rank moved it first
+            return False
+        log.warning("%s; moved it to %s and starting afresh (delete it once inspected)", err, aside)
+        return False
 
 
 def check_layout(checkpoint: dict, layout: Layout, path: str | Path) -> None:

@@ -2,6 +2,10 @@
 
 Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are imported
 only when their sub-command runs, so ``msa --help`` stays fast.
+
+Errors: one line ``msa <command>: error: <message>`` on stderr, no traceback (``--debug`` shows
+it). Exit 2 for bad input (:class:`msa.errors.InputError`, a missing file; argparse uses 2 too),
+1 for a run that failed for another reason.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import logging
 import sys
 
 from msa import __version__
+from msa.errors import InputError
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 # sub-command -> (module, one-line help)
 COMMANDS = {
@@ -31,6 +38,7 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msa", description="Masked Stellar Autoencoder pipeline")
     parser.add_argument("--version", action="version", version=f"msa {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -47,8 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[args.command][0])
+        return int(module.run(args) or 0)
+    except Exception as err:
+        if args.debug:
+            raise
+        bad_input = isinstance(err, (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError))
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, even for multi-line messages
+        if not bad_input:
+            message = f"{type(err).__name__}: {message} (run failed; --debug shows the traceback)"
+        print(f"msa {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -17,10 +17,14 @@ from typing import Any
 import jsonschema
 import yaml
 
+from msa.errors import InputError
+
 SCHEMA_RESOURCE = "schemas/config.schema.yaml"
+# names checked by a pattern become folders under results/
+NAME_HINT = "; rename it with letters, digits, '_', '.' and '-' only (it becomes a folder name)"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """The configuration file is unreadable or does not follow the schema."""
 
 
@@ -46,7 +50,8 @@ def validate(config: dict, source: str = "config") -> dict:
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.path))
     if errors:
-        lines = [f"  {'.'.join(map(str, e.path)) or '(top level)'}: {e.message}" for e in errors[:10]]
+        lines = [f"  {'.'.join(map(str, e.path)) or '(top level)'}: {e.message}"
+                 + (NAME_HINT if e.validator == "pattern" else "") for e in errors[:10]]
         raise ConfigError(f"{source} does not follow the MSA config schema:\n" + "\n".join(lines)
                           + "\nSee config/README.md for every key and its meaning.")
     return config

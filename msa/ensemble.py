@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from msa.errors import InputError
 from msa.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from msa.features import FeatureTransform
 from msa.layout import Layout
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8192
 
 
-class EnsembleError(ValueError):
+class EnsembleError(InputError, ValueError):
     """Member checkpoints are not fine-tuned members, or do not belong to one ensemble."""
 
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state, rng_state,
+from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state, rng_state, set_aside_if_corrupt,
                             save_checkpoint)
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
@@ -389,6 +389,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
 
     state = {"epoch": 0, "batch": 0, "step": 0, "metrics": [], "best_val": float("inf"), "bad_epochs": 0,
              "best": None, "sums": {}}
+    set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
     if work_path.exists() and load_checkpoint(work_path).get("config_hash") != chash:
         # a killed run with other settings: its state must not leak into this one
         log.warning("ignoring %s: it was made with other fine-tuning settings; this member starts afresh",

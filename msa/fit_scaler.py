@@ -26,7 +26,7 @@ from msa.config import config_hash, load_config
 from msa.features import derive, store_columns, xp_normalises
 from msa.layout import Layout
 from msa.scaling import Scaler
-from msa.store import Shard, StoreError
+from msa.store import Shard, StoreError, check_out_path
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_path(args.out, [args.config, *args.shards], (".json",))
     config = load_config(args.config)
     layout = Layout.from_config(config["features"])
     section = config["scaler"]

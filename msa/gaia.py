@@ -10,7 +10,8 @@ parsed in bulk: the brackets of every row are overwritten in the column's contig
 which is then parsed by one ``np.fromstring`` call. No per-row Python runs on the fast path.
 
 Every reader raises :class:`ArchiveFormatError` (a ``ValueError``) naming the file, the column and,
-where it can, the first bad row (rows count from 0 = the first data row).
+where it can, the first bad row (rows count from 0 = the first data row); a ``source_id`` that is not
+an exact integer is a :class:`msa.source_ids.SourceIdError` in the same form.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
+from msa.errors import InputError
+from msa.source_ids import parse_source_ids
+
 log = logging.getLogger(__name__)
 
 SOURCE_ID = "source_id"
@@ -42,7 +46,7 @@ _OPENERS = np.array([ord("("), ord("[")], dtype=np.uint8)
 _CLOSERS = np.array([ord(")"), ord("]")], dtype=np.uint8)
 
 
-class ArchiveFormatError(ValueError):
+class ArchiveFormatError(InputError, ValueError):
     """A Gaia Archive (or survey) file is unreadable, incomplete or not in the expected format."""
 
 
@@ -85,7 +89,7 @@ def text_header(path: str | Path) -> tuple[list[str], int, str]:
         raise ArchiveFormatError(f"{path}: cannot read the header ({err}); is the file complete?") from err
     text = line.decode("utf-8", "replace").strip()
     if not text:
-        raise ArchiveFormatError(f"{path}: no header line (empty file?)")
+        raise ArchiveFormatError(f"{path}: no header line (empty file?); download or export it again")
     names = [c.strip().strip('"') for c in text.split(delimiter)]
     return names, n_comment, delimiter
 
@@ -96,12 +100,18 @@ def table_columns(path: str | Path) -> list[str]:
     kind = file_kind(path)
     if kind == "text":
         return text_header(path)[0]
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-        return list(pq.ParquetFile(path).schema_arrow.names)
-    from astropy.io import fits
-    with fits.open(path, memmap=True) as hdul:
-        return list(_fits_table(hdul, path).columns.names)
+    if not path.exists():
+        raise ArchiveFormatError(f"{path}: file not found")
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        from astropy.io import fits
+        with fits.open(path, memmap=True) as hdul:
+            return list(_fits_table(hdul, path).columns.names)
+    except (OSError, pa.ArrowInvalid, zlib.error) as err:  # astropy and arrow say "not this format" so
+        raise ArchiveFormatError(f"{path}: not a readable {kind.upper()} file ({err}); check that its "
+                                 "content matches its suffix (.fits, .parquet, .csv, ...)") from err
 
 
 def _require(path: Path, available: Sequence[str], required: Sequence[str]) -> None:
@@ -121,9 +131,11 @@ def _text_batches(path: Path, columns: Sequence[str], types: dict[str, pa.DataTy
     """Stream record batches of ``columns`` from a CSV/ECSV(.gz) file, errors named by file."""
     names, n_comment, delimiter = text_header(path)
     _require(path, names, columns)
-    raw = open(path, "rb")
+    # a native file, not pa.PythonFile: arrow's reader threads calling back into Python were left
+    # running after an error and aborted the interpreter at exit (SIGABRT)
+    raw = pa.OSFile(str(path), "r")
     try:
-        stream = pa.PythonFile(raw, mode="r")
+        stream = raw
         if path.name.lower().endswith(".gz"):
             stream = pa.CompressedInputStream(stream, "gzip")
         reader = pcsv.open_csv(
@@ -298,7 +310,7 @@ def iter_xp(path: str | Path, extra_columns: Sequence[str] = (), block_bytes: in
     names = text_header(path)[0]
     extras = [c for c in extra_columns if c in names and c not in XP_LIST_COLUMNS and c != SOURCE_ID]
     columns = [SOURCE_ID, *XP_LIST_COLUMNS, *extras]
-    types = {SOURCE_ID: pa.int64(), **{c: pa.string() for c in XP_LIST_COLUMNS},
+    types = {SOURCE_ID: pa.string(), **{c: pa.string() for c in XP_LIST_COLUMNS},
              **{c: pa.float64() for c in extras}}
     first_row = 0
     for batch in _text_batches(path, columns, types, block_bytes, progress):
@@ -307,11 +319,7 @@ def iter_xp(path: str | Path, extra_columns: Sequence[str] = (), block_bytes: in
 
 
 def _xp_block(batch: pa.RecordBatch, path: Path, first_row: int, extras: Sequence[str]) -> dict[str, np.ndarray]:
-    sid = batch.column(SOURCE_ID)
-    if sid.null_count:
-        bad = int(np.argmax(np.asarray(sid.is_null())))
-        raise ArchiveFormatError(f"{path}: column 'source_id' is empty at row {first_row + bad}")
-    out = {SOURCE_ID: sid.to_numpy().astype(np.int64, copy=False)}
+    out = {SOURCE_ID: parse_source_ids(batch.column(SOURCE_ID), path, SOURCE_ID, first_row)}
     for column in XP_LIST_COLUMNS:
         out[column] = parse_list_column(batch.column(column), path, column, first_row).astype(np.float32)
     for column in extras:
@@ -328,7 +336,7 @@ def _read_xp_fits(path: Path, extra_columns: Sequence[str]) -> dict[str, np.ndar
             _require(path, names, [SOURCE_ID, *XP_LIST_COLUMNS])
             data = hdu.data
             n = 0 if data is None else len(data)
-            out = {SOURCE_ID: np.asarray(data[SOURCE_ID] if n else [], dtype=np.int64)}
+            out = {SOURCE_ID: parse_source_ids(data[SOURCE_ID], path) if n else np.empty(0, np.int64)}
             for column in XP_LIST_COLUMNS:
                 out[column] = (_xp_from_fits_column(data[column], path, column) if n
                                else np.empty((0, N_XP_COEFFICIENTS))).astype(np.float32)
@@ -377,7 +385,7 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
     wanted = list(dict.fromkeys([*columns, *(c for c in optional if c in available)]))
     wanted = [c for c in wanted if c != SOURCE_ID]
     if kind == "text":
-        types = {SOURCE_ID: pa.int64(), **{c: pa.float64() for c in wanted}}
+        types = {SOURCE_ID: pa.string(), **{c: pa.float64() for c in wanted}}
         batches = list(_text_batches(path, [SOURCE_ID, *wanted], types, block_bytes))
         table = pa.Table.from_batches(batches) if batches else None
         return _arrow_to_numpy(table, path, wanted)
@@ -396,7 +404,7 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
         with fits.open(path, memmap=True) as hdul:
             data = _fits_table(hdul, path).data
             n = 0 if data is None else len(data)
-            out = {SOURCE_ID: np.asarray(data[SOURCE_ID] if n else [], dtype=np.int64)}
+            out = {SOURCE_ID: parse_source_ids(data[SOURCE_ID], path) if n else np.empty(0, np.int64)}
             for c in wanted:
                 out[c] = _fits_numeric(data, c, path, n)
             return out
@@ -407,11 +415,7 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
 def _arrow_to_numpy(table: pa.Table | None, path: Path, wanted: list[str]) -> dict[str, np.ndarray]:
     if table is None or table.num_rows == 0:
         return {SOURCE_ID: np.empty(0, dtype=np.int64), **{c: np.empty(0) for c in wanted}}
-    sid = table[SOURCE_ID]
-    if sid.null_count:
-        bad = int(np.argmax(np.asarray(sid.is_null())))
-        raise ArchiveFormatError(f"{path}: column 'source_id' is empty at row {bad}")
-    out = {SOURCE_ID: sid.to_numpy().astype(np.int64, copy=False)}
+    out = {SOURCE_ID: parse_source_ids(table[SOURCE_ID], path)}
     for c in wanted:
         out[c] = table[c].cast(pa.float64()).to_numpy()  # nulls → NaN
     return out

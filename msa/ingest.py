@@ -26,17 +26,19 @@ import numpy as np
 from tqdm import tqdm
 
 from msa import __version__
+from msa.errors import InputError
 from msa.config import config_hash, load_config, validate
-from msa.gaia import (N_XP_COEFFICIENTS, SOURCE_ID, ArchiveFormatError, check_unique_ids, concat_blocks,
+from msa.gaia import (N_XP_COEFFICIENTS, SOURCE_ID, check_unique_ids, concat_blocks,
                       file_kind, iter_xp, read_table, table_columns)
 from msa.layout import xp_coefficient_names, xp_error_names
-from msa.store import CHUNK_ROWS, StoreError, write_shard
-from msa.surveys import SurveyError, join_survey, read_survey
+from msa.store import CHUNK_ROWS, check_out_path, write_shard
+from msa.surveys import join_survey, read_survey
 
 log = logging.getLogger(__name__)
 
 FLUX_OVER_ERROR_COLUMNS = ("phot_g_mean_flux_over_error", "phot_bp_mean_flux_over_error",
                            "phot_rp_mean_flux_over_error")
+SHARD_SUFFIXES = (".h5", ".hdf5")
 FULL_HASH_MAX_BYTES = 16 << 20  # larger files: sha256 of the first MiB, plus size and mtime
 _XP_STORE_NAMES = {
     "bp_coefficients": xp_coefficient_names("bp", N_XP_COEFFICIENTS),
@@ -46,7 +48,7 @@ _XP_STORE_NAMES = {
 }
 
 
-class IngestError(ValueError):
+class IngestError(InputError, ValueError):
     """The inputs of one shard do not fit together (ids missing, duplicated, ...)."""
 
 
@@ -87,19 +89,32 @@ def ingest_shard(
     compression: str | None = "gzip",
     chunk_rows: int = CHUNK_ROWS,
     show_progress: bool = True,
+    min_survey_match_fraction: float = 0.0,
 ) -> dict:
     """Ingest one shard and write it atomically to ``out``; returns the provenance counts.
 
     ``surveys`` maps a survey name to ``{"path", "columns": {col: store_name}, "errors": {...}}``.
     ``source_path=None``: XP stars only; the ``source_columns`` the XP file itself has are copied.
+    Each survey join is reported (log and the shard's ``counts``); one matching fewer than
+    ``min_survey_match_fraction`` of the shard's stars is an error (a wrong file or id column
+    otherwise gives a shard without that survey, silently).
     """
     xp_path = Path(xp_path)
+    for role, given in [("xp", xp_path), ("source", source_path),
+                        *((f"survey {n}", spec["path"]) for n, spec in (surveys or {}).items())]:
+        if given is not None and not Path(given).is_file():
+            raise IngestError(f"{given}: {role} file not found; fix the path (--xp/--source/--photometry "
+                              "or the config's ingest section)")
+    check_out_path(out, [xp_path, source_path, *(spec["path"] for spec in (surveys or {}).values())],
+                   SHARD_SUFFIXES)
     inputs = [{"role": "xp", **file_fingerprint(xp_path)}]
     source_columns = list(dict.fromkeys(c for c in source_columns if c != SOURCE_ID))
     xp = _read_xp_streaming(xp_path, [] if source_path is not None
                             else [*source_columns, *FLUX_OVER_ERROR_COLUMNS], show_progress)
     xp_ids = xp[SOURCE_ID]
     check_unique_ids(xp_ids, xp_path)
+    if not len(xp_ids):
+        log.warning("%s: no XP rows (a header only?); the shard will hold no XP spectrum", xp_path)
     counts = {"xp_rows": int(len(xp_ids))}
 
     if source_path is not None:
@@ -153,7 +168,16 @@ def ingest_shard(
                               "input; rename them in ingest.surveys.{name}.columns/errors")
         joined, matched = join_survey(ids, table)
         columns.update(joined)
+        counts[f"survey_{name}_rows"] = int(len(table[SOURCE_ID]))
         counts[f"survey_{name}_matched"] = matched
+        counts[f"survey_{name}_unmatched"] = int(len(table[SOURCE_ID])) - matched
+        log.info("survey %s (%s): %d of %d shard stars matched; %d of its %d rows are for other stars",
+                 name, path, matched, len(ids), len(table[SOURCE_ID]) - matched, len(table[SOURCE_ID]))
+        if len(ids) and matched < min_survey_match_fraction * len(ids):
+            raise IngestError(
+                f"survey {name!r} ({path}): only {matched} of {len(ids)} stars of {xp_path} have a row "
+                f"(below ingest.min_survey_match_fraction = {min_survey_match_fraction}); check that the "
+                "file covers this shard and that its source_id column holds Gaia DR3 ids, or lower the fraction")
 
     counts["written"] = int(len(ids))
     attrs = {"inputs": inputs, "counts": counts, "msa_version": __version__,
@@ -192,13 +216,13 @@ def resolve_inputs(args: argparse.Namespace, cfg: dict) -> tuple[str, str | None
     """XP path, source path and surveys from the config (with ``{shard}``) and CLI overrides."""
     ingest = cfg["ingest"]
     if args.xp is None and args.shard is None:
-        raise SystemExit("msa ingest: give --xp FILE, or --config CFG --shard NAME")
+        raise IngestError("give --xp FILE, or --config CFG --shard NAME")
 
     def fill(pattern: str | None) -> str | None:
         if pattern is None:
             return None
         if "{shard}" in pattern and args.shard is None:
-            raise SystemExit(f"msa ingest: {pattern!r} contains {{shard}}; give --shard NAME")
+            raise IngestError(f"{pattern!r} contains {{shard}}; give --shard NAME")
         return pattern.replace("{shard}", args.shard) if args.shard is not None else pattern
 
     xp_path = args.xp or fill(ingest["xp"])
@@ -214,7 +238,7 @@ def resolve_inputs(args: argparse.Namespace, cfg: dict) -> tuple[str, str | None
     for item in args.photometry:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"msa ingest: --photometry expects NAME=FILE, got {item!r}")
+            raise IngestError(f"--photometry expects NAME=FILE, got {item!r}")
         configured = (ingest.get("surveys") or {}).get(name)
         surveys[name] = {**configured, "path": path} if configured else _survey_from_file(name, path)
     return xp_path, source_path, surveys
@@ -225,16 +249,13 @@ def run(args: argparse.Namespace) -> int:
     xp_path, source_path, surveys = resolve_inputs(args, cfg)
     keep = cfg["ingest"]["keep_sources_without_xp"] if args.keep_sources_without_xp is None \
         else args.keep_sources_without_xp
-    try:
-        counts = ingest_shard(
-            xp_path, source_path, surveys, args.out,
-            source_columns=cfg["ingest"]["source_columns"], keep_sources_without_xp=keep,
-            config_digest=config_hash(cfg, ["ingest"]) if args.config else None,
-            compression=cfg["ingest"]["compression"], chunk_rows=cfg["ingest"]["chunk_rows"],
-            show_progress=not args.no_progress and os.environ.get("MSA_NO_PROGRESS") is None,
-        )
-    except (ArchiveFormatError, IngestError, SurveyError, StoreError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 1
+    counts = ingest_shard(
+        xp_path, source_path, surveys, args.out,
+        source_columns=cfg["ingest"]["source_columns"], keep_sources_without_xp=keep,
+        config_digest=config_hash(cfg, ["ingest"]) if args.config else None,
+        compression=cfg["ingest"]["compression"], chunk_rows=cfg["ingest"]["chunk_rows"],
+        show_progress=not args.no_progress and os.environ.get("MSA_NO_PROGRESS") is None,
+        min_survey_match_fraction=cfg["ingest"]["min_survey_match_fraction"],
+    )
     print(f"{args.out}: {counts['written']} stars ({counts['xp_rows']} with XP)")
     return 0

@@ -17,6 +17,7 @@ scaler is never touched here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,10 +25,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from msa.store import SOURCE_ID
+from msa.errors import InputError
+from msa.source_ids import SOURCE_ID, parse_source_ids
+
+log = logging.getLogger(__name__)
 
 
-class LabelError(ValueError):
+class LabelError(InputError, ValueError):
     """The ``labels`` / ``label_sets`` config or a label catalogue is inconsistent."""
 
 
@@ -70,8 +74,9 @@ def label_columns(labels_cfg: Mapping, names: Sequence[str]) -> list[LabelColumn
     return out
 
 
-def read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
-    """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table."""
+def read_table(path: str | Path, columns: Sequence[str], id_column: str | None = None) -> pd.DataFrame:
+    """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table; ``id_column``
+    (one of ``columns``) is read as exact int64 source_ids (:func:`msa.source_ids.parse_source_ids`)."""
     path = Path(path)
     suffixes = "".join(path.suffixes).lower()
     try:
@@ -86,7 +91,12 @@ def read_table(path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
                 raise KeyError(missing)
             df = table[list(columns)].to_pandas()
         else:
-            df = pd.read_csv(path, usecols=list(columns))
+            # ids as text, parsed exactly below: pandas would round float text such as "…504.0"
+            df = pd.read_csv(path, usecols=list(columns), dtype={id_column: str} if id_column else None)
+        if id_column is not None:
+            df[id_column] = parse_source_ids(df[id_column], path, id_column)
+    except InputError:
+        raise
     except (KeyError, ValueError) as err:
         raise LabelError(f"label catalogue {path}: cannot read column(s) {list(columns)} ({err}); "
                          "fix labels.columns or labels.source_id_column") from err
@@ -101,6 +111,8 @@ class LabelSource:
     def __init__(self, labels_cfg: Mapping, names: Sequence[str]):
         self.names = list(names)
         self.columns = label_columns(labels_cfg, names)
+        self.catalogue_path = labels_cfg.get("catalogue")
+        self.min_match_fraction = float(labels_cfg.get("min_match_fraction", 0.0))
         self._ids = np.empty(0, dtype=np.int64)
         self._values = np.empty((0, 0))
         self._errors = np.empty((0, 0))
@@ -116,12 +128,8 @@ class LabelSource:
 
     def _load_catalogue(self, path: Path, id_column: str, cols: list[LabelColumn]) -> None:
         wanted = [id_column] + [c.value for c in cols] + [c.error for c in cols if c.error]
-        df = read_table(path, list(dict.fromkeys(wanted)))
-        ids = df[id_column].to_numpy()
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise LabelError(f"label catalogue {path}: column {id_column!r} must be integer Gaia source_ids "
-                             f"(found dtype {ids.dtype}; empty ids?)")
-        ids = ids.astype(np.int64)
+        df = read_table(path, list(dict.fromkeys(wanted)), id_column=id_column)
+        ids = df[id_column].to_numpy(np.int64)
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
@@ -241,6 +249,20 @@ class LabelledStars:
                              self.y_err[mask], {k: v[mask] for k, v in self.extra.items()})
 
 
+def _report_catalogue_join(source: LabelSource, parts: list[LabelledStars], n_shards: int) -> None:
+    """Log how many catalogue stars the shards hold; fewer than ``labels.min_match_fraction`` is an error."""
+    n_catalogue = len(source.catalogue_ids)
+    if not n_catalogue:
+        return
+    matched = int(sum(np.isin(p.source_id, source.catalogue_ids).sum() for p in parts))
+    log.info("label catalogue %s: %d of its %d stars are in the %d shard(s); %d unmatched",
+             source.catalogue_path, matched, n_catalogue, n_shards, n_catalogue - matched)
+    if matched < source.min_match_fraction * n_catalogue:
+        raise LabelError(f"label catalogue {source.catalogue_path}: only {matched} of its {n_catalogue} stars are in "
+                         f"the store (below labels.min_match_fraction = {source.min_match_fraction}); check that "
+                         "the catalogue's source_id column holds Gaia DR3 ids, or lower the fraction")
+
+
 def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSource,
                   extra_columns: Sequence[str] = ()) -> LabelledStars:
     """Read every star with at least one label of ``source`` from the shards.
@@ -267,6 +289,7 @@ def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSou
             extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan))
                      for c in extra_columns}
             parts.append(LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra))
+    _report_catalogue_join(source, parts, len(shard_paths))
     if not parts:
         raise LabelError(f"no star in the {len(shard_paths)} shard(s) has a label of {source.names}; "
                          "check labels.catalogue and that the shards hold the catalogue's stars")

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from msa.errors import InputError
+
 XP_GROUP = "xp"
 XP_BANDS = ("bp", "rp")
 GROUP_ORDER = ("xp", "gaia_photometry", "survey_photometry", "astrometry", "context")
 PHOTOMETRY_GROUPS = ("gaia_photometry", "survey_photometry")
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError, ValueError):
     """The ``features`` section of a config (or a checkpoint's layout) is inconsistent."""
 
 

@@ -1,16 +1,13 @@
 """Figures (PNG, matplotlib's Agg backend): training curves, and evaluation figures appended below.
 
-Every figure is written atomically (temporary file in the same folder, then rename), so a killed
-job never leaves a half-written PNG that Snakemake would take for a finished output.
-
-This module is a leaf: it imports nothing from the package.
+Every figure is written atomically (``msa.store.atomic_path``: temporary file in the same folder,
+then rename), so a killed job never leaves a half-written PNG that Snakemake would take for a
+finished output. Apart from that helper, imported where it is used, this module is a leaf.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -22,17 +19,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save ``fig`` to ``path`` atomically and close it."""
+    from msa.store import atomic_path  # the package's one atomic writer
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # the temporary ends in .tmp: name the format explicitly
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

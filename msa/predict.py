@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from msa import __version__
+from msa.errors import InputError
 from msa.calibrate import apply_calibration, load_calibration
 from msa.checkpoint import file_sha256
 from msa.config import config_hash, load_config
@@ -47,7 +48,7 @@ from msa.ensemble import Ensemble, combine_members
 from msa.features import FeatureTransform
 from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
-from msa.store import SOURCE_ID, Shard, atomic_path
+from msa.store import SOURCE_ID, Shard, atomic_path, check_out_path
 from msa.tables import iter_table_chunks, read_table_source_ids
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ QUANTILE_SUFFIXES = ("q16", "q50", "q84")
 PARQUET_COMPRESSION = "zstd"
 
 
-class PredictionError(RuntimeError):
+class PredictionError(InputError, RuntimeError):
     """The inputs do not fit the model, or the written predictions fail the exactness checks."""
 
 
@@ -371,6 +372,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_out_path(args.out, [args.config, args.calibration, args.shard, args.table, *args.members],
+                   (".parquet", ".pq"))
     config = load_config(args.config)
     pcfg = config["predict"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from msa.batches import ShardStream, hash_fraction
 from msa.checkpoint import (CheckpointError, check_layout, load_checkpoint, restore_rng_state, rng_state,
-                            save_checkpoint)
+                            save_checkpoint, set_aside_if_corrupt)
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
 from msa.layout import GROUP_ORDER, Layout
@@ -211,6 +211,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
 
     settings_hash = config_hash(config, SETTINGS_SECTIONS)
     resume_from = out_dir / f"segment-{segment - 1}.pt" if segment > 0 else None
+    set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
     if work_path.exists():
         if load_checkpoint(work_path).get("config_hash") == settings_hash:
             resume_from = work_path

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from msa.errors import InputError
 from msa.layout import Layout
 
 
-class ScalerError(ValueError):
+class ScalerError(InputError, ValueError):
     """The scaler file does not match the layout, or is malformed."""
 
 

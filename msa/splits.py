@@ -13,11 +13,13 @@ from typing import Mapping
 
 import numpy as np
 
+from msa.errors import InputError
+
 SPLIT_NAMES = ("train", "validation", "calibration", "test")
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-class SplitError(ValueError):
+class SplitError(InputError, ValueError):
     """The ``splits`` config section is inconsistent."""
 
 

@@ -5,14 +5,21 @@ all of one length, rows sorted by ``source_id``, chunked and compressed. Provena
 the root attributes (``msa_version``, ``n_rows``, ``created``, ``inputs`` as JSON, ...).
 Reading a subset of columns over a row range touches only those columns' chunks.
 
-This module is a leaf: it imports nothing from the package but the version.
+It is also the package's one atomic writer (:func:`atomic_path`, :func:`make_temp_dir`) and the
+check that an output does not overwrite an input (:func:`check_out_path`).
+
+This module is a leaf: it imports nothing from the package but the version and the error base.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -21,6 +28,7 @@ import h5py
 import numpy as np
 
 from msa import __version__
+from msa.errors import InputError
 
 SOURCE_ID = "source_id"
 CHUNK_ROWS = 16384
@@ -28,24 +36,127 @@ SPAN_FACTOR = 16  # read_rows reads a contiguous span when it is at most this mu
 CHUNK_CACHE_BYTES = 256 * 1024  # per dataset; h5py's default of 1 MiB × 450 columns costs ~0.5 GB a shard
 
 
-class StoreError(RuntimeError):
+class StoreError(InputError, RuntimeError):
     """A shard is missing, unreadable, or lacks a column that was asked for."""
+
+
+STALE_TEMP_SECONDS = 24 * 3600  # any temporary this old is swept (its writer's host may be another)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file (0644 under umask 022): mkstemp's 0600 would
+    hide a shared catalogue from the rest of the group."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` would give a new folder (0755 under umask 022); mkdtemp makes 0700."""
+    return 0o777 & ~_umask()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def sweep_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of ``path`` left beside it; returns them.
+
+    A temporary (file or folder) is named ``.NAME.HOST.PID.XXXX.tmp``: it is stale when HOST is this
+    machine and PID is no longer running, or whatever its name when a day old.
+    """
+    path = Path(path)
+    host, removed = socket.gethostname(), []
+    for tmp in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*.tmp"):
+        parts = tmp.name[len(_temp_prefix(path)):-len(".tmp")].rsplit(".", 2)
+        try:
+            same_host, pid = parts[0] == host, int(parts[1])
+        except (IndexError, ValueError):
+            same_host, pid = False, -1
+        try:
+            # a day old is stale on any machine: a pid can be reused, no write here takes that long
+            stale = (same_host and not _pid_alive(pid)) or time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS
+            if stale:
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:  # another process swept it first
+            continue
+    return removed
+
+
+def _temp_name_prefix(path: Path) -> str:
+    return f"{_temp_prefix(path)}{socket.gethostname()}.{os.getpid()}."
+
+
+def make_temp_dir(path: str | os.PathLike) -> Path:
+    """A new folder beside ``path`` (for building a folder output, then renaming it into place),
+    named so that :func:`sweep_temporaries` removes it if this process is killed; umask mode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_name_prefix(path), suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp's 0700 would hide a shared catalogue from the group
+    return tmp
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The one way the package writes a file: the temporary is removed on any failure, stale ones
+    of killed writers are swept first, and the result gets the umask's mode (not mkstemp's 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_name_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_out_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                   suffixes: Sequence[str], option: str = "--out") -> None:
+    """Refuse an output that would overwrite an input (same path or same inode, e.g. a hard link)
+    or that lacks the expected suffix, with a message naming both files."""
+    out = Path(out)
+    if not out.name.lower().endswith(tuple(suffixes)):
+        raise StoreError(f"{option} {out}: expected a file ending in {' or '.join(suffixes)}; "
+                         "give the output its proper suffix (an input passed by mistake would be overwritten)")
+    if out.is_dir():
+        raise StoreError(f"{option} {out} is a folder; give a file name")
+    for given in inputs:
+        if given is None:
+            continue
+        given = Path(given)
+        same = out.resolve() == given.resolve()
+        if not same and out.exists() and given.exists():
+            same = os.path.samefile(out, given)
+        if same:
+            raise StoreError(f"{option} {out} is the input {given}; writing it would destroy that input. "
+                             f"Choose another {option} path")
 
 
 def write_shard(

@@ -16,10 +16,11 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-SOURCE_ID = "source_id"
+from msa.errors import InputError
+from msa.source_ids import SOURCE_ID, SourceIdError, parse_source_ids
 
 
-class SurveyError(ValueError):
+class SurveyError(InputError, ValueError):
     """A survey table is unreadable, lacks a configured column, or repeats a source_id."""
 
 
@@ -31,38 +32,29 @@ def _read_frame(path: Path, columns: list[str]) -> pd.DataFrame:
             available = pq.ParquetFile(path).schema_arrow.names
             _require(path, available, columns)
             table = pq.read_table(path, columns=columns)
-            _check_ids(path, table[SOURCE_ID].null_count, str(table[SOURCE_ID].type).startswith(("int", "uint")))
-            return table.to_pandas()
+            ids = parse_source_ids(table[SOURCE_ID], path)
+            return table.drop([SOURCE_ID]).to_pandas().assign(**{SOURCE_ID: ids})
         if name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
             from astropy.table import Table
             table = Table.read(path)
             _require(path, table.colnames, columns)
-            ids = np.ma.asarray(table[SOURCE_ID])
-            _check_ids(path, int(np.ma.count_masked(ids)), np.issubdtype(ids.dtype, np.integer))
-            return pd.DataFrame({c: np.ma.filled(np.ma.asarray(table[c]).astype(
-                np.int64 if c == SOURCE_ID else np.float64), np.nan if c != SOURCE_ID else -1) for c in columns})
+            ids = parse_source_ids(table[SOURCE_ID], path)
+            return pd.DataFrame({SOURCE_ID: ids, **{c: np.ma.filled(np.ma.asarray(table[c]).astype(np.float64),
+                                                                  np.nan) for c in columns if c != SOURCE_ID}})
         if name.endswith((".csv", ".csv.gz", ".ecsv", ".ecsv.gz", ".txt", ".txt.gz")):
             header = pd.read_csv(path, comment="#", nrows=0)
             _require(path, list(header.columns), columns)
-            return pd.read_csv(path, comment="#", usecols=columns, dtype={SOURCE_ID: "int64"},
-                               low_memory=False)
-    except SurveyError:
+            # ids as text, parsed exactly: pandas would round float text such as "…504.0"
+            frame = pd.read_csv(path, comment="#", usecols=columns, dtype={SOURCE_ID: str}, low_memory=False)
+            frame[SOURCE_ID] = parse_source_ids(frame[SOURCE_ID], path)
+            return frame
+    except (SurveyError, SourceIdError):
         raise
     except FileNotFoundError:
         raise SurveyError(f"survey table {path} not found; check ingest.surveys paths in the config") from None
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise SurveyError(f"survey table {path}: cannot read it ({err})") from err
     raise SurveyError(f"survey table {path}: unknown format; use CSV(.gz), ECSV, FITS or Parquet")
-
-
-def _check_ids(path: Path, n_empty: int, is_integer: bool) -> None:
-    """source_ids must be present and integer: a float64 column cannot hold them exactly (> 2^53)."""
-    if n_empty:
-        raise SurveyError(f"survey table {path}: {n_empty} row(s) with an empty {SOURCE_ID}; drop the rows "
-                          "without a Gaia match before ingesting")
-    if not is_integer:
-        raise SurveyError(f"survey table {path}: {SOURCE_ID} is not an integer column; write it as int64 "
-                          "(floats cannot hold Gaia source_ids exactly)")
 
 
 def _require(path: Path, available, required) -> None:

@@ -4,14 +4,14 @@
 the store's column names (``source_id``, ``bp_1`` … ``rp_55``, ``phot_g_mean_mag``, survey feature
 names, ...; see config/README.md), so the same ``FeatureTransform`` applies. Error columns are not
 needed for prediction.
-Rows keep the table's order; ``source_id`` is read as int64 without passing through float.
-
-This module imports only the store's ``SOURCE_ID`` name.
+Rows keep the table's order; ``source_id`` is read exactly by :mod:`msa.source_ids` (text is never
+passed through float; a float column or float text is refused naming the row).
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from msa.store import SOURCE_ID
+from msa.errors import InputError
+from msa.source_ids import SOURCE_ID, parse_source_ids
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ ECSV_SUFFIXES = (".ecsv", ".ecsv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-class TableError(ValueError):
+class TableError(InputError, ValueError):
     """The table cannot be read, lacks columns, or has bad source_ids."""
 
 
@@ -46,10 +47,16 @@ def table_format(path: str | Path) -> str:
 def table_columns(path: str | Path) -> list[str]:
     """Column names of a table, without reading its rows (CSV: the header line only)."""
     fmt = table_format(path)
-    if fmt == "csv":
-        return list(pd.read_csv(path, nrows=0).columns)
-    if fmt == "parquet":
-        return list(pq.ParquetFile(path).schema_arrow.names)
+    try:
+        if fmt == "csv":
+            return list(pd.read_csv(path, nrows=0).columns)
+        if fmt == "parquet":
+            return list(pq.ParquetFile(path).schema_arrow.names)
+    except pd.errors.EmptyDataError:
+        raise TableError(f"{path}: the file is empty; write a header line and one row per star") from None
+    except (OSError, EOFError, ValueError) as err:  # a truncated gzip, not Parquet, ...
+        raise TableError(f"{path}: cannot read the table ({err}); is the file complete and in this format?") \
+            from err
     return list(_read_astropy(path, fmt).colnames)
 
 
@@ -64,21 +71,17 @@ def _read_astropy(path: Path, fmt: str):
         raise TableError(f"cannot read table {path}: {err}") from err
 
 
-def _source_ids(values, path: Path) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.dtype.kind not in "iu":
-        raise TableError(f"{path}: column {SOURCE_ID!r} has dtype {arr.dtype}, not an integer; write Gaia "
-                         "source_ids as 64-bit integers (a float column has lost digits above 2**53)")
-    return arr.astype(np.int64)
-
-
-def _as_columns(frame_like, names: Sequence[str], path: Path) -> dict[str, np.ndarray]:
-    out = {SOURCE_ID: _source_ids(frame_like[SOURCE_ID], path)}
+def _as_columns(frame_like, names: Sequence[str], path: Path, first_row: int) -> dict[str, np.ndarray]:
+    out = {SOURCE_ID: parse_source_ids(frame_like[SOURCE_ID], path, SOURCE_ID, first_row)}
     for c in names:
         values = frame_like[c]
         if hasattr(values, "filled"):  # astropy masked column → NaN where masked
             values = values.astype(np.float64).filled(np.nan)
-        out[c] = np.asarray(values, dtype=np.float32)
+        try:
+            out[c] = np.asarray(values, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise TableError(f"{path}: column {c!r} is not numeric (rows {first_row}…); "
+                             "write numbers, or leave a field empty for a missing value") from None
     return out
 
 
@@ -112,30 +115,54 @@ def iter_table_chunks(path: str | Path, columns: Sequence[str], chunk_rows: int,
 
 
 def _iter_raw(path: Path, fmt: str, wanted: list[str], chunk_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    first_row = 0
     if fmt == "csv":
-        dtypes = {SOURCE_ID: "int64", **{c: "float64" for c in wanted}}
-        try:
-            reader = pd.read_csv(path, usecols=[SOURCE_ID, *wanted], dtype=dtypes, chunksize=chunk_rows)
-            for frame in reader:
-                yield _as_columns(frame, wanted, path)
-        except ValueError as err:  # e.g. an empty or non-integer source_id
-            raise TableError(f"cannot read table {path}: {err}") from err
+        # ids as text, parsed exactly: pandas' int64 would round float text such as "…504.0"
+        dtypes = {SOURCE_ID: str, **{c: "float64" for c in wanted}}
+        reader = pd.read_csv(path, usecols=[SOURCE_ID, *wanted], dtype=dtypes, chunksize=chunk_rows)
+        while True:
+            try:
+                frame = next(reader)
+            except StopIteration:
+                return
+            except ValueError as err:  # pandas names the value, not the column: find it
+                raise TableError(f"{path}: {_bad_csv_value(path, wanted) or err}; write numbers, "
+                                 "or leave a field empty for a missing value") from None
+            except (OSError, EOFError, zlib.error) as err:  # e.g. a truncated .csv.gz
+                raise TableError(f"{path}: cannot read the table ({err}); is the file complete? "
+                                 "Download or export it again") from err
+            yield _as_columns(frame, wanted, path, first_row)
+            first_row += len(frame)
     elif fmt == "parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[SOURCE_ID, *wanted]):
-            frame = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in [SOURCE_ID, *wanted]}
-            if batch.column(SOURCE_ID).null_count:
-                raise TableError(f"{path}: {SOURCE_ID!r} has empty values; every row needs a source_id")
-            yield _as_columns(frame, wanted, path)
+            frame = {SOURCE_ID: batch.column(SOURCE_ID),
+                     **{c: batch.column(c).to_numpy(zero_copy_only=False) for c in wanted}}
+            yield _as_columns(frame, wanted, path, first_row)
+            first_row += batch.num_rows
     else:
         table = _read_astropy(path, fmt)
         for start in range(0, len(table), chunk_rows):
-            yield _as_columns(table[start:start + chunk_rows], wanted, path)
+            yield _as_columns(table[start:start + chunk_rows], wanted, path, start)
+
+
+def _bad_csv_value(path: Path, columns: Sequence[str]) -> str | None:
+    """Slow path, after a failed read: 'column X row R: value V is not a number' for the first bad value."""
+    frame = pd.read_csv(path, usecols=list(columns), dtype=str, keep_default_na=False)
+    for c in columns:
+        values = pd.to_numeric(frame[c].str.strip().replace("", "nan"), errors="coerce")
+        bad = values.isna() & ~frame[c].str.strip().str.lower().isin(["", "nan", "na", "null"])
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            return f"column {c!r} row {row}: {frame[c].iloc[row]!r} is not a number"
+    return None
 
 
 def read_table_source_ids(path: str | Path, chunk_rows: int = 1 << 20) -> np.ndarray:
     """All ``source_id``s of a table, in file order; raises if any repeats."""
     ids = np.concatenate([c[SOURCE_ID] for c in iter_table_chunks(path, [], chunk_rows)] or
                          [np.empty(0, np.int64)])
+    if not len(ids):
+        raise TableError(f"{path}: the table has no rows; give at least one star")
     uniq, counts = np.unique(ids, return_counts=True)
     if np.any(counts > 1):
         raise TableError(f"{path}: {int(np.sum(counts > 1))} source_id(s) appear more than once, "

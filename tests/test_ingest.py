@@ -70,7 +70,8 @@ def test_provenance_attrs(demo_shard):
     assert len(xp_input["sha256"]) == 64 and "mtime" in xp_input
     counts = json.loads(attrs["counts"])
     assert counts == {"xp_rows": 3896, "source_rows": 3896, "sources_without_xp": 0,
-                      "survey_tmass_matched": 3896, "written": 3896}
+                      "survey_tmass_rows": 3896, "survey_tmass_matched": 3896, "survey_tmass_unmatched": 0,
+                      "written": 3896}
     assert attrs["msa_version"] and int(attrs["n_rows"]) == 3896
 
 
@@ -177,7 +178,7 @@ def test_cli_explicit_form(sky, tmp_path):
         assert {"j_m", "ks_msigcom", "phot_g_mean_mag"} <= set(shard.columns)
         assert not np.isnan(shard.read(["bp_1"])["bp_1"]).any()
     rc = main(["ingest", "--xp", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.h5"), "--no-progress"])
-    assert rc == 1 and not (tmp_path / "x.h5").exists()
+    assert rc == 2 and not (tmp_path / "x.h5").exists()  # bad input
 
 
 def test_survey_formats_agree_and_rename(tmp_path):
@@ -202,13 +203,14 @@ def test_survey_with_empty_or_float_source_ids_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from msa.surveys import SurveyError, read_survey
+    from msa.source_ids import SourceIdError
+    from msa.surveys import read_survey
 
     ids = pa.array([75527034260250932, None, 75527034260250934], pa.int64())
     pq.write_table(pa.table({"source_id": ids, "j_m": [10.0, 11.0, 12.0]}), tmp_path / "null.parquet")
-    with pytest.raises(SurveyError, match=r"null\.parquet: 1 row\(s\) with an empty source_id"):
+    with pytest.raises(SourceIdError, match=r"null\.parquet: column 'source_id' row 1: '' is empty"):
         read_survey(tmp_path / "null.parquet", {"j_m": "J"})
     # float ids would merge neighbouring Gaia stars (75527034260250932 → …928)
     pq.write_table(pa.table({"source_id": [7.5527034260250932e16], "j_m": [10.0]}), tmp_path / "float.parquet")
-    with pytest.raises(SurveyError, match="not an integer column"):
+    with pytest.raises(SourceIdError, match=r"float\.parquet: column 'source_id' has type double, not integer"):
         read_survey(tmp_path / "float.parquet", {"j_m": "J"})

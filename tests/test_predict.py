@@ -236,14 +236,18 @@ def test_cli_writes_metadata_that_identifies_the_model(setup, tmp_path):
                                [~frame["flag_too_few_inputs"].to_numpy()], rtol=1e-5, atol=1e-4)
 
 
-def test_cli_refuses_members_of_another_label_set(setup, tmp_path):
+def test_cli_refuses_members_of_another_label_set(setup, tmp_path, capsys):
     calibration = tmp_path / "calibration.json"
     calibration.write_text(json.dumps(CALIBRATION))
     config = yaml.safe_load(open(write_config(tmp_path)))
     config["label_sets"]["spectro"] = ["teff", "logg"]
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    with pytest.raises(PredictionError, match="trained for"):
-        main(["predict", "--config", str(tmp_path / "other.yaml"), "--label-set", "spectro",
+    rc = main(["predict", "--config", str(tmp_path / "other.yaml"), "--label-set", "spectro",
+               "--members", str(setup["members"][0]), "--calibration", str(calibration),
+               "--shard", str(setup["shard"]), "--out", str(tmp_path / "x.parquet")])
+    assert rc == 2 and "msa predict: error: label_sets.spectro is ['teff', 'logg']" in capsys.readouterr().err
+    with pytest.raises(PredictionError, match="trained for"):  # --debug: the exception itself
+        main(["--debug", "predict", "--config", str(tmp_path / "other.yaml"), "--label-set", "spectro",
               "--members", str(setup["members"][0]), "--calibration", str(calibration),
               "--shard", str(setup["shard"]), "--out", str(tmp_path / "x.parquet")])
 

@@ -31,6 +31,6 @@ rule calibrate:
         mem_mb=8000,
         runtime=attempt_scaled(30),
     shell:
-        "msa calibrate --config {params.config} --label-set {wildcards.label_set} "
-        "--members {input.members} --shards {input.shards} --out {output.calibration} "
-        "> {log} 2>&1"
+        "msa calibrate --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--members {input.members:q} --shards {input.shards:q} --out {output.calibration:q} "
+        "> {log:q} 2>&1"

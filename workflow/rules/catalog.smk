@@ -44,6 +44,6 @@ rule catalog:
         mem_mb=8000,
         runtime=attempt_scaled(60),
     shell:
-        "msa catalog --config {params.config} --label-set {wildcards.label_set} "
-        "--inputs {input.predictions} --out-dir {output.dataset} --summary {output.summary} "
-        "--skymap {output.skymap} --distributions {output.distributions} > {log} 2>&1"
+        "msa catalog --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--inputs {input.predictions:q} --out-dir {output.dataset:q} --summary {output.summary:q} "
+        "--skymap {output.skymap:q} --distributions {output.distributions:q} > {log:q} 2>&1"

@@ -6,12 +6,12 @@ import math
 import os
 import re
 import shlex
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from msa.config import validate as resolve_config
+from msa.store import atomic_path
 
 # Nested defaults filled exactly as every `msa` command fills them.
 config.update(resolve_config(config, source="the workflow config"))
@@ -30,16 +30,19 @@ def write_if_changed(path, text):
     path = Path(path)
     if path.exists() and path.read_text() == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # The one file every `msa --config` call reads: the validated config with all defaults.
 MSA_CONFIG = f"{RESULTS}/.msa/config.yaml"
 # key order kept: the order of features in the config is the model's input order
 write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+
+# Names that become paths (shards; label sets are checked by the schema): no slash, no '..', no spaces
+# or shell characters. Rule shell commands also quote every path and wildcard.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
 
 
 def discover_shards(pattern):
@@ -54,6 +57,13 @@ def discover_shards(pattern):
         raise WorkflowError(
             f"no input file matches ingest.xp = {pattern!r} (relative to {os.getcwd()}); "
             "fix the path in the config or run from the directory that holds it"
+        )
+    unsafe = sorted(n for n in set(found) if not SAFE_NAME.fullmatch(n))
+    if unsafe:
+        raise WorkflowError(
+            f"input file(s) {[pattern.replace('{shard}', n) for n in unsafe[:3]]} give shard name(s) "
+            f"{unsafe[:3]} with characters outside {SAFE_NAME.pattern}; a shard name becomes result "
+            "paths and job arguments: rename the file(s) (letters, digits, '_', '-', '.', '+')"
         )
     return sorted(set(found))
 

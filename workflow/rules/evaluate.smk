@@ -36,6 +36,7 @@ rule evaluate:
         mem_mb=8000,
         runtime=attempt_scaled(60),
     shell:
-        "msa evaluate --config {params.config} --label-set {wildcards.label_set} "
-        "--members {input.members} --scratch-members {input.scratch} --calibration {input.calibration} --shards {input.shards} "
-        "--out-dir {output.evaluation} > {log} 2>&1"
+        "msa evaluate --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--members {input.members:q} --scratch-members {input.scratch:q} "
+        "--calibration {input.calibration:q} --shards {input.shards:q} "
+        "--out-dir {output.evaluation:q} > {log:q} 2>&1"

@@ -42,9 +42,9 @@ rule finetune:
         mem_mb=16000,
         runtime=attempt_scaled(60),
     shell:
-        "msa finetune --config {params.config} --label-set {wildcards.label_set} "
-        "--member {wildcards.member} {params.start} --shards {input.shards} "
-        "--scaler {input.scaler} --out-dir {params.out_dir} >> {log} 2>&1"
+        "msa finetune --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--member {wildcards.member:q} {params.start} --shards {input.shards:q} "
+        "--scaler {input.scaler:q} --out-dir {params.out_dir:q} >> {log:q} 2>&1"
 
 
 use rule finetune as finetune_scratch with:

@@ -20,5 +20,5 @@ rule ingest:
         mem_mb=4000,
         runtime=attempt_scaled(30),
     shell:
-        "msa ingest --config {params.config} --shard {wildcards.shard} --out {output.shard} "
-        "> {log} 2>&1"
+        "msa ingest --config {params.config:q} --shard {wildcards.shard:q} --out {output.shard:q} "
+        "> {log:q} 2>&1"

@@ -23,6 +23,6 @@ rule predict:
         mem_mb=8000,
         runtime=attempt_scaled(30),
     shell:
-        "msa predict --config {params.config} --label-set {wildcards.label_set} "
-        "--members {input.members} --calibration {input.calibration} --shard {input.shard} "
-        "--out {output.predictions} > {log} 2>&1"
+        "msa predict --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--members {input.members:q} --calibration {input.calibration:q} --shard {input.shard:q} "
+        "--out {output.predictions:q} > {log:q} 2>&1"

@@ -38,9 +38,9 @@ rule pretrain_segment:
         mem_mb=16000,
         runtime=attempt_scaled(120),
     shell:
-        "{params.launcher} pretrain --config {params.config} --shards {input.shards} "
-        "--scaler {input.scaler} --out-dir {params.out_dir} --segment {wildcards.segment} "
-        ">> {log} 2>&1"
+        "{params.launcher} pretrain --config {params.config:q} --shards {input.shards:q} "
+        "--scaler {input.scaler:q} --out-dir {params.out_dir:q} --segment {wildcards.segment:q} "
+        ">> {log:q} 2>&1"
 
 
 rule pretrain_model:
@@ -62,5 +62,5 @@ rule pretrain_model:
         f"{LOGS}/pretrain/model.log",
     localrule: True
     shell:
-        "(cp {input.model} {output.model} && cp {input.metrics} {output.metrics} "
-        "&& cp {input.loss} {output.loss}) > {log} 2>&1"
+        "(cp {input.model:q} {output.model:q} && cp {input.metrics:q} {output.metrics:q} "
+        "&& cp {input.loss:q} {output.loss:q}) > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule fit_scaler:
         mem_mb=8000,
         runtime=attempt_scaled(30),
     shell:
-        "msa fit-scaler --config {params.config} --shards {input.shards} --out {output.scaler} "
-        "> {log} 2>&1"
+        "msa fit-scaler --config {params.config:q} --shards {input.shards:q} --out {output.scaler:q} "
+        "> {log:q} 2>&1"

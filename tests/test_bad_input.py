@@ -1,0 +1,573 @@
+"""Bad input, tried as a new user would: one case per kind, each through the `msa` command.
+
+Every case asserts the exit status (2 = bad input), a one-line ``msa <command>: error: ...``
+message naming the file or key, that no output or temporary is left, that a pre-existing output
+is unchanged and that no input was modified. Cases that must give an exact result say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from msa.cli import main
+from msa.gaia import XP_LIST_COLUMNS, iter_xp
+from msa.store import Shard, atomic_path, check_out_path, sweep_temporaries, write_shard
+from test_catalog import LEVEL, predictions  # noqa: F401  (a fixture, used by name)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = Path("/work/shared/data/gaia_archive_samples")
+XP_SAMPLE = SAMPLES / "example_file_coeff.csv"  # ten real DR3 stars in the Archive CSV schema
+if not XP_SAMPLE.exists():  # the same file shipped with the tests, where the shared data is absent
+    XP_SAMPLE = REPO / "tests" / "data" / "example_file_coeff.csv"
+SOURCE_COLUMNS = ["ra", "dec", "parallax", "parallax_error", "pmra", "pmra_error", "pmdec", "pmdec_error",
+                  "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
+OLD_OUTPUT = b"an output written before: must survive a failed run"
+
+
+def xp_lines() -> list[str]:
+    return XP_SAMPLE.read_text().splitlines(keepends=True)
+
+
+def xp_ids() -> list[int]:
+    return [int(line.split(",", 1)[0]) for line in xp_lines()[1:]]
+
+
+def write_xp(path: Path, edit: Callable[[list[str]], list[str]] = lambda lines: lines) -> Path:
+    path.write_text("".join(edit(xp_lines())))
+    return path
+
+
+def write_source(path: Path, ids=None, **frame_edits) -> Path:
+    ids = xp_ids() if ids is None else ids
+    frame = pd.DataFrame({"source_id": ids, **{c: np.linspace(1, 2, len(ids)) for c in SOURCE_COLUMNS}})
+    text = frame.to_csv(index=False)
+    for old, new in frame_edits.get("replace", []):
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+def write_survey(path: Path, ids=None, replace=()) -> Path:
+    ids = xp_ids() if ids is None else ids
+    text = pd.DataFrame({"source_id": ids, "j_m": np.linspace(10, 11, len(ids))}).to_csv(index=False)
+    for old, new in replace:
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+def float_text_id(lines: list[str], row: int = 3) -> list[str]:
+    """Row ``row``'s source_id written as float text, as a spreadsheet round trip does."""
+    sid, rest = lines[row + 1].split(",", 1)
+    return [*lines[:row + 1], f"{sid}.0,{rest}", *lines[row + 2:]]
+
+
+def ingest(tmp: Path, *, xp=None, source=None, survey=None, out=None, extra=()) -> list[str]:
+    xp = xp or write_xp(tmp / "XpContinuousMeanSpectrum_s.csv")
+    source = source or write_source(tmp / "GaiaSource_s.csv")
+    argv = ["ingest", "--xp", str(xp), "--source", str(source), "--out", str(out or tmp / "out" / "s.h5"),
+            "--no-progress", *extra]
+    if survey is not None:
+        argv += ["--photometry", f"tmass={survey}"]
+    return argv
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path], list[str]]  # builds the inputs in a folder, returns the command line
+    message: str  # regex the one-line message must match (it names the file or key)
+    rc: int = 2
+    out: str = "out/s.h5"  # the output path the case would write
+
+
+def _hard_link_out(tmp: Path) -> list[str]:
+    xp = write_xp(tmp / "XpContinuousMeanSpectrum_s.csv")
+    (tmp / "out").mkdir()
+    os.link(xp, tmp / "out" / "s.h5")
+    return ingest(tmp, xp=xp)
+
+
+def _config(tmp: Path, config: dict) -> list[str]:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ["ingest", "--config", str(path), "--xp", str(write_xp(tmp / "Xp_s.csv")),
+            "--out", str(tmp / "out" / "s.h5"), "--no-progress"]
+
+
+INGEST_CASES = [
+    # --- classes that failed before (issue 10) ---
+    Case("xp-float-text-id", lambda t: ingest(t, xp=write_xp(t / "Xp_s.csv", float_text_id)),
+         r"Xp_s\.csv: column 'source_id' row 3: '\d+\.0' is not an integer"),
+    Case("source-float-text-id", lambda t: ingest(t, source=write_source(
+        t / "GaiaSource_s.csv", replace=[(str(xp_ids()[2]) + ",", str(xp_ids()[2]) + ".0,")])),
+        r"GaiaSource_s\.csv: column 'source_id' row 2: '\d+\.0' is not an integer"),
+    Case("survey-float-text-id", lambda t: ingest(t, survey=write_survey(
+        t / "tmass.csv", replace=[(str(xp_ids()[4]) + ",", str(xp_ids()[4]) + ".0,")])),
+        r"tmass\.csv: column 'source_id' row 4: '\d+\.0' is not an integer"),
+    Case("survey-exponent-id", lambda t: ingest(t, survey=write_survey(
+        t / "tmass.csv", replace=[(str(xp_ids()[0]) + ",", "1.908095850396091e18,")])),
+        r"tmass\.csv: column 'source_id' row 0: '1\.908095850396091e18' is not an integer"),
+    Case("survey-matches-no-star", lambda t: ingest(t, survey=write_survey(t / "tmass.csv", ids=[1, 2, 3])),
+         r"survey 'tmass' \(.*tmass\.csv\): only 0 of 10 stars .*min_survey_match_fraction"),
+    Case("out-is-an-input", lambda t: ingest(t, out=t / "GaiaSource_s.h5",
+                                             source=write_source(t / "GaiaSource_s.h5")),
+         r"--out .*GaiaSource_s\.h5 is the input .*GaiaSource_s\.h5", out="GaiaSource_s.h5"),
+    Case("out-hard-link-to-input", _hard_link_out, r"--out .*s\.h5 is the input .*XpContinuousMeanSpectrum_s\.csv"),
+    Case("out-wrong-suffix", lambda t: ingest(t, out=t / "out" / "s.csv"),
+         r"--out .*s\.csv: expected a file ending in \.h5", out="out/s.csv"),
+    Case("id-above-int64", lambda t: ingest(t, xp=write_xp(
+        t / "Xp_s.csv", lambda ls: [ls[0], "99999999999999999999" + ls[1][ls[1].index(","):], *ls[2:]])),
+        r"Xp_s\.csv: column 'source_id' row 0: '99999999999999999999' exceeds the int64 range"),
+    Case("source-fits-that-is-csv", lambda t: ingest(t, source=write_source(t / "GaiaSource_s.fits")),
+         r"GaiaSource_s\.fits: .*(FITS|fits)"),
+    Case("label-set-name-escapes-results", lambda t: _config(t, {"label_sets": {"../evil": ["teff"]}}),
+         r"config\.yaml .*label_sets.*\.\./evil"),
+    # --- classes that already worked: kept working ---
+    Case("truncated-gzip", lambda t: ingest(t, xp=_truncated(t)),
+         r"Xp_s\.csv\.gz: the file is truncated or corrupt .*download it again"),
+    Case("wrong-list-length", lambda t: ingest(t, xp=write_xp(  # first BP value of row 0 dropped
+        t / "Xp_s.csv", lambda ls: [ls[0], re.sub(r"\(([^,]*), ", "(", ls[1], count=1), *ls[2:]])),
+        r"Xp_s\.csv: column 'bp_coefficients' row 0 has 54 values, expected 55"),
+    Case("duplicate-id", lambda t: ingest(t, xp=write_xp(t / "Xp_s.csv", lambda ls: [*ls, ls[1]])),
+         r"Xp_s\.csv: 1 duplicate source_id"),
+    Case("missing-source-column", lambda t: ingest(t, source=_source_without(t, "parallax")),
+         r"GaiaSource_s\.csv: missing required column\(s\) \['parallax'\]"),
+    Case("xp-star-not-in-source", lambda t: ingest(t, source=write_source(t / "GaiaSource_s.csv",
+                                                                          ids=xp_ids()[1:])),
+         r"1 of 10 stars in .*XpContinuousMeanSpectrum_s\.csv are not in .*GaiaSource_s\.csv"),
+    Case("config-typo", lambda t: _config(t, {"ingest": {"chunk_row": 10}}),
+         r"config\.yaml does not follow the MSA config schema: ingest: .*'chunk_row' was unexpected"),
+    Case("missing-xp-file", lambda t: ingest(t, xp=t / "nope.csv"), r"nope\.csv: xp file not found; fix the path"),
+    Case("empty-xp-file", lambda t: ingest(t, xp=_empty(t / "Xp_s.csv")), r"Xp_s\.csv: no header line"),
+    Case("non-numeric-source-value", lambda t: ingest(t, source=write_source(
+        t / "GaiaSource_s.csv", replace=[(",1.0,", ",abc,")])),
+        r"GaiaSource_s\.csv: column 'ra' holds a non-numeric value at row 0 \(value 'abc'\)"),
+]
+
+
+def _truncated(tmp: Path) -> Path:
+    import gzip
+    whole = gzip.compress("".join(xp_lines()).encode())
+    path = tmp / "Xp_s.csv.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    return path
+
+
+def _empty(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def _source_without(tmp: Path, column: str) -> Path:
+    path = write_source(tmp / "GaiaSource_s.csv")
+    pd.read_csv(path, dtype={"source_id": str}).drop(columns=[column]).to_csv(path, index=False)
+    return path
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_refused(tmp: Path, case: Case, argv: list[str], capsys) -> None:
+    """Run ``argv`` over the inputs in ``tmp`` and check everything a refusal promises."""
+    out = tmp / case.out
+    pre_existing = not out.exists()
+    if pre_existing:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(OLD_OUTPUT)
+    before = file_digests(tmp)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == case.rc, err
+    assert len(err) == 1, err  # one line: no traceback, no log noise
+    assert err[0].startswith(f"msa {argv[0]}: error: ")
+    assert re.search(case.message, err[0]), err[0]
+    assert file_digests(tmp) == before  # no input modified, the old output unchanged, nothing new
+    if pre_existing:
+        assert out.read_bytes() == OLD_OUTPUT
+    assert not list(tmp.rglob("*.tmp"))
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs(caplog):
+    """The command's log goes to the log, not stderr: the error line must stand alone."""
+    caplog.set_level("CRITICAL")
+
+
+@pytest.mark.parametrize("case", INGEST_CASES, ids=lambda c: c.id)
+def test_ingest_refuses_bad_input(case, tmp_path, capsys):
+    check_refused(tmp_path, case, case.argv(tmp_path), capsys)
+
+
+def test_header_only_xp_gives_an_exact_empty_shard_and_a_warning(tmp_path, caplog):
+    caplog.set_level("WARNING")
+    xp = write_xp(tmp_path / "Xp_s.csv", lambda lines: lines[:1])
+    argv = ingest(tmp_path, xp=xp, extra=["--no-keep-sources-without-xp"])
+    assert main(argv) == 0
+    with Shard(tmp_path / "out" / "s.h5") as shard:
+        assert shard.n_rows == 0
+    assert "no XP rows" in caplog.text
+
+
+def test_survey_join_is_reported_in_the_shard(tmp_path):
+    survey = write_survey(tmp_path / "tmass.csv", ids=[*xp_ids()[:6], 7, 8])
+    assert main(ingest(tmp_path, survey=survey)) == 0
+    with Shard(tmp_path / "out" / "s.h5") as shard:
+        counts = yaml.safe_load(shard.attrs["counts"])
+        assert np.isnan(shard.read(["j_m"])["j_m"]).sum() == 4
+    assert (counts["survey_tmass_rows"], counts["survey_tmass_matched"], counts["survey_tmass_unmatched"]) == (8, 6, 2)
+
+
+def test_truncated_gzip_exits_cleanly_in_a_fresh_process(tmp_path):
+    """The reader threads are shut down on the error: exit 2, not SIGABRT (134)."""
+    argv = ingest(tmp_path, xp=_truncated(tmp_path))
+    for _ in range(3):  # the abort was intermittent
+        done = subprocess.run([sys.executable, "-m", "msa.cli", *argv], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert "terminate called" not in done.stderr
+        assert done.stderr.strip().startswith("msa ingest: error: ") and "Traceback" not in done.stderr
+
+
+def test_a_failed_run_exits_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import msa.ingest
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(msa.ingest, "ingest_shard", disk_full)
+    assert main(ingest(tmp_path)) == 1
+    assert capsys.readouterr().err.strip() == ("msa ingest: error: OSError: [Errno 28] No space left on device "
+                                               "(run failed; --debug shows the traceback)")
+    with pytest.raises(OSError):
+        main(["--debug", *ingest(tmp_path)])
+
+
+# --- msa predict --table / --out ------------------------------------------------------------------
+
+@pytest.fixture()
+def predict_setup(tmp_path):
+    import json
+
+    from test_ensemble import small_layout, unit_scaler, write_member
+    from test_predict import CALIBRATION, star_columns, write_config
+    layout = small_layout()
+    members = [write_member(tmp_path / "member-0.pt", layout, unit_scaler(layout), seed=0,
+                            label_centre=[4800.0, 2.5, 1.0], label_scale=[700.0, 1.0, 0.4])]
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(CALIBRATION))
+    table = tmp_path / "stars.csv"
+    pd.DataFrame(star_columns(150)).to_csv(table, index=False)
+    config = write_config(tmp_path)
+    return {"members": members, "calibration": calibration, "table": table, "config": config}
+
+
+def predict_argv(s, table=None, out=None) -> list[str]:
+    return ["predict", "--config", s["config"], "--label-set", "spectro", "--members", *map(str, s["members"]),
+            "--calibration", str(s["calibration"]), "--table", str(table or s["table"]),
+            "--out", str(out or Path(s["table"]).parent / "out" / "p.parquet"), "--device", "cpu"]
+
+
+def _edit_table(s, edit) -> Path:
+    text = Path(s["table"]).read_text().splitlines(keepends=True)
+    path = Path(s["table"]).with_name("edited.csv")
+    path.write_text("".join(edit(text)))
+    return path
+
+
+PREDICT_CASES = [
+    Case("table-float-text-id", lambda s: predict_argv(s, _edit_table(s, lambda ls: [
+        ls[0], ls[1], ls[2].replace(",", ".0,", 1), *ls[3:]])),
+        r"edited\.csv: column 'source_id' row 1: '\d+\.0' is not an integer", out="out/p.parquet"),
+    Case("table-float-column-id", lambda s: predict_argv(s, _float_id_parquet(s)),
+         r"floats\.parquet: column 'source_id' has type double, not integer", out="out/p.parquet"),
+    Case("table-text-value", lambda s: predict_argv(s, _edit_table(s, lambda ls: [
+        ls[0], ls[1], re.sub(r",[-0-9.e]+,", ",bright,", ls[2], count=1), *ls[3:]])),
+        r"edited\.csv: column '\w+' row 1: 'bright' is not a number", out="out/p.parquet"),
+    Case("table-header-only", lambda s: predict_argv(s, _edit_table(s, lambda ls: ls[:1])),
+         r"edited\.csv: the table has no rows", out="out/p.parquet"),
+    Case("table-truncated-gzip", lambda s: predict_argv(s, _truncated_table(s)),
+         r"stars\.csv\.gz: cannot read the table .*is the file complete", out="out/p.parquet"),
+    Case("out-is-the-table", lambda s: predict_argv(s, _parquet_table(s), out=_parquet_table(s)),
+         r"--out .*stars\.parquet is the input .*stars\.parquet", out="stars.parquet"),
+    Case("out-wrong-suffix", lambda s: predict_argv(s, out=Path(s["table"]).parent / "out" / "p.pt"),
+         r"--out .*p\.pt: expected a file ending in \.parquet", out="out/p.pt"),
+]
+
+
+def _truncated_table(s) -> Path:
+    import gzip
+    whole = gzip.compress(Path(s["table"]).read_bytes())
+    path = Path(s["table"]).with_name("stars.csv.gz")
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    return path
+
+
+def _parquet_table(s) -> Path:
+    path = Path(s["table"]).with_name("stars.parquet")
+    if not path.exists():
+        pd.read_csv(s["table"]).to_parquet(path)
+    return path
+
+
+def _float_id_parquet(s) -> Path:
+    path = Path(s["table"]).with_name("floats.parquet")
+    frame = pd.read_csv(s["table"])
+    frame["source_id"] = frame["source_id"].astype(float)
+    frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("case", PREDICT_CASES, ids=lambda c: c.id)
+def test_predict_refuses_bad_input(case, predict_setup, tmp_path, capsys):
+    check_refused(tmp_path, case, case.argv(predict_setup), capsys)
+
+
+def test_table_ids_above_2_53_round_trip_exactly(predict_setup, tmp_path):
+    out = tmp_path / "out" / "p.parquet"
+    assert main(predict_argv(predict_setup, out=out)) == 0
+    expected = pd.read_csv(predict_setup["table"], dtype={"source_id": str})["source_id"].map(int).tolist()
+    assert pd.read_parquet(out)["source_id"].tolist() == expected and min(expected) > 2**53
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _fit_scaler(tmp: Path, out: str) -> list[str]:
+    write_shard(tmp / "shard.h5", {"source_id": np.arange(5), "phot_g_mean_mag": np.linspace(10, 12, 5)})
+    (tmp / "config.json").write_text("{}")
+    return ["fit-scaler", "--config", str(tmp / "config.json"), "--shards", str(tmp / "shard.h5"),
+            "--out", str(tmp / out)]
+
+
+OTHER_OUT_CASES = [
+    Case("fit-scaler-out-is-the-config", lambda t: _fit_scaler(t, "config.json"),
+         r"--out .*config\.json is the input .*config\.json", out="config.json"),
+    Case("fit-scaler-out-is-a-shard", lambda t: _fit_scaler(t, "shard.h5"),
+         r"--out .*shard\.h5: expected a file ending in \.json", out="shard.h5"),
+]
+
+
+@pytest.mark.parametrize("case", OTHER_OUT_CASES, ids=lambda c: c.id)
+def test_other_stages_refuse_an_out_that_is_an_input(case, tmp_path, capsys):
+    check_refused(tmp_path, case, case.argv(tmp_path), capsys)
+
+
+# --- atomic writes: modes, temporaries, corrupt checkpoints ---------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_take_the_umask_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_shard(tmp_path / "s.h5", {"source_id": np.arange(3)})
+        with atomic_path(tmp_path / "d" / "x.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s.h5").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "d" / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_failed_write_leaves_no_temporary_and_stale_ones_are_swept(tmp_path):
+    out = tmp_path / "s.h5"
+    dead = _dead_pid()
+    host = socket.gethostname()
+    stale = tmp_path / f".s.h5.{host}.{dead}.abc123.tmp"  # a killed writer's, on this machine
+    live = tmp_path / f".s.h5.{host}.{os.getpid()}.def456.tmp"  # a running writer's: kept
+    other = tmp_path / f".s.h5.otherhost.{dead}.ghi789.tmp"  # another machine's, recent: kept
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    with pytest.raises(RuntimeError):
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert not out.exists() and not stale.exists() and live.exists() and other.exists()
+    os.utime(other, (0, 0))  # a day old: its writer is gone whatever the machine
+    assert sweep_temporaries(out) == [other]
+
+
+def test_corrupt_in_progress_checkpoint_is_moved_aside(tmp_path, caplog):
+    from msa.checkpoint import save_checkpoint, set_aside_if_corrupt
+
+    work = tmp_path / "work" / "state.pt"
+    save_checkpoint(work, {"step": 3})
+    assert set_aside_if_corrupt(work) and work.exists()  # a good one stays
+    work.write_bytes(work.read_bytes()[:100])  # cut short by a kill
+    caplog.set_level("WARNING")
+    assert not set_aside_if_corrupt(work)
+    assert not work.exists()
+    aside = list(work.parent.glob("state.pt.corrupt-*"))
+    assert len(aside) == 1 and "starting afresh" in caplog.text and str(aside[0]) in caplog.text
+
+
+def test_out_check_is_independent_of_spelling(tmp_path):
+    (tmp_path / "a").mkdir()
+    source = tmp_path / "a" / "GaiaSource.h5"
+    source.write_bytes(b"x")
+    from msa.errors import InputError
+
+    with pytest.raises(InputError, match="is the input"):
+        check_out_path(tmp_path / "a" / ".." / "a" / "GaiaSource.h5", [source], (".h5",))
+
+
+# --- the workflow: quoting and safe names ---------------------------------------------------------
+
+PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+def test_every_path_and_wildcard_in_rule_shell_commands_is_quoted():
+    shells = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for block in re.findall(r"shell:\n((?:\s+\".*\"\n?)+)", text):
+            shells.append((smk.name, block))
+    assert len(shells) >= 9
+    for name, block in shells:
+        for field in PLACEHOLDER.findall(block):
+            if field == "params.launcher":  # the command itself (msa or torchrun ... msa)
+                continue
+            assert field.endswith(":q"), f"{name}: {{{field}}} is not quoted"
+
+
+def test_workflow_refuses_a_raw_file_whose_name_is_a_command(tmp_path):
+    from conftest import WorkflowDir
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(XP_SAMPLE, raw / "XpContinuousMeanSpectrum_a$(touch PWNED)b.csv")
+    wf = WorkflowDir(tmp_path / "wf", {"ingest": {"xp": str(raw / "XpContinuousMeanSpectrum_{shard}.csv")},
+                                        "label_sets": {}})
+    done = wf.snakemake("--cores", "1", check=False, timeout=300)
+    assert done.returncode != 0
+    assert "a$(touch PWNED)b" in done.stdout + done.stderr and "rename the file" in done.stdout + done.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
+
+
+def test_label_set_names_that_escape_results_are_refused():
+    from msa.config import ConfigError, validate
+
+    for name in ("../evil", "a/b", "x y", ".hidden", "$(id)"):
+        with pytest.raises(ConfigError, match="label_sets"):
+            validate({"label_sets": {name: ["teff"]}})
+    validate({"label_sets": {"spectro-v2.1_a": ["teff"]}, "labels": {"columns": {"teff": {"value": "teff"}}}})
+
+
+# --- readers: arbitrary valid Archive rows round-trip exactly -------------------------------------
+
+# Gaia DR3 ids lie far above 2**53, where a float would merge neighbours: draw mostly from there
+source_ids = st.one_of(st.integers(min_value=2**53, max_value=2**63 - 1), st.integers(min_value=0, max_value=2**63 - 1))
+coefficients = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=55, max_size=55)
+
+
+@st.composite
+def rows(draw):
+    """Archive rows: distinct int64 ids, an optional BP block, an RP block (float32 values)."""
+    ids = draw(st.lists(source_ids, min_size=1, max_size=4, unique=True))
+    return [(sid, draw(st.one_of(st.none(), coefficients)), draw(coefficients)) for sid in ids]
+
+
+def _archive_list(values, style: str) -> str:
+    if values is None:
+        return ""
+    body = (", " if style == "csv" else ",").join(repr(float(np.float32(v))) for v in values)
+    return f'"({body})"' if style == "csv" else f'"[{body}]"'
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@example(rows=[(2**60 + 1, None, [0.0] * 55), (2**63 - 1, [1.5] * 55, [-2.25] * 55)], style="csv")
+@given(rows=rows(), style=st.sampled_from(["csv", "ecsv"]))
+def test_valid_archive_rows_round_trip_exactly(tmp_path, rows, style):
+    header = "source_id,bp_coefficients,bp_coefficient_errors,rp_coefficients,rp_coefficient_errors\n"
+    lines = [f"{sid},{_archive_list(bp, style)},{_archive_list(bp, style)},{_archive_list(rp, style)},"
+             f"{_archive_list(rp, style)}\n" for sid, bp, rp in rows]
+    prefix = ""
+    if style == "ecsv":
+        prefix = "# %ECSV 1.0\n# ---\n# delimiter: ','\n"
+    path = tmp_path / f"xp.{style}"
+    path.write_text(prefix + header + "".join(lines))
+    got = {k: np.concatenate([b[k] for b in iter_xp(path)]) for k in ("source_id", *XP_LIST_COLUMNS)}
+    assert got["source_id"].tolist() == [r[0] for r in rows]
+    for i, (_, bp, rp) in enumerate(rows):
+        expected_bp = np.full(55, np.nan, np.float32) if bp is None else np.asarray(bp, np.float32)
+        np.testing.assert_array_equal(got["bp_coefficients"][i], expected_bp)
+        np.testing.assert_array_equal(got["rp_coefficients"][i], np.asarray(rp, np.float32))
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_catalogue_folder_is_group_readable_and_killed_builds_are_swept(predictions, tmp_path):
+    from msa.catalog import build_catalog
+
+    out = tmp_path / "catalog" / "spectro"
+    out.parent.mkdir()
+    killed = out.parent / f".spectro.{socket.gethostname()}.{_dead_pid()}.x1y2.tmp"  # a killed build's folder
+    killed.mkdir()
+    (killed / "part-0.parquet").write_bytes(b"partial")
+    build_catalog(predictions["files"], out, "spectro", LEVEL, "teff")
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert not killed.exists() and not list(out.parent.glob(".*.tmp"))
+
+
+# --- label catalogues: exact ids and the join report ----------------------------------------------
+
+def _labelled_shard(tmp: Path):
+    from test_ensemble import small_layout, unit_scaler
+    from test_predict import star_columns
+
+    from msa.features import FeatureTransform
+    cols = star_columns(150)
+    write_shard(tmp / "shard.h5", cols)
+    layout = small_layout()
+    return tmp / "shard.h5", FeatureTransform(layout, unit_scaler(layout), False), cols["source_id"]
+
+
+def test_label_catalogue_with_float_text_id_is_refused(tmp_path):
+    from msa.labels import LabelSource
+    from msa.source_ids import SourceIdError
+
+    ids = [str(2**60 + 1), str(2**60 + 3) + ".0", str(2**60 + 5)]
+    (tmp_path / "labels.csv").write_text("source_id,teff\n" + "".join(f"{i},5000\n" for i in ids))
+    with pytest.raises(SourceIdError, match=r"labels\.csv: column 'source_id' row 1: '\d+\.0' is not an integer"):
+        LabelSource({"catalogue": str(tmp_path / "labels.csv"), "columns": {"teff": {"value": "teff"}}}, ["teff"])
+
+
+def test_label_join_is_logged_and_a_poor_one_fails(tmp_path, caplog):
+    from msa.labels import LabelError, LabelSource, load_labelled
+
+    shard, transform, ids = _labelled_shard(tmp_path)
+    catalogue_ids = [*ids[:30].tolist(), 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]  # 30 in the store, 10 not
+    (tmp_path / "labels.csv").write_text("source_id,teff\n" + "".join(f"{i},5000\n" for i in catalogue_ids))
+    cfg = {"catalogue": str(tmp_path / "labels.csv"), "columns": {"teff": {"value": "teff"}}}
+    caplog.set_level("INFO")
+    stars = load_labelled([shard], transform, LabelSource(cfg, ["teff"]))
+    assert len(stars) == 30
+    assert "labels.csv: 30 of its 40 stars are in the 1 shard(s); 10 unmatched" in caplog.text
+    with pytest.raises(LabelError, match=r"labels\.csv: only 30 of its 40 stars are in the store "
+                                         r"\(below labels\.min_match_fraction = 0\.9\)"):
+        load_labelled([shard], transform, LabelSource({**cfg, "min_match_fraction": 0.9}, ["teff"]))
