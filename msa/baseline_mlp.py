@@ -26,13 +26,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from msa.errors import InputError
+
 log = logging.getLogger(__name__)
 
 NMAD_FACTOR = 1.4826
 DEFAULT_GRID = {"width": [256, 512], "dropout": [0.0, 0.2], "weight_decay": [1e-4], "loss": ["mse", "l1"]}
 
 
-class MLPBaselineError(ValueError):
+class MLPBaselineError(InputError, ValueError):
     """Too few training or validation stars for the plain MLP."""
 
 
