@@ -84,12 +84,27 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
         # the with-XP offsets come from stars with a spectrum only; photometry-only offsets from every star
         assert cal["per_label"][name]["n_calibration"] < cal["per_label_without_xp"][name]["n_calibration"]
 
+    scratch = tmp_path / "scratch" / "member-0"
+    assert main(["finetune", *common, "--member", "0", "--from-scratch", "--shards", str(shard), "--scaler",
+                 str(tmp_path / "scaler.json"), "--out-dir", str(scratch)]) == 0
+
     out_dir = tmp_path / "evaluate"
     assert main(["evaluate", *common, "--members", *members, "--calibration", str(cal_path),
-                 "--shards", str(shard), "--out-dir", str(out_dir)]) == 0
+                 "--shards", str(shard), "--out-dir", str(out_dir),
+                 "--scratch-members", str(scratch / "model.pt")]) == 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    for section in ("model", "model_no_xp", "baseline", "baseline_no_xp", "comparison"):
+    yardsticks = [y + s for y in ("baseline", "baseline_mlp", "from_scratch") for s in ("", "_no_xp")]
+    for section in ("model", "model_no_xp", *yardsticks, "comparison"):
         assert set(metrics[section]) == {"teff", "fe_h", "parallax"}, section
+    for tag in ("with_xp", "no_xp"):
+        entry = metrics["comparison"]["teff"][tag]
+        best = min(("baseline", "baseline_mlp", "from_scratch"), key=lambda y: entry[f"nmad_{y}"])
+        assert entry["best_yardstick"] == best
+        assert entry["ratio_to_best"] == pytest.approx(entry["nmad_model"] / entry[f"nmad_{best}"])
+    # the MLP was chosen on the validation split from the configured grid
+    assert metrics["baseline_mlp_settings"]["with_xp"]["loss"] in ("l1", "mse")
+    # the from-scratch members are other networks than the pretrained ones
+    assert metrics["from_scratch"]["teff"]["overall"]["nmad"] != metrics["model"]["teff"]["overall"]["nmad"]
     overall = metrics["model"]["fe_h"]["overall"]
     assert {"n", "rmse", "mae", "nmad", "bias", "coverage_before", "coverage"} <= set(overall)
     assert overall["n"] == metrics["n_test"] > 100

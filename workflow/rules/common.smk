@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import shlex
 from pathlib import Path
 
 import yaml

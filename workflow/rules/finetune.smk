@@ -23,7 +23,7 @@ rule finetune:
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),
-        start=lambda wildcards, input: f"--pretrained {shlex.quote(str(input.pretrained))}",
+        start=lambda wildcards, input: ["--pretrained", input.pretrained],  # quoted word by word
         settings=lambda wildcards: settings(
             seed=config["seed"],
             finetune=section("finetune", drop=("members",)),
@@ -43,7 +43,7 @@ rule finetune:
         runtime=attempt_scaled(60),
     shell:
         "msa finetune --config {params.config:q} --label-set {wildcards.label_set:q} "
-        "--member {wildcards.member:q} {params.start} --shards {input.shards:q} "
+        "--member {wildcards.member:q} {params.start:q} --shards {input.shards:q} "
         "--scaler {input.scaler:q} --out-dir {params.out_dir:q} >> {log:q} 2>&1"
 
 
@@ -59,7 +59,7 @@ use rule finetune as finetune_scratch with:
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),
-        start="--from-scratch",
+        start=["--from-scratch"],
         settings=lambda wildcards: settings(
             seed=config["seed"],
             finetune=section("finetune", drop=("members",)),
