@@ -18,6 +18,20 @@ settings; only the final figures come from ``--split test``.
 ``--set section.key=YAML`` overrides the config (several allowed). Pretraining and fine-tuning
 runs are cached in ``--workdir`` by the hash of the settings they depend on, so variants that
 change fine-tuning only reuse the pretrained model. Results go to ``--workdir/results.jsonl``.
+
+What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % is noise):
+
+* colours instead of magnitudes (``features.colours_relative_to``): Teff NMAD with XP of the
+  from-scratch model 142 → 122 K; the tree baseline without XP log g 0.75 → 0.54;
+* the photometry-only path of the network underfits (train and validation pinball loss alike):
+  with XP hidden in every training row it reaches Teff ≈ 420–450 K where a plain MLP on the same
+  six magnitudes reaches 240 K. Not the cause: the share of XP-hidden rows (0.3 → 0.5), element
+  masking, 4× more fine-tuning epochs, an extra XP-hidden pinball term (``no_xp_weight``), higher
+  embedding frequencies. Trained on photometry alone, the same encoder without indicator
+  channels, with raw inputs and narrow embeddings, reached 263 K in 30 epochs and was still
+  improving: the 110 constant indicator channels of a star without XP drown its photometry, but
+  in the joint fine-tuning switching them off did not close the gap. Open;
+* pretraining's loss with ``loss: mse`` instead of error weights: worse with XP (Teff 154 → 168 K).
 """
 
 from __future__ import annotations
