@@ -38,6 +38,7 @@ def planned_jobs(workdir: WorkflowDir, config: str = "config.yaml", *targets: st
 def label_set_jobs(label_set: str, members: range, shards=("s000", "s001")) -> set[str]:
     """Every job of one label set, downstream of pretraining."""
     return ({f"finetune[label_set={label_set},member={k}]" for k in members}
+            | {f"finetune_scratch[label_set={label_set},member={k}]" for k in members}  # evaluate.from_scratch
             | {f"calibrate[label_set={label_set}]", f"evaluate[label_set={label_set}]",
                f"catalog[label_set={label_set}]"}
             | {f"predict[label_set={label_set},shard={s}]" for s in shards})
@@ -207,7 +208,8 @@ def test_adding_a_member_keeps_existing_members(finished_run):
     config = merge(finished_run.config, {"finetune": {"members": 2}})
     finished_run.write_config(config, "members.yaml")
     planned = planned_jobs(finished_run, "members.yaml")
-    assert planned == label_set_jobs("spectro", range(2)) - {"finetune[label_set=spectro,member=0]"}
+    assert planned == label_set_jobs("spectro", range(2)) - {"finetune[label_set=spectro,member=0]",
+                                                             "finetune_scratch[label_set=spectro,member=0]"}
 
 
 def test_touching_a_raw_file_without_changing_it_reruns_nothing(finished_run, tiny_sky):
