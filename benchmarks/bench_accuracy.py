@@ -164,7 +164,8 @@ def run_seed(config: dict, set_name: str, shards, scaler, work: Path, split_name
     seed = int(config["seed"])
     if "mlp" in variants:
         for suffix, hidden in (("", ()), ("_no_xp", xp)):
-            mlp = PlainMLPBaseline(names, seed=seed, hidden_columns=hidden).fit(train.x, train.y, val.x, val.y)
+            mlp = PlainMLPBaseline(names, seed=seed, hidden_columns=hidden, grid=config["evaluate"]["mlp_grid"]
+                                   ).fit(train.x, train.y, val.x, val.y)
             out["mlp" + suffix] = nmad_table(mlp.predict(scored.x), scored.y, names)
     if "gbt" in variants:
         for suffix, hidden in (("", ()), ("_no_xp", xp)):

@@ -31,7 +31,8 @@ from msa.errors import InputError
 log = logging.getLogger(__name__)
 
 NMAD_FACTOR = 1.4826
-DEFAULT_GRID = {"width": [256, 512], "dropout": [0.0, 0.2], "weight_decay": [1e-4], "loss": ["mse", "l1"]}
+# the schema's evaluate.mlp_grid default, for callers without a config
+DEFAULT_GRID = {"width": [256, 512], "dropout": [0.2], "weight_decay": [1e-4], "loss": ["l1", "mse"]}
 
 
 class MLPBaselineError(InputError, ValueError):
