@@ -57,7 +57,7 @@ from msa.evaluate import point_metrics
 from msa.finetune import MemberRun, finetune_member
 from msa.splits import assign_splits, split_seed
 from msa.labels import LabelSource, label_set, load_labelled
-from msa.pretrain import pretrain_segment, segment_epochs
+from msa.pretrain import pretrain_segment
 
 log = logging.getLogger("bench_accuracy")
 REPO = Path(__file__).resolve().parents[1]
@@ -77,11 +77,11 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 
 
 def build_store(config: dict, work: Path) -> tuple[list[Path], Path]:
-    """Ingest every shard of the config and fit the scaler (once per workdir: a workdir is for
-    one ``ingest``/``features``/``scaler`` setting)."""
-    store = work / "store"
+    """Ingest every shard of the config and fit the scaler, each cached under the hash of the
+    settings it depends on (so a ``--set features...`` gets its own scaler, never a stale one)."""
+    store = work / f"store-{config_hash(config, ['ingest'])}"
     store.mkdir(parents=True, exist_ok=True)
-    config_path = work / "config.yaml"
+    config_path = work / f"config-{config_hash(config)}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     pattern = config["ingest"]["xp"]
     prefix, _, suffix = pattern.partition("{shard}")
@@ -94,7 +94,7 @@ def build_store(config: dict, work: Path) -> tuple[list[Path], Path]:
             subprocess.run(["msa", "ingest", "--config", str(config_path), "--shard", name, "--out", str(out),
                             "--no-progress"], check=True, cwd=REPO)
         shards.append(out)
-    scaler = work / "scaler.json"
+    scaler = work / f"scaler-{config_hash(config, ['ingest', 'features', 'scaler', 'seed'])}.json"
     if not scaler.exists():
         subprocess.run(["msa", "fit-scaler", "--config", str(config_path), "--shards", *map(str, shards),
                         "--out", str(scaler)], check=True, cwd=REPO)
@@ -110,7 +110,6 @@ def pretrained(config: dict, shards, scaler, work: Path) -> Path:
     n_segments = -(-section["epochs"] // section["epochs_per_job"])
     t0 = time.time()
     for segment in range(n_segments):
-        segment_epochs(section, segment)
         pretrain_segment(config, shards, scaler, out, segment)
     (out / f"segment-{n_segments - 1}.pt").rename(final)
     log.info("pretraining took %.0f s", time.time() - t0)
@@ -118,9 +117,8 @@ def pretrained(config: dict, shards, scaler, work: Path) -> Path:
 
 
 def members(config: dict, set_name: str, pretrained_path: Path | None, shards, scaler, work: Path) -> list[Path]:
-    sections = ["seed", "features", "model", "labels", "label_sets", "splits", "finetune"]
-    if pretrained_path is not None:
-        sections.append("pretrain")
+    # pretrain too for from-scratch members: the multitask loss and the masks fall back to it
+    sections = ["seed", "features", "model", "labels", "label_sets", "splits", "finetune", "pretrain"]
     kind = "scratch" if pretrained_path is None else "pretrained"
     out = work / "finetune" / f"{kind}-{config_hash(config, sections)}"
     paths = []

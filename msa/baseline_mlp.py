@@ -123,7 +123,8 @@ class PlainMLPBaseline:
                 bad += 1
                 if bad >= s.patience:
                     break
-        net.load_state_dict(best_state)
+        if best_state is not None:  # None: no validation label had two values to score
+            net.load_state_dict(best_state)
         net.eval()
         return net, best
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 NMAD_FACTOR = 1.4826
 G_MAG = "phot_g_mean_mag"
+YARDSTICKS = ("baseline", "baseline_mlp", "from_scratch")  # metrics.json sections, each also *_no_xp
 
 
 def _float(v) -> float | None:
@@ -106,9 +107,8 @@ def comparison_table(metrics: dict) -> str:
         return "—" if v is None else f"{v:.4g}"
 
     for name in metrics["labels"]:
-        nmads = " ".join(f"{g(sec + suffix, name, 'nmad'):>9}" for suffix in ("", "_no_xp")
-                         for sec in ("model", "baseline", "baseline_mlp", "from_scratch"))
-        nmads = nmads[:39] + " |" + nmads[39:]
+        nmads = " | ".join(" ".join(f"{g(sec + suffix, name, 'nmad'):>9}" for sec in ("model", *YARDSTICKS))
+                           for suffix in ("", "_no_xp"))
         lines.append(
             f"{name:>10} {g('model', name, 'n'):>5} | {nmads} | {g('model', name, 'rmse'):>9} | "
             f"{g('model', name, 'bias'):>9} | "
@@ -238,9 +238,6 @@ def yardstick_report(q: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dic
         entry["coverage_before"] = _float(interval_coverage(q[:, j:j + 1], y[:, j:j + 1])[0][0])
         out[name] = {"overall": entry}
     return out
-
-
-YARDSTICKS = ("baseline", "baseline_mlp", "from_scratch")
 
 
 def comparison(metrics: dict, names: Sequence[str]) -> dict:

@@ -29,8 +29,9 @@ The training objective per batch (all labels standard-scaled with train-split st
   entry, and, with ``pert_labels``, of the labels by theirs.
 
 Early stopping on the validation split's pinball loss (computed on the inference path, plus
-``no_xp_weight`` × the same with XP hidden) with ``patience`` epochs; the best weights are kept. Member ``k`` uses seed ``config.seed + k``;
-every member shares the splits (they hash ``source_id`` with the config seed).
+``no_xp_weight`` × the same with XP hidden) with ``patience`` epochs; the best weights are kept.
+Member ``k`` uses seed ``config.seed + k``; every member shares the splits (they hash
+``source_id`` with the config seed).
 
 Member checkpoint (``kind: finetune``): ``model``, ``model_hparams``, ``head``, ``head_hparams``,
 ``labels``, ``label_centre``, ``label_scale`` (physical = scaled × scale + centre), ``layout``,
@@ -235,14 +236,12 @@ class Objective:
             out["recon"] = reconstruction_objective(recon, x[:, self.recon_idx], err[:, self.recon_idx],
                                                     hidden[:, self.recon_idx], self.recon_kind, self.recon_groups,
                                                     self.recon_balance, self.recon_min_error)
-        if cfg["mask_prediction"]:
-            q = self._quantiles(x, hidden, latent)
-        else:
-            q = self._quantiles(x, base)
+        head_hidden = hidden if cfg["mask_prediction"] else base
+        q = self._quantiles(x, head_hidden, latent if cfg["mask_prediction"] else None)
         label_weights = weights * self.label_weights[None, :]
         out["pinball"] = pinball_loss(q.float(), y, label_weights)
-        if self.no_xp_weight > 0:
-            q_no_xp = self._quantiles(x, hidden | self.xp_mask)
+        if self.no_xp_weight > 0:  # the same pass as the head's, with XP hidden too
+            q_no_xp = self._quantiles(x, head_hidden | self.xp_mask)
             out["pinball_no_xp"] = pinball_loss(q_no_xp.float(), y, label_weights)
         if cfg["parallax_mle_weight"] > 0 and self.plx.label_index is not None:
             out["mle"] = self.parallax_nll(q, plx_obs, plx_err)

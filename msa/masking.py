@@ -67,8 +67,9 @@ class MaskSpec:
     xp_indices: np.ndarray
     element_indices: np.ndarray
     n_features: int | None = None
-    # positions of the BP and of the RP coefficients; set for per-band XP masking
-    band_indices: tuple[np.ndarray, np.ndarray] | None = None
+    # per-band XP masking: positions of the BP coefficients, of the RP coefficients, and of any
+    # other column of the XP group (moved there by group_overrides: hidden with either band)
+    band_indices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def n_row_draws(self) -> int:
@@ -123,9 +124,10 @@ class MaskSpec:
             band_masking = fallback.get("xp_band_masking", False)
         bands = None
         if band_masking:
-            xp_set = set(xp_idx.tolist())
-            bands = tuple(np.array([i for i, f in enumerate(layout.features) if i in xp_set
-                                    and f.name.startswith(prefix)], dtype=np.int64) for prefix in ("bp_", "rp_"))
+            band_of = {i: f.name[:3] for i, f in enumerate(layout.features) if i in set(xp_idx.tolist())}
+            bands = tuple(np.array([i for i, b in band_of.items() if keep(b)], dtype=np.int64)
+                          for keep in (lambda b: b == "bp_", lambda b: b == "rp_",
+                                       lambda b: b not in ("bp_", "rp_")))
         return cls(pick("xp_masking_ratio"), pick("m_masking_ratio"), force_idx, xp_idx, el_idx,
                    layout.n_features, bands)
 
@@ -136,7 +138,7 @@ class MaskSpec:
         chosen = row_u[:, 0] < self.xp_ratio
         if self.band_indices is not None:
             band = row_u[:, 1]  # < 1/3: BP only, < 2/3: RP only, else both
-            for cols, lost in zip(self.band_indices, (band < 2 / 3, band >= 1 / 3)):
+            for cols, lost in zip(self.band_indices, (band < 2 / 3, band >= 1 / 3, torch.ones_like(chosen))):
                 cols = torch.as_tensor(cols, device=elem_u.device)
                 if len(cols):
                     hidden[:, cols] = (chosen & lost).unsqueeze(1).expand(n, len(cols))

@@ -19,6 +19,7 @@ from msa.ingest import ingest_shard
 from msa.labels import LabelSource, load_labelled
 from msa.layout import Layout
 from msa.losses import pinball_loss
+from msa.model import MaskedAutoencoder
 from msa.pretrain import load_pretrained, pretrain_segment
 from msa.splits import assign_splits
 from msa.synthetic import synthetic_config, write_sky
@@ -193,7 +194,17 @@ def test_from_scratch_and_the_photometry_only_pass(pipeline, tmp_path):
         assert row["val_pinball"] == pytest.approx(row["val_pinball_with_xp"] + 0.5 * row["val_pinball_no_xp"])
     pretrained, _ = load_pretrained(pipeline["root"] / "pretrain" / "segment-0.pt", Layout.from_dict(ckpt["layout"]))
     assert ckpt["model_hparams"] == pretrained.hparams
-    fresh = torch.load(out / "model.pt", weights_only=True)["model"]
-    emb = "missing_embedding"
-    assert not torch.allclose(fresh[emb], pretrained.state_dict()[emb])
     Ensemble.load([out / "model.pt"])  # a from-scratch member is an ordinary member
+
+    # with the encoder frozen, a from-scratch member keeps exactly the random initialisation of
+    # its seed: not one pretrained weight reached it
+    frozen = validate({**config, "finetune": {**config["finetune"], "freeze_encoder": True, "epochs": 1}})
+    job = member_job(pipeline, "mixed", tmp_path / "frozen", frozen)
+    job.pretrained = None
+    assert finetune_member(job) == 0
+    weights = torch.load(tmp_path / "frozen" / "model.pt", weights_only=True)["model"]
+    torch.manual_seed(frozen["seed"])
+    fresh = MaskedAutoencoder(**pretrained.hparams).state_dict()
+    for key, value in fresh.items():
+        torch.testing.assert_close(weights[key], value)
+    assert not torch.allclose(weights["missing_embedding"], pretrained.state_dict()["missing_embedding"])

@@ -123,3 +123,15 @@ def test_band_masking_falls_back_to_the_pretraining_setting():
                                 fallback={**SECTION, "xp_band_masking": True})
     assert spec.band_indices is not None and spec.n_row_draws == 2
     assert MaskSpec.from_config(layout, SECTION).band_indices is None
+
+
+def test_band_masking_keeps_columns_moved_into_the_xp_group():
+    layout = small_layout()
+    section = {**SECTION, "xp_masking_ratio": 0.6, "xp_band_masking": True,
+               "group_overrides": {"phot_bp_mean_mag": "xp"}}
+    hidden = draw_mask(MaskSpec.from_config(layout, section), 20000, torch.Generator().manual_seed(2)).numpy()
+    moved = hidden[:, layout.index("phot_bp_mean_mag")]
+    xp_row = hidden[:, layout.index("bp_1")] | hidden[:, layout.index("rp_1")]
+    # hidden with the row's XP whichever band goes, never on its own
+    np.testing.assert_array_equal(moved, xp_row)
+    assert abs(moved.mean() - 0.6) < 0.015

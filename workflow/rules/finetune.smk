@@ -66,6 +66,8 @@ use rule finetune as finetune_scratch with:
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
             model=config["model"],
+            # the multitask loss and the masks fall back to pretraining's settings
+            pretrain=section("pretrain", drop=("epochs", "epochs_per_job", "checkpoint_every")),
         ),
     log:
         f"{LOGS}/finetune_scratch/{{label_set}}/member-{{member}}.log",
