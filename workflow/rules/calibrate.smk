@@ -14,6 +14,14 @@ rule calibrate:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "file": "calibration"},
         ),
+    log:
+        f"{LOGS}/calibrate/{{label_set}}.log",
+    conda:
+        MSA_ENV
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
     params:
         config=MSA_CONFIG,
         settings=lambda wildcards: settings(
@@ -22,14 +30,6 @@ rule calibrate:
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
         ),
-    conda:
-        MSA_ENV
-    log:
-        f"{LOGS}/calibrate/{{label_set}}.log",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=attempt_scaled(30),
     shell:
         "msa calibrate --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--members {input.members:q} --shards {input.shards:q} --out {output.calibration:q} "

@@ -30,19 +30,19 @@ rule catalog:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "file": "distributions"},
         ),
-    params:
-        config=MSA_CONFIG,
-        settings=settings(catalog=config["catalog"]),
-    conda:
-        MSA_ENV
     log:
         f"{LOGS}/catalog/{{label_set}}.log",
     benchmark:
         f"{BENCHMARKS}/catalog/{{label_set}}.tsv"
+    conda:
+        MSA_ENV
     threads: 1
     resources:
         mem_mb=8000,
         runtime=attempt_scaled(60),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(catalog=config["catalog"]),
     shell:
         "msa catalog --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--inputs {input.predictions:q} --out-dir {output.dataset:q} --summary {output.summary:q} "

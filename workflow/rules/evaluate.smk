@@ -17,6 +17,16 @@ rule evaluate:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "file": "{name}"},
         ),
+    log:
+        f"{LOGS}/evaluate/{{label_set}}.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate/{{label_set}}.tsv"
+    conda:
+        MSA_ENV
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(60),
     params:
         config=MSA_CONFIG,
         settings=lambda wildcards: settings(
@@ -25,16 +35,6 @@ rule evaluate:
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
         ),
-    conda:
-        MSA_ENV
-    log:
-        f"{LOGS}/evaluate/{{label_set}}.log",
-    benchmark:
-        f"{BENCHMARKS}/evaluate/{{label_set}}.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=attempt_scaled(60),
     shell:
         "msa evaluate --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--members {input.members:q} --scratch-members {input.scratch:q} "

@@ -20,6 +20,17 @@ rule finetune:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "member": "{member}"},
         ),
+    log:
+        f"{LOGS}/finetune/{{label_set}}/member-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune/{{label_set}}/member-{{member}}.tsv"
+    conda:
+        MSA_ENV
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=attempt_scaled(60),
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),
@@ -30,17 +41,6 @@ rule finetune:
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
         ),
-    conda:
-        MSA_ENV
-    log:
-        f"{LOGS}/finetune/{{label_set}}/member-{{member}}.log",
-    benchmark:
-        f"{BENCHMARKS}/finetune/{{label_set}}/member-{{member}}.tsv"
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=attempt_scaled(60),
     shell:
         "msa finetune --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--member {wildcards.member:q} {params.start:q} --shards {input.shards:q} "
@@ -56,6 +56,10 @@ use rule finetune as finetune_scratch with:
         model=f"{RESULTS}/finetune_scratch/{{label_set}}/member-{{member}}/model.pt",
         metrics=f"{RESULTS}/finetune_scratch/{{label_set}}/member-{{member}}/metrics.jsonl",
         loss=f"{RESULTS}/finetune_scratch/{{label_set}}/member-{{member}}/loss.png",
+    log:
+        f"{LOGS}/finetune_scratch/{{label_set}}/member-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune_scratch/{{label_set}}/member-{{member}}.tsv"
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),
@@ -69,7 +73,3 @@ use rule finetune as finetune_scratch with:
             # the multitask loss and the masks fall back to pretraining's settings
             pretrain=section("pretrain", drop=("epochs", "epochs_per_job", "checkpoint_every")),
         ),
-    log:
-        f"{LOGS}/finetune_scratch/{{label_set}}/member-{{member}}.log",
-    benchmark:
-        f"{BENCHMARKS}/finetune_scratch/{{label_set}}/member-{{member}}.tsv"

@@ -6,19 +6,19 @@ rule ingest:
         unpack(ingest_inputs),
     output:
         shard=f"{RESULTS}/store/{{shard}}.h5",
-    params:
-        config=MSA_CONFIG,
-        settings=settings(ingest=config["ingest"]),
-    conda:
-        MSA_ENV
     log:
         f"{LOGS}/ingest/{{shard}}.log",
     benchmark:
         f"{BENCHMARKS}/ingest/{{shard}}.tsv"
+    conda:
+        MSA_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=attempt_scaled(30),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(ingest=config["ingest"]),
     shell:
         "msa ingest --config {params.config:q} --shard {wildcards.shard:q} --out {output.shard:q} "
         "> {log:q} 2>&1"

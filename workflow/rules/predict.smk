@@ -8,20 +8,20 @@ rule predict:
         shard=f"{RESULTS}/store/{{shard}}.h5",
     output:
         predictions=f"{RESULTS}/predict/{{label_set}}/{{shard}}.parquet",
-    params:
-        config=MSA_CONFIG,
-        settings=settings(predict=config["predict"]),
-    conda:
-        MSA_ENV
     log:
         f"{LOGS}/predict/{{label_set}}/{{shard}}.log",
     benchmark:
         f"{BENCHMARKS}/predict/{{label_set}}/{{shard}}.tsv"
+    conda:
+        MSA_ENV
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=attempt_scaled(30),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(predict=config["predict"]),
     shell:
         "msa predict --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--members {input.members:q} --calibration {input.calibration:q} --shard {input.shard:q} "

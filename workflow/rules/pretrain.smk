@@ -16,6 +16,17 @@ rule pretrain_segment:
         model=f"{RESULTS}/pretrain/segment-{{segment}}.pt",
         metrics=f"{RESULTS}/pretrain/segment-{{segment}}.metrics.jsonl",
         loss=f"{RESULTS}/pretrain/segment-{{segment}}.loss.png",
+    log:
+        f"{LOGS}/pretrain/segment-{{segment}}.log",
+    benchmark:
+        f"{BENCHMARKS}/pretrain/segment-{{segment}}.tsv"
+    conda:
+        MSA_ENV
+    threads: 4
+    resources:
+        gpu=1,
+        mem_mb=16000,
+        runtime=attempt_scaled(120),
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),
@@ -26,17 +37,6 @@ rule pretrain_segment:
             model=config["model"],
             features=config["features"],
         ),
-    conda:
-        MSA_ENV
-    log:
-        f"{LOGS}/pretrain/segment-{{segment}}.log",
-    benchmark:
-        f"{BENCHMARKS}/pretrain/segment-{{segment}}.tsv"
-    threads: 4
-    resources:
-        gpu=1,
-        mem_mb=16000,
-        runtime=attempt_scaled(120),
     shell:
         "{params.launcher} pretrain --config {params.config:q} --shards {input.shards:q} "
         "--scaler {input.scaler:q} --out-dir {params.out_dir:q} --segment {wildcards.segment:q} "
@@ -56,11 +56,11 @@ rule pretrain_model:
             caption="../report/pretrain_loss.rst",
             category="1. Pretraining",
         ),
-    conda:
-        MSA_ENV
     log:
         f"{LOGS}/pretrain/model.log",
     localrule: True
+    conda:
+        MSA_ENV
     shell:
         "(cp {input.model:q} {output.model:q} && cp {input.metrics:q} {output.metrics:q} "
         "&& cp {input.loss:q} {output.loss:q}) > {log:q} 2>&1"

@@ -6,19 +6,19 @@ rule fit_scaler:
         shards=SHARD_FILES,
     output:
         scaler=f"{RESULTS}/scaler.json",
-    params:
-        config=MSA_CONFIG,
-        settings=settings(seed=config["seed"], scaler=config["scaler"], features=config["features"]),
-    conda:
-        MSA_ENV
     log:
         f"{LOGS}/fit_scaler.log",
     benchmark:
         f"{BENCHMARKS}/fit_scaler.tsv"
+    conda:
+        MSA_ENV
     threads: 1
     resources:
         mem_mb=8000,
         runtime=attempt_scaled(30),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(seed=config["seed"], scaler=config["scaler"], features=config["features"]),
     shell:
         "msa fit-scaler --config {params.config:q} --shards {input.shards:q} --out {output.scaler:q} "
         "> {log:q} 2>&1"
