@@ -54,7 +54,7 @@ from msa.baseline_mlp import PlainMLPBaseline
 from msa.config import config_hash, load_config, validate
 from msa.ensemble import Ensemble
 from msa.evaluate import point_metrics
-from msa.finetune import MemberRun, finetune_member
+from msa.finetune import MemberRun, finetune_member, photometry_member_config
 from msa.splits import assign_splits, split_seed
 from msa.labels import LabelSource, label_set, load_labelled
 from msa.pretrain import pretrain_segment
@@ -117,16 +117,23 @@ def pretrained(config: dict, shards, scaler, work: Path) -> Path:
 
 
 def members(config: dict, set_name: str, pretrained_path: Path | None, shards, scaler, work: Path) -> list[Path]:
+    """The ensemble's member files, trained where not cached: the members with XP and, with
+    ``finetune.photometry_members``, as many photometry-only members (as the workflow trains them)."""
     # pretrain too for from-scratch members: the multitask loss and the masks fall back to it
     sections = ["seed", "features", "model", "labels", "label_sets", "splits", "finetune", "pretrain"]
     kind = "scratch" if pretrained_path is None else "pretrained"
-    out = work / "finetune" / f"{kind}-{config_hash(config, sections)}"
+    configs = [(kind, config)]
+    if config["finetune"]["photometry_members"]:
+        configs.append((kind + "-photometry", photometry_member_config(config)))
     paths = []
-    for k in range(config["finetune"]["members"]):
-        member_dir = out / f"member-{k}"
-        if not (member_dir / "model.pt").exists():
-            finetune_member(MemberRun(config, set_name, k, pretrained_path, list(shards), scaler, member_dir))
-        paths.append(member_dir / "model.pt")
+    for name, member_config in configs:
+        out = work / "finetune" / f"{name}-{config_hash(member_config, sections)}"
+        for k in range(config["finetune"]["members"]):
+            member_dir = out / f"member-{k}"
+            if not (member_dir / "model.pt").exists():
+                finetune_member(MemberRun(member_config, set_name, k, pretrained_path, list(shards), scaler,
+                                          member_dir))
+            paths.append(member_dir / "model.pt")
     return paths
 
 

@@ -79,12 +79,12 @@ class Member:
         """Physical quantiles ``(B, L, 3)`` float32 and the latent ``(B, D)`` for one batch."""
         hidden = hidden | self.force_mask
         latent = self.model.encode(x, hidden)
-        q = self.head(latent).float()
+        q = self.head(latent, x, hidden).float()
         if self.parallax_masked_pass:
             # parallax from a second pass that cannot see the Gaia parallax it is scored against
             hidden_plx = hidden.clone()
             hidden_plx[:, self.parallax_feature] = True
-            q_plx = self.head(self.model.encode(x, hidden_plx)).float()
+            q_plx = self.head(self.model.encode(x, hidden_plx), x, hidden_plx).float()
             q[:, self.parallax_label] = q_plx[:, self.parallax_label]
         return q * self.label_scale[:, None] + self.label_centre[:, None], latent.float()
 
@@ -116,6 +116,16 @@ class Ensemble:
         self.transform = FeatureTransform(layout, scaler, normalise_xp)
         # features in every member's force mask: no member sees them, so they are not inputs
         self.hidden_from_every_member = np.logical_and.reduce([m.force_mask.cpu().numpy() for m in members])
+        # photometry-only members (``finetune.photometry_only``: XP in their force mask) serve the
+        # stars whose prediction has no XP; the others serve the stars with XP
+        self.xp_index = torch.as_tensor(layout.xp_indices, dtype=torch.long, device=device)
+        never_xp = [len(layout.xp_indices) > 0 and bool(m.force_mask[self.xp_index].all()) for m in members]
+        self.photometry_members = [m for m, p in zip(members, never_xp) if p]
+        self.spectrum_members = [m for m, p in zip(members, never_xp) if not p]
+        if self.photometry_members and self.spectrum_members \
+                and len(self.photometry_members) != len(self.spectrum_members):
+            raise EnsembleError(f"{len(self.spectrum_members)} members with XP and {len(self.photometry_members)} "
+                                "photometry-only members: an ensemble needs as many of each")
 
     def visible_inputs(self, x_scaled: np.ndarray) -> np.ndarray:
         """Bool ``(n, F)``: entries present (finite) and seen by at least one member."""
@@ -214,15 +224,39 @@ class Ensemble:
             raise ValueError(f"extra_hidden: expected shape ({f},) or ({n}, {f}), got {tuple(hidden.shape)}")
         return hidden.reshape(-1, f)
 
+    @property
+    def n_members(self) -> int:
+        """Members behind each star's prediction (each star is served by one kind of member)."""
+        return max(len(self.spectrum_members), len(self.photometry_members))
+
     def forward_batch(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
                       with_latent: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All members on one batch already on the device: ``(K, B, L, 3)`` float32 physical quantiles
-        and, if asked, the first member's latent ``(B, D)``. Call inside :meth:`inference`."""
+        and, if asked, the first member's latent ``(B, D)``. A star without a visible XP coefficient
+        goes to the photometry-only members where there are any. Call inside :meth:`inference`."""
         if hidden is None:
             hidden = torch.zeros((1, x.shape[1]), dtype=torch.bool, device=x.device)
         hidden = hidden.expand(x.shape[0], -1)
+        if not (self.photometry_members and self.spectrum_members):
+            return self._run_members(self.spectrum_members or self.photometry_members, x, hidden, with_latent)
+        seen_xp = ~(hidden[:, self.xp_index] | torch.isnan(x[:, self.xp_index]))
+        rows_xp = seen_xp.any(dim=1)
+        q = torch.empty((self.n_members, x.shape[0], len(self.labels), 3), dtype=torch.float32, device=x.device)
+        latent = torch.empty((x.shape[0], self.latent_dim), dtype=torch.float32, device=x.device) \
+            if with_latent else None
+        for members, rows in ((self.spectrum_members, rows_xp), (self.photometry_members, ~rows_xp)):
+            if bool(rows.any()):
+                q_rows, z_rows = self._run_members(members, x[rows], hidden[rows], with_latent)
+                q[:, rows] = q_rows
+                if with_latent:
+                    latent[rows] = z_rows
+        return q, latent
+
+    @staticmethod
+    def _run_members(members: list[Member], x: torch.Tensor, hidden: torch.Tensor, with_latent: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         outs, latent = [], None
-        for k, member in enumerate(self.members):
+        for k, member in enumerate(members):
             q, z = member.quantiles(x, hidden)
             outs.append(q)
             if with_latent and k == 0:
@@ -253,7 +287,7 @@ class Ensemble:
             raise ValueError(f"x_scaled: expected (N, {self.layout.n_features}) scaled inputs, got "
                              f"{tuple(x_all.shape)}; build them with ensemble.transform(raw)")
         hidden_all = self._hidden(extra_hidden, n)
-        q_out = np.empty((len(self.members), n, len(self.labels), 3), dtype=np.float32)
+        q_out = np.empty((self.n_members, n, len(self.labels), 3), dtype=np.float32)
         z_out = np.empty((n, self.latent_dim), dtype=np.float32) if return_latent else None
         with self.inference():
             for start in range(0, n, batch_size):

@@ -165,7 +165,9 @@ class Objective:
         xp = torch.zeros(n_features, dtype=torch.bool)
         xp[torch.as_tensor(layout.xp_indices, dtype=torch.long)] = True
         self.xp_mask = xp.to(device)
-        self.no_xp_weight = float(cfg["no_xp_weight"]) if len(layout.xp_indices) else 0.0
+        # a photometry-only member's every pass is already XP-free
+        self.no_xp_weight = float(cfg["no_xp_weight"]) if len(layout.xp_indices) and not cfg["photometry_only"] \
+            else 0.0
         self.pert_idx = torch.as_tensor(feature_indices(layout, cfg["pert_features"]), dtype=torch.long,
                                         device=device)
         weights = [float(cfg["label_weights"].get(n, 1.0)) for n in label_scaler.names]
@@ -196,11 +198,11 @@ class Objective:
     def _quantiles(self, x: torch.Tensor, hidden: torch.Tensor, latent: torch.Tensor | None = None
                    ) -> torch.Tensor:
         """Scaled quantiles ``(B, L, 3)``; the parallax label from a pass without the parallax input."""
-        q = self.head(self.model.encode(x, hidden) if latent is None else latent)
+        q = self.head(self.model.encode(x, hidden) if latent is None else latent, x, hidden)
         if self.plx.masked_pass:
             hidden_plx = hidden.clone()
             hidden_plx[:, self.plx.feature_index] = True
-            q_plx = self.head(self.model.encode(x, hidden_plx))
+            q_plx = self.head(self.model.encode(x, hidden_plx), x, hidden_plx)
             keep = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
             keep[self.plx.label_index] = True
             q = torch.where(keep[None, :, None], q_plx, q)
@@ -371,7 +373,8 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     if "scaler" in pre_ckpt and pre_ckpt["scaler"] != scaler.to_dict():
         raise FinetuneError(f"the scaler {job.scaler_path} differs from the one {job.pretrained} was pretrained "
                             "with; fine-tune with the pipeline's own scaler.json")
-    head = QuantileHead(model.latent_dim, len(names), widths=cfg["head_widths"])
+    head = QuantileHead(model.latent_dim, len(names), widths=cfg["head_widths"],
+                        n_inputs=layout.n_features if cfg["head_reads_inputs"] else 0)
     model.to(device)
     head.to(device)
     if cfg["freeze_encoder"]:
@@ -557,10 +560,28 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scaler", required=True, help="the pipeline's feature scaler JSON")
     parser.add_argument("--out-dir", required=True, help="member folder: model.pt, metrics.jsonl, loss.png")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--photometry-only", action="store_true",
+                        help="a member that never sees XP (finetune.photometry_overrides applied): it serves "
+                             "the stars without XP")
+
+
+def photometry_member_config(config: dict) -> dict:
+    """The config of a photometry-only member: ``finetune.photometry_overrides`` applied and every
+    XP column hidden, so it learns the stars without XP on their own schedule."""
+    cfg = config["finetune"]
+    overrides = dict(cfg["photometry_overrides"])
+    unknown = sorted(set(overrides) - set(cfg) | set(overrides) & {"photometry_members", "photometry_overrides"})
+    if unknown:
+        raise FinetuneError(f"finetune.photometry_overrides: {unknown} are not fine-tuning keys a member can "
+                            "set (see config/README.md, finetune)")
+    return {**config, "finetune": {**cfg, **overrides, "photometry_only": True}}
 
 
 def run(args) -> int:
-    job = MemberRun(load_config(args.config), args.label_set, args.member,
+    config = load_config(args.config)
+    if args.photometry_only:
+        config = photometry_member_config(config)
+    job = MemberRun(config, args.label_set, args.member,
                     None if args.from_scratch else Path(args.pretrained),
                     [Path(s) for s in args.shards], Path(args.scaler), Path(args.out_dir),
                     torch.device(args.device) if args.device else None)

@@ -119,6 +119,9 @@ class MaskSpec:
         xp_idx = np.array([i for i, g in enumerate(groups) if g == XP_GROUP], dtype=np.int64)
         el_idx = np.array([i for i, g in enumerate(groups) if g != XP_GROUP], dtype=np.int64)
         force_idx = np.array([layout.index(n) for n in force_names], dtype=np.int64)
+        if section.get("photometry_only"):
+            # a photometry-only member never sees XP: it serves the stars that have none
+            force_idx = np.union1d(force_idx, layout.xp_indices).astype(np.int64)
         band_masking = section.get("xp_band_masking")
         if band_masking is None:
             band_masking = fallback.get("xp_band_masking", False)

@@ -124,19 +124,35 @@ class QuantileHead(nn.Module):
 
     Output shape ``(batch, n_labels, 3)``; the median is free, the lower and upper quantiles are
     the median minus / plus a softplus offset, so q16 ≤ q50 ≤ q84 always holds.
+
+    With ``n_inputs`` > 0 the head also reads the encoder's inputs themselves (the seen scaled
+    values, 0 where unseen, and a 0/1 unseen flag per feature) beside the latent: a wide-and-deep
+    path, so a star's few photometric values reach the head without passing the bottleneck that
+    pretraining shaped for spectra.
     """
 
     def __init__(self, latent_dim: int, n_labels: int, widths: list[int] = (128,),
-                 norm: str = "layernorm", activation: str = "gelu", dropout: float = 0.0):
+                 norm: str = "layernorm", activation: str = "gelu", dropout: float = 0.0, n_inputs: int = 0):
         super().__init__()
         widths = list(widths)
         self.hparams = dict(latent_dim=latent_dim, n_labels=n_labels, widths=widths, norm=norm,
-                            activation=activation, dropout=dropout)
-        self.body = residual_stack(latent_dim, widths, norm, activation, dropout)
-        self.out = nn.Linear(widths[-1] if widths else latent_dim, n_labels * 3)
+                            activation=activation, dropout=dropout, n_inputs=n_inputs)
+        self.n_inputs = int(n_inputs)
+        d_in = latent_dim + 2 * self.n_inputs
+        self.body = residual_stack(d_in, widths, norm, activation, dropout)
+        self.out = nn.Linear(widths[-1] if widths else d_in, n_labels * 3)
         self.n_labels = n_labels
 
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+    def forward(self, latent: torch.Tensor, x: torch.Tensor | None = None,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantiles from the latent; a head with ``n_inputs`` also needs the values ``x`` (NaN =
+        missing) and the ``hidden`` mask that the encoder was given."""
+        if self.n_inputs:
+            if x is None or hidden is None:
+                raise ValueError("this QuantileHead reads the inputs too: call head(latent, x, hidden)")
+            unseen = hidden | torch.isnan(x)
+            seen_x = torch.where(unseen, torch.zeros_like(x), x)
+            latent = torch.cat([latent, seen_x.to(latent.dtype), unseen.to(latent.dtype)], dim=1)
         raw = self.out(self.body(latent)).view(-1, self.n_labels, 3)
         median = raw[..., 1]
         lower = median - F.softplus(raw[..., 0])

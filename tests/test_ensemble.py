@@ -219,3 +219,46 @@ def test_pretrain_checkpoint_is_not_a_member(tmp_path, layout):
         Ensemble.load([path])
     with pytest.raises(EnsembleError, match="no ensemble members"):
         Ensemble.load([])
+
+
+def test_stars_without_xp_go_to_the_photometry_only_members(tmp_path, layout):
+    scaler = unit_scaler(layout)
+    xp = layout.xp_indices
+    spectra = [write_member(tmp_path / f"s{k}.pt", layout, scaler, seed=10 + k) for k in range(2)]
+    photometry = [write_member(tmp_path / f"p{k}.pt", layout, scaler, seed=20 + k, force_mask_indices=xp)
+                  for k in range(2)]
+    both = Ensemble.load(spectra + photometry)
+    assert len(both.spectrum_members) == 2 and len(both.photometry_members) == 2
+    x = random_inputs(40, layout, missing=0.0)
+    x[20:, xp] = np.nan  # the last 20 stars have no XP spectrum
+    routed = both.predict_members(x)
+    assert routed.shape[0] == 2
+    np.testing.assert_allclose(routed[:, :20], Ensemble.load(spectra).predict_members(x[:20]), rtol=1e-6)
+    np.testing.assert_allclose(routed[:, 20:], Ensemble.load(photometry).predict_members(x[20:]), rtol=1e-6)
+    # hiding XP on purpose counts as having none
+    hide_xp = np.zeros(layout.n_features, dtype=bool)
+    hide_xp[xp] = True
+    np.testing.assert_allclose(both.predict(x[:20], extra_hidden=hide_xp), Ensemble.load(photometry).predict(x[:20]),
+                               rtol=1e-6)
+    with pytest.raises(EnsembleError, match="as many of each"):
+        Ensemble.load(spectra + photometry[:1])
+
+
+def test_head_that_reads_inputs_needs_them_and_uses_them():
+    torch.manual_seed(0)
+    head = QuantileHead(latent_dim=4, n_labels=2, widths=[8], n_inputs=3)
+    latent = torch.zeros(5, 4)
+    x = torch.randn(5, 3)
+    hidden = torch.zeros(5, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="reads the inputs"):
+        head(latent)
+    q = head(latent, x, hidden)
+    assert q.shape == (5, 2, 3)
+    # an input that is hidden or missing reaches the head as unseen, whatever its value
+    x_changed = x.clone()
+    x_changed[:, 0] = 99.0
+    assert not torch.allclose(head(latent, x_changed, hidden), q)
+    hidden[:, 0] = True
+    x_nan = x.clone()
+    x_nan[:, 0] = float("nan")
+    torch.testing.assert_close(head(latent, x_changed, hidden), head(latent, x_nan, torch.zeros_like(hidden)))

@@ -11,7 +11,7 @@ import torch
 from msa.config import validate
 from msa.ensemble import Ensemble
 from msa.features import xp_normalises
-from msa.finetune import (EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member,
+from msa.finetune import (EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member, photometry_member_config,
                           inverse_variance_weights)
 from msa.splits import split_seed
 from msa.fit_scaler import fit_scaler
@@ -208,3 +208,30 @@ def test_from_scratch_and_the_photometry_only_pass(pipeline, tmp_path):
     for key, value in fresh.items():
         torch.testing.assert_close(weights[key], value)
     assert not torch.allclose(weights["missing_embedding"], pretrained.state_dict()["missing_embedding"])
+
+
+def test_photometry_only_member_never_sees_xp_and_takes_its_overrides(pipeline, tmp_path):
+    base = pipeline["config"]
+    config = validate({**base, "finetune": {**base["finetune"], "epochs": 2, "head_reads_inputs": True,
+                                            "photometry_overrides": {"epochs": 1, "lr_head": 0.01}}})
+    member_config = photometry_member_config(config)
+    assert member_config["finetune"]["epochs"] == 1 and member_config["finetune"]["lr_head"] == 0.01
+    assert member_config["finetune"]["photometry_only"] and config["finetune"]["epochs"] == 2
+    out = tmp_path / "photometry"
+    assert finetune_member(member_job(pipeline, "mixed", out, member_config)) == 0
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    layout = Layout.from_dict(ckpt["layout"])
+    assert set(layout.xp_indices) <= set(ckpt["force_mask_indices"])
+    assert len(ckpt["metrics"]) == 1
+    member = Ensemble.load([out / "model.pt"])
+    assert member.photometry_members and not member.spectrum_members
+    # no XP value reaches its prediction, through the encoder or the head's own input path
+    stars = load_labelled([pipeline["shard"]], member.transform, LabelSource(config["labels"], member.labels))
+    x = stars.x[:50].copy()
+    x_other = x.copy()
+    x_other[:, layout.xp_indices] *= -3.0
+    np.testing.assert_array_equal(member.predict(x), member.predict(x_other))
+
+    bad = validate({**config, "finetune": {**config["finetune"], "photometry_overrides": {"epoch": 3}}})
+    with pytest.raises(FinetuneError, match="photometry_overrides.*epoch"):
+        photometry_member_config(bad)

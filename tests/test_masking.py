@@ -135,3 +135,13 @@ def test_band_masking_keeps_columns_moved_into_the_xp_group():
     # hidden with the row's XP whichever band goes, never on its own
     np.testing.assert_array_equal(moved, xp_row)
     assert abs(moved.mean() - 0.6) < 0.015
+
+
+def test_photometry_only_hides_every_xp_column():
+    layout = Layout.from_config({"xp": {"bp": 3, "rp": 3, "normalise": "g_flux"},
+                                 "gaia_photometry": {"phot_g_mean_mag": None, "phot_bp_mean_mag": None}})
+    section = {"xp_masking_ratio": 0.0, "m_masking_ratio": 0.0, "force_mask_cols": ["phot_bp_mean_mag"]}
+    plain = MaskSpec.from_config(layout, section)
+    only = MaskSpec.from_config(layout, {**section, "photometry_only": True})
+    assert set(plain.force_indices) == {layout.index("phot_bp_mean_mag")}
+    assert set(only.force_indices) == set(layout.xp_indices) | {layout.index("phot_bp_mean_mag")}

@@ -212,6 +212,19 @@ def test_adding_a_member_keeps_existing_members(finished_run):
                                                              "finetune_scratch[label_set=spectro,member=0]"}
 
 
+def test_photometry_members_add_their_jobs_and_feed_every_ensemble_consumer(finished_run):
+    config = merge(finished_run.config, {"finetune": {"photometry_members": True,
+                                                      "photometry_overrides": {"epochs": 3}}})
+    finished_run.write_config(config, "photometry.yaml")
+    planned = planned_jobs(finished_run, "photometry.yaml")
+    new = {"finetune_photometry[label_set=spectro,member=0]",
+           "finetune_scratch_photometry[label_set=spectro,member=0]"}
+    # the members with XP stay; what reads the ensemble reruns with the photometry members added
+    assert planned == new | {"calibrate[label_set=spectro]", "evaluate[label_set=spectro]",
+                             "catalog[label_set=spectro]",
+                             *(f"predict[label_set=spectro,shard={s}]" for s in ("s000", "s001"))}
+
+
 def test_touching_a_raw_file_without_changing_it_reruns_nothing(finished_run, tiny_sky):
     xp = tiny_sky.xp_paths[1]
     before = xp.stat()

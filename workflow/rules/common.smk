@@ -138,20 +138,24 @@ def launcher(wildcards, resources):
     return "msa"
 
 
-def member_models(wildcards):
+def ensemble_members(folder, label_set):
+    """An ensemble's member files: the members with XP and, with finetune.photometry_members,
+    as many photometry-only members, which serve the stars without XP."""
+    kinds = ["member", "photometry"] if config["finetune"]["photometry_members"] else ["member"]
     return expand(
-        f"{RESULTS}/finetune/{wildcards.label_set}/member-{{member}}/model.pt", member=MEMBERS
+        f"{RESULTS}/{folder}/{label_set}/{{kind}}-{{member}}/model.pt", kind=kinds, member=MEMBERS
     )
+
+
+def member_models(wildcards):
+    return ensemble_members("finetune", wildcards.label_set)
 
 
 def scratch_member_models(wildcards):
     """The from-scratch members evaluate compares against (none when evaluate.from_scratch is off)."""
     if not config["evaluate"]["from_scratch"]:
         return []
-    return expand(
-        f"{RESULTS}/finetune_scratch/{wildcards.label_set}/member-{{member}}/model.pt",
-        member=MEMBERS,
-    )
+    return ensemble_members("finetune_scratch", wildcards.label_set)
 
 
 def attempt_scaled(minutes):

@@ -1,7 +1,12 @@
 # One job per label set and ensemble member. `finetune.members` is deliberately not in the
 # params: raising it adds member jobs and leaves the existing members alone.
 # `finetune_scratch` trains the same members from a random encoder (evaluate.from_scratch): the
-# yardstick that measures what pretraining adds.
+# yardstick that measures what pretraining adds. With finetune.photometry_members, the
+# `*_photometry` rules train as many members that never see XP (photometry-<k>/), which serve
+# the stars without XP on their own schedule (finetune.photometry_overrides).
+
+# what a member with XP does not depend on: adding members or photometry-only members leaves it be
+XP_MEMBER_IGNORES = ("members", "photometry_members", "photometry_overrides")
 
 
 rule finetune:
@@ -37,7 +42,7 @@ rule finetune:
         start=lambda wildcards, input: ["--pretrained", input.pretrained],  # quoted word by word
         settings=lambda wildcards: settings(
             seed=config["seed"],
-            finetune=section("finetune", drop=("members",)),
+            finetune=section("finetune", drop=XP_MEMBER_IGNORES),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
         ),
@@ -66,10 +71,54 @@ use rule finetune as finetune_scratch with:
         start=["--from-scratch"],
         settings=lambda wildcards: settings(
             seed=config["seed"],
-            finetune=section("finetune", drop=("members",)),
+            finetune=section("finetune", drop=XP_MEMBER_IGNORES),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
             model=config["model"],
             # the multitask loss and the masks fall back to pretraining's settings
+            pretrain=section("pretrain", drop=("epochs", "epochs_per_job", "checkpoint_every")),
+        ),
+
+
+use rule finetune as finetune_photometry with:
+    output:
+        model=f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/model.pt",
+        metrics=f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/metrics.jsonl",
+        loss=f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/loss.png",
+    log:
+        f"{LOGS}/finetune/{{label_set}}/photometry-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune/{{label_set}}/photometry-{{member}}.tsv"
+    params:
+        config=MSA_CONFIG,
+        out_dir=subpath(output.model, parent=True),
+        start=lambda wildcards, input: ["--pretrained", input.pretrained, "--photometry-only"],
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            finetune=section("finetune", drop=("members", "photometry_members")),
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+        ),
+
+
+use rule finetune_scratch as finetune_scratch_photometry with:
+    output:
+        model=f"{RESULTS}/finetune_scratch/{{label_set}}/photometry-{{member}}/model.pt",
+        metrics=f"{RESULTS}/finetune_scratch/{{label_set}}/photometry-{{member}}/metrics.jsonl",
+        loss=f"{RESULTS}/finetune_scratch/{{label_set}}/photometry-{{member}}/loss.png",
+    log:
+        f"{LOGS}/finetune_scratch/{{label_set}}/photometry-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/finetune_scratch/{{label_set}}/photometry-{{member}}.tsv"
+    params:
+        config=MSA_CONFIG,
+        out_dir=subpath(output.model, parent=True),
+        start=["--from-scratch", "--photometry-only"],
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            finetune=section("finetune", drop=("members", "photometry_members")),
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+            model=config["model"],
             pretrain=section("pretrain", drop=("epochs", "epochs_per_job", "checkpoint_every")),
         ),
