@@ -23,14 +23,18 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
 
 * colours instead of magnitudes (``features.colours_relative_to``): Teff NMAD with XP of the
   from-scratch model 142 → 122 K; the tree baseline without XP log g 0.75 → 0.54;
-* the photometry-only path of the network underfits (train and validation pinball loss alike):
-  with XP hidden in every training row it reaches Teff ≈ 420–450 K where a plain MLP on the same
-  six magnitudes reaches 240 K. Not the cause: the share of XP-hidden rows (0.3 → 0.5), element
-  masking, 4× more fine-tuning epochs, an extra XP-hidden pinball term (``no_xp_weight``), higher
-  embedding frequencies. Trained on photometry alone, the same encoder without indicator
-  channels, with raw inputs and narrow embeddings, reached 263 K in 30 epochs and was still
-  improving: the 110 constant indicator channels of a star without XP drown its photometry, but
-  in the joint fine-tuning switching them off did not close the gap. Open;
+* the photometry-only path: the shared members reach Teff ≈ 430 K without XP where a plain MLP
+  on the same six magnitudes reaches 245 K. Not the cause: the share of XP-hidden rows, element
+  masking, more epochs, an extra XP-hidden pinball term (``no_xp_weight``), higher embedding
+  frequencies, XP imputed by the decoder (457 K), a head that reads the inputs past the
+  bottleneck (452 K). The cause is one early-stopping point for two patterns: XP converges in
+  ~10 epochs, photometry needs ~80. Photometry-only members (``finetune.photometry_members``,
+  every XP column in their force mask, validated without XP, 80 epochs, no element masking, no
+  multitask term) reach 183 K / 0.38 / 0.34 / 0.069 against the MLP's 245 K / 0.44 / 0.33 /
+  0.072; from scratch they reach the same (182 K / 0.40 / 0.33 / 0.065): on the demo, whose
+  pretraining corpus is its 3,896 labelled stars, pretraining adds nothing to photometry, and
+  the gain over the MLP is the architecture's (periodic embeddings, residual blocks, quantile
+  loss). ``finetune.head_reads_inputs`` made no difference there (193 K / 0.38 / 0.35 / 0.066);
 * pretraining's loss with ``loss: mse`` instead of error weights: worse with XP (Teff 154 → 168 K).
 """
 

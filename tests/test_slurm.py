@@ -15,7 +15,8 @@ from slurm.local_cluster import LocalSlurm, missing_requirements
 
 pytestmark = pytest.mark.slurm
 
-GPU_RULES = {"pretrain_segment", "finetune", "finetune_scratch", "predict"}
+GPU_RULES = {"pretrain_segment", "finetune", "finetune_scratch", "finetune_photometry", "finetune_scratch_photometry",
+             "predict"}
 CPU_RULES = {"ingest", "fit_scaler", "calibrate", "evaluate", "catalog"}
 # one thread per job in both runs, so CPU floating-point reductions happen in the same order
 ONE_THREAD = ["--set-threads", *(f"{r}=1" for r in sorted(GPU_RULES | CPU_RULES))]
@@ -39,7 +40,7 @@ def quick_demo_config() -> dict:
     return merge(config, {
         "model": {"encoder_widths": [32, 16]},
         "pretrain": {"epochs": 2, "epochs_per_job": 1},
-        "finetune": {"members": 1, "epochs": 2},
+        "finetune": {"members": 1, "epochs": 2, "photometry_overrides": {"epochs": 2}},
         "evaluate": {"baseline": False, "baseline_mlp": False},
     })
 
