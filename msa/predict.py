@@ -23,6 +23,8 @@ the input's (same ids, same order, none twice), and only then renamed into place
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -112,8 +114,8 @@ def input_transform(ensemble: Ensemble) -> FeatureTransform:
     """The members' transform without the error columns: the encoder reads values only, so prediction
     reads about half the XP bytes of training. Values are derived and scaled exactly as in training."""
     layout = ensemble.layout
-    values_only = Layout(tuple(Feature(f.name, f.group, None) for f in layout.features), layout.force_mask,
-                         layout.reconstruct_groups)
+    # replace() keeps every other property of the layout (colours relative to a reference, ...)
+    values_only = dataclasses.replace(layout, features=tuple(Feature(f.name, f.group, None) for f in layout.features))
     return FeatureTransform(values_only, ensemble.scaler, ensemble.normalise_xp)
 
 

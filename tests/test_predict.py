@@ -264,3 +264,14 @@ def test_force_masked_xp_counts_as_predicted_without_xp(setup, tmp_path):
     expected_n = sum(np.isfinite(cols[c]) for c in
                      ("phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag", "parallax"))
     np.testing.assert_array_equal(frame["n_inputs"].to_numpy(), expected_n)
+
+
+def test_prediction_inputs_are_the_training_inputs_for_every_layout(tmp_path):
+    """Prediction reads values only, but must derive them as training did: colours included."""
+    from msa.predict import input_transform
+
+    layout = small_layout({**FEATURES_CFG, "colours_relative_to": "phot_g_mean_mag"})
+    assert layout.colour_reference == "phot_g_mean_mag"
+    ensemble = Ensemble.load([write_member(tmp_path / "m.pt", layout, unit_scaler(layout))])
+    cols = star_columns(N_STARS)
+    np.testing.assert_array_equal(input_transform(ensemble)(cols)[0], ensemble.transform(cols)[0])
