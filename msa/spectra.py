@@ -42,7 +42,10 @@ def gaiaxpy_input(bp: np.ndarray, rp: np.ndarray, source_id: np.ndarray | None =
 
 def calibrate_quietly(frame):
     """``gaiaxpy.calibrate`` without its progress output; returns (fluxes ``(n, W)``, wavelengths nm)."""
-    from gaiaxpy import calibrate
+    import matplotlib
+
+    with matplotlib.rc_context():  # importing GaiaXPy sets matplotlib's text.usetex globally: undo it
+        from gaiaxpy import calibrate
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         spectra, wavelengths = calibrate(frame, save_file=False, truncation=False)
