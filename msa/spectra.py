@@ -49,7 +49,9 @@ def calibrate_quietly(frame):
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         spectra, wavelengths = calibrate(frame, save_file=False, truncation=False)
-    return np.stack(spectra["flux"].to_numpy()).astype(np.float64), np.asarray(wavelengths, dtype=np.float64)
+    # rows matched to the input by source_id, not by position: the row order of the output is not documented
+    order = spectra.set_index("source_id").loc[frame["source_id"].to_numpy()]
+    return np.stack(order["flux"].to_numpy()).astype(np.float64), np.asarray(wavelengths, dtype=np.float64)
 
 
 @lru_cache(maxsize=1)
