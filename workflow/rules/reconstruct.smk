@@ -44,11 +44,11 @@ rule reconstruct:
         runtime=attempt_scaled(30),
     params:
         config=MSA_CONFIG,
-        hide_xp="--hide-xp" if config["reconstruct"]["hide_xp"] else "",
+        hide_xp=["--hide-xp"] if config["reconstruct"]["hide_xp"] else [],
         settings=settings(hide_xp=config["reconstruct"]["hide_xp"]),
     shell:
         "msa reconstruct --config {params.config:q} --models {input.models:q} "
-        "--shard {input.shard:q} --out {output.reconstruction:q} {params.hide_xp} > {log:q} 2>&1"
+        "--shard {input.shard:q} --out {output.reconstruction:q} {params.hide_xp:q} > {log:q} 2>&1"
 
 
 rule evaluate_reconstruction:
