@@ -31,6 +31,10 @@ COMMANDS = {
     "evaluate": ("msa.evaluate", "metrics and figures of a label set on the test split"),
     "predict": ("msa.predict", "predict one shard or table into a Parquet file"),
     "catalog": ("msa.catalog", "gather prediction files into a HEALPix-partitioned catalogue"),
+    "reconstruct": ("msa.reconstruct", "the autoencoder's XP coefficients of a shard or table, in Archive units"),
+    "evaluate-reconstruction": ("msa.reconstruct_eval",
+                                "XP reconstruction with XP hidden vs a photometry kNN, on held-out stars"),
+    "embed": ("msa.embed", "each star's encoder representation (embeddings) into Parquet"),
 }
 
 

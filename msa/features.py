@@ -47,6 +47,19 @@ def xp_normalises(features_cfg: Mapping) -> bool:
     return (features_cfg.get("xp") or {}).get("normalise", "g_flux") == "g_flux"
 
 
+def g_flux_factor(g_mag: np.ndarray) -> np.ndarray:
+    """10^(0.4 (G − 15)), float64: an XP coefficient times this is the spectrum the star would have
+    at G = 15 (``features.xp.normalise: g_flux``); NaN where G is missing."""
+    return np.power(10.0, 0.4 * (np.asarray(g_mag, dtype=np.float64) - G_REFERENCE_MAG))
+
+
+def xp_to_archive_units(xp_values: np.ndarray, g_mag: np.ndarray | None) -> np.ndarray:
+    """Undo the G normalisation of derived XP values ``(n, k)``: coefficients (or their errors) in
+    the Archive's units, float64. ``g_mag`` None: the layout does not normalise, values pass through."""
+    values = np.asarray(xp_values, dtype=np.float64)
+    return values if g_mag is None else values / g_flux_factor(g_mag)[:, None]
+
+
 def store_columns(layout: Layout, normalise_xp: bool) -> list[str]:
     """The raw store columns needed to derive ``layout``'s values and errors (without source_id)."""
     cols: list[str] = []
@@ -70,8 +83,7 @@ def derive(raw: Mapping[str, np.ndarray], layout: Layout, normalise_xp: bool) ->
     errors = np.full((n, layout.n_features), np.nan, dtype=np.float32)
     xp_scale = None
     if normalise_xp and len(layout.xp_indices):
-        # coefficient × 10^(0.4 (G − 15)): the spectrum the star would have at G = 15
-        xp_scale = np.power(10.0, 0.4 * (raw[G_MAG].astype(np.float64) - G_REFERENCE_MAG))
+        xp_scale = g_flux_factor(raw[G_MAG])
     for j, f in enumerate(layout.features):
         v = raw[f.name]
         if f.error is not None:

@@ -159,11 +159,20 @@ def _split_shards(shard_paths: Sequence[str | Path], section: dict, seed: int):
         if not train:
             raise PretrainError("pretrain.validation_shards names every shard; leave some for training")
         return train, val, None, None
-    fraction = section["validation_fraction"]
-    if fraction <= 0:
+    if section["validation_fraction"] <= 0:
         return paths, [], None, None
-    return (paths, paths, lambda sid: hash_fraction(sid, seed) >= fraction,
-            lambda sid: hash_fraction(sid, seed) < fraction)
+    return (paths, paths, lambda sid: ~held_out_of_pretraining(sid, None, section, seed),
+            lambda sid: held_out_of_pretraining(sid, None, section, seed))
+
+
+def held_out_of_pretraining(source_id: np.ndarray, shard: str | Path | None, section: dict, seed: int) -> np.ndarray:
+    """Bool per star: never trained on in pretraining (its validation stars: the whole shard when
+    ``validation_shards`` names ``shard``, else a ``source_id`` hash below ``validation_fraction``)."""
+    if section["validation_shards"]:
+        names = set(section["validation_shards"])
+        held = shard is not None and (Path(shard).name in names or Path(shard).stem in names)
+        return np.full(len(source_id), held, dtype=bool)
+    return hash_fraction(source_id, seed) < section["validation_fraction"]
 
 
 def _check_resume(checkpoint: dict, path: Path, layout: Layout, scaler: Scaler, hparams: dict) -> None:

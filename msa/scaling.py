@@ -76,3 +76,12 @@ class Scaler:
 
     def transform(self, values: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (values - self.centre) / self.scale, errors / self.scale
+
+    def inverse_values(self, scaled: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Scaled values of the layout positions ``columns`` back to derived units (float64):
+        the exact inverse of :meth:`transform` on those columns."""
+        return np.asarray(scaled, dtype=np.float64) * self.scale[columns] + self.centre[columns]
+
+    def inverse_errors(self, scaled_errors: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Scaled errors (or spreads) of ``columns`` back to derived units (float64)."""
+        return np.asarray(scaled_errors, dtype=np.float64) * self.scale[columns]

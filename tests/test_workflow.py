@@ -188,6 +188,18 @@ def test_changing_predict_settings_reruns_predict_and_catalog_only(finished_run)
         "catalog[label_set=spectro]"}
 
 
+def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_run):
+    jobs = {"reconstruct[shard=s000]", "reconstruct[shard=s001]", "evaluate_reconstruction",
+            "embed[shard=s000]", "embed[shard=s001]"}
+    config = merge(finished_run.config, {"reconstruct": {"enabled": True}, "embed": {"enabled": True}})
+    finished_run.write_config(config, "foundation.yaml")
+    assert planned_jobs(finished_run, "foundation.yaml") == jobs
+    # with a label set's members the jobs also wait for them (already there: nothing else reruns)
+    config = merge(config, {"reconstruct": {"label_set": "spectro"}})
+    finished_run.write_config(config, "foundation_members.yaml")
+    assert planned_jobs(finished_run, "foundation_members.yaml") == jobs
+
+
 def test_reordering_features_reruns_everything_after_ingest(finished_run):
     config = dict(finished_run.config)
     photometry = config["features"]["gaia_photometry"]

@@ -183,3 +183,28 @@ def all_targets():
         targets.append(f"{RESULTS}/evaluate/{label_set}")
         targets.extend(catalog_targets(label_set).values())
     return targets
+
+
+# --- the foundation model's own outputs (rules/reconstruct.smk) ---------------------------------
+
+
+def autoencoder_models(section):
+    """The pretrained model, plus the fine-tuned members of `label_set` when the section names one
+    (their spread is the reported uncertainty)."""
+    models = [f"{RESULTS}/pretrain/model.pt"]
+    label_set = config[section]["label_set"]
+    if label_set:
+        models += expand(
+            f"{RESULTS}/finetune/{label_set}/member-{{member}}/model.pt", member=MEMBERS
+        )
+    return models
+
+
+def foundation_targets():
+    targets = []
+    if config["reconstruct"]["enabled"]:
+        targets += expand(f"{RESULTS}/reconstruct/{{shard}}.parquet", shard=SHARDS)
+        targets.append(f"{RESULTS}/reconstruct/evaluation")
+    if config["embed"]["enabled"]:
+        targets += expand(f"{RESULTS}/embed/{{shard}}.parquet", shard=SHARDS)
+    return targets

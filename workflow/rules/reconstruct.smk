@@ -1,0 +1,90 @@
+# The foundation model's own outputs: every shard's reconstructed XP coefficients (Archive units),
+# their validation with XP hidden against a photometry kNN (with sampled-spectrum figures), and
+# every shard's embeddings. Off by default (`reconstruct.enabled`, `embed.enabled`); on in the demo.
+
+
+rule reconstruct:
+    input:
+        models=autoencoder_models("reconstruct"),
+        shard=f"{RESULTS}/store/{{shard}}.h5",
+    output:
+        reconstruction=f"{RESULTS}/reconstruct/{{shard}}.parquet",
+    log:
+        f"{LOGS}/reconstruct/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/reconstruct/{{shard}}.tsv"
+    conda:
+        MSA_ENV
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
+    params:
+        config=MSA_CONFIG,
+        hide_xp=["--hide-xp"] if config["reconstruct"]["hide_xp"] else [],
+        settings=settings(hide_xp=config["reconstruct"]["hide_xp"]),
+    shell:
+        "msa reconstruct --config {params.config:q} --models {input.models:q} "
+        "--shard {input.shard:q} --out {output.reconstruction:q} {params.hide_xp:q} > {log:q} 2>&1"
+
+
+rule evaluate_reconstruction:
+    input:
+        models=autoencoder_models("reconstruct"),
+        shards=SHARD_FILES,
+    output:
+        evaluation=report(
+            directory(f"{RESULTS}/reconstruct/evaluation"),
+            patterns=["{name}.png", "{name}.json"],
+            caption="../report/reconstruction.rst",
+            category="5. XP reconstruction",
+            labels={"file": "{name}"},
+        ),
+    log:
+        f"{LOGS}/reconstruct/evaluation.log",
+    benchmark:
+        f"{BENCHMARKS}/reconstruct/evaluation.tsv"
+    conda:
+        MSA_ENV
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(60),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(
+            seed=config["seed"],
+            reconstruct={k: config["reconstruct"][k] for k in ("knn_neighbours", "spectra_stars")},
+            held_out={
+                k: config["pretrain"][k] for k in ("validation_fraction", "validation_shards")
+            },
+            g_mag_bins=config["evaluate"]["g_mag_bins"],
+        ),
+    shell:
+        "msa evaluate-reconstruction --config {params.config:q} --models {input.models:q} "
+        "--shards {input.shards:q} --out-dir {output.evaluation:q} > {log:q} 2>&1"
+
+
+rule embed:
+    input:
+        models=autoencoder_models("embed"),
+        shard=f"{RESULTS}/store/{{shard}}.h5",
+    output:
+        embeddings=f"{RESULTS}/embed/{{shard}}.parquet",
+    log:
+        f"{LOGS}/embed/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/embed/{{shard}}.tsv"
+    conda:
+        MSA_ENV
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
+    params:
+        config=MSA_CONFIG,
+    shell:
+        "msa embed --config {params.config:q} --models {input.models:q} "
+        "--shard {input.shard:q} --out {output.embeddings:q} > {log:q} 2>&1"
