@@ -6,7 +6,8 @@ scaler, labels or XP normalisation, and rebuilds each member's encoder and quant
 
 ``Ensemble.predict(x_scaled)`` takes scaled model inputs (float32 ``(N, F)``, NaN = missing, as
 produced by ``ensemble.transform``) and returns ``(N, L, 3)`` quantiles (q16, q50, q84) in the
-labels' physical units. Each member hides its forced-mask features (plus any ``extra_hidden``
+labels' physical units: the percentiles of the equal-weight mixture of the members' predictive
+distributions (:func:`combine_members`). Each member hides its forced-mask features (plus any ``extra_hidden``
 columns); a member with a parallax masked pass takes its parallax quantiles from a second pass
 with the parallax feature hidden, so Gaia parallax is never both input and answer.
 Inference runs under ``torch.inference_mode`` with bf16 autocast on CUDA.
@@ -22,42 +23,105 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy.special import ndtr, ndtri
 
 from msa.errors import InputError
 from msa.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from msa.features import FeatureTransform
 from msa.layout import Layout
+from msa.losses import QUANTILES
 from msa.model import MaskedAutoencoder, QuantileHead
 from msa.scaling import Scaler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8192
+_Z_UPPER = float(ndtri(QUANTILES[2]))  # q84 lies this many sigmas above the median
+_SQRT_2PI = float(np.sqrt(2 * np.pi))
 
 
 class EnsembleError(InputError, ValueError):
     """Member checkpoints are not fine-tuned members, or do not belong to one ensemble."""
 
 
+def member_distribution(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The predictive distribution a member's quantiles ``(..., 3)`` describe: a two-piece normal.
+
+    Returns ``(median, sigma_below, sigma_above)``: half of the mass lies below the median, spread
+    as a normal of ``sigma_below`` (so that ``q16`` is its 16th percentile), half above with
+    ``sigma_above``. Asymmetric intervals stay asymmetric; zero widths are floored at a tiny
+    fraction of the value so the distribution stays continuous.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    median = q[..., 1]
+    floor = 1e-9 * (np.abs(median) + 1.0)
+    below = np.maximum((median - q[..., 0]) / _Z_UPPER, floor)
+    above = np.maximum((q[..., 2] - median) / _Z_UPPER, floor)
+    return median, below, above
+
+
+def _mixture_cdf_pdf(t: np.ndarray, median: np.ndarray, below: np.ndarray, above: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mixture CDF and density at ``t`` ``(M,)`` of K equally weighted two-piece normals ``(K, M)``."""
+    sigma = np.where(t >= median, above, below)
+    z = (t - median) / sigma
+    return ndtr(z).mean(axis=0), (np.exp(-0.5 * z * z) / (_SQRT_2PI * sigma)).mean(axis=0)
+
+
+def mixture_quantiles(q: np.ndarray, levels=QUANTILES, rel_tol: float = 1e-4, max_iter: int = 60) -> np.ndarray:
+    """Quantiles at ``levels`` of the equal-weight mixture of the members' distributions.
+
+    ``q``: member quantiles ``(K, M, 3)`` float64; returns ``(M, len(levels))``. Each point solves
+    ``mean_k F_k(t) = p`` by Newton steps safeguarded by bisection inside the bracket
+    ``[min_k Q_k(p), max_k Q_k(p)]`` (the mixture's p-quantile always lies there), iterating only
+    on the stars not yet converged: ``|step| <= rel_tol`` × the members' mean spread.
+    """
+    median, below, above = member_distribution(q)
+    tol = rel_tol * np.mean(below + above, axis=0)
+    out = np.empty((q.shape[1], len(levels)))
+    for i, p in enumerate(levels):
+        member_q = median + np.where(p >= 0.5, above, below) * ndtri(p)
+        lo, hi = member_q.min(axis=0), member_q.max(axis=0)
+        t = member_q.mean(axis=0)
+        active = np.flatnonzero(hi - lo > tol)
+        for _ in range(max_iter):
+            if not len(active):
+                break
+            ta, loa, hia = t[active], lo[active], hi[active]
+            cdf, pdf = _mixture_cdf_pdf(ta, median[:, active], below[:, active], above[:, active])
+            excess = cdf - p
+            loa = np.where(excess < 0, ta, loa)
+            hia = np.where(excess > 0, ta, hia)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                newton = ta - excess / pdf
+            inside = (newton > loa) & (newton < hia)
+            new = np.where(inside, newton, 0.5 * (loa + hia))
+            t[active], lo[active], hi[active] = new, loa, hia
+            done = (np.abs(new - ta) <= tol[active]) | (hia - loa <= tol[active]) | (excess == 0)
+            active = active[~done]
+        out[:, i] = t
+    return out
+
+
 def combine_members(q: np.ndarray) -> np.ndarray:
     """Combine member quantiles ``(K, N, L, 3)`` into ensemble quantiles ``(N, L, 3)``.
 
-    The median is the median over members of the member medians. Each half-width (lower and
-    upper separately) is ``sqrt(mean_k(hw_k²) + var_k(q50_k))``: the members' own uncertainty
-    plus their disagreement, so a spread of member medians widens the interval. Ordering
-    q16 ≤ q50 ≤ q84 holds whenever every member's does. With K = 1 the result equals the input.
+    The ensemble's predictive distribution is the equal-weight mixture of the members' own
+    (:func:`member_distribution`), and its q16/q50/q84 are that mixture's 16th/50th/84th
+    percentiles (:func:`mixture_quantiles`). Unlike moment matching (median of medians,
+    ``sqrt(mean hw² + var q50)``), the interval holds 68 % of the mixture also when members
+    disagree. With K = 1 the result equals the input; q16 ≤ q50 ≤ q84 always holds.
     """
     q = np.asarray(q)
     if q.ndim != 4 or q.shape[-1] != 3:
         raise ValueError(f"combine_members: expected (K, N, L, 3) quantiles, got shape {q.shape}")
-    q64 = q.astype(np.float64)  # float32 squares are exact in float64, so K = 1 is an exact identity
-    med_k = q64[..., 1]
-    median = np.median(med_k, axis=0)
-    spread = np.var(med_k, axis=0)  # population variance over members: 0 for K = 1
-    lower_hw = np.sqrt(np.mean((med_k - q64[..., 0]) ** 2, axis=0) + spread)
-    upper_hw = np.sqrt(np.mean((q64[..., 2] - med_k) ** 2, axis=0) + spread)
-    out = np.stack([median - lower_hw, median, median + upper_hw], axis=-1)
-    return out.astype(np.float32)
+    if q.shape[0] == 1:
+        return q[0].astype(np.float32)
+    k, n, n_labels, _ = q.shape
+    flat = q.astype(np.float64).reshape(k, n * n_labels, 3)
+    out = mixture_quantiles(flat)
+    out = np.maximum.accumulate(out, axis=-1)  # ordered even where two points agree to the tolerance
+    return out.reshape(n, n_labels, 3).astype(np.float32)
 
 
 @dataclass
