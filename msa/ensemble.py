@@ -26,9 +26,10 @@ import torch
 from scipy.special import ndtr, ndtri
 
 from msa.errors import InputError
+from msa.calibrate import group_levels
 from msa.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from msa.features import FeatureTransform
-from msa.layout import Layout
+from msa.layout import PHOTOMETRY_GROUPS, Layout
 from msa.losses import QUANTILES
 from msa.model import MaskedAutoencoder, QuantileHead
 from msa.scaling import Scaler
@@ -191,6 +192,23 @@ class Ensemble:
         visible = self.visible_inputs(x_scaled) if visible is None else visible
         xp = self.layout.xp_indices
         return visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(visible), dtype=bool)
+
+    @property
+    def photometric_bands(self) -> list[str]:
+        """Names of the photometric features (Gaia and survey magnitudes), in layout order."""
+        return [self.layout.features[i].name for i in self._band_indices]
+
+    @property
+    def _band_indices(self) -> np.ndarray:
+        return np.concatenate([self.layout.group_indices(g) for g in PHOTOMETRY_GROUPS]).astype(np.int64)
+
+    def calibration_levels(self, x_scaled: np.ndarray, g_mag: np.ndarray, g_edges, xp_hidden: bool = False,
+                           visible: np.ndarray | None = None) -> list[np.ndarray]:
+        """Each star's calibration group at every level (:func:`msa.calibrate.group_levels`): XP used
+        or not (``xp_hidden`` counts every star as predicted without XP), G bin, photometric bands seen."""
+        visible = self.visible_inputs(x_scaled) if visible is None else visible
+        has_xp = np.zeros(len(visible), dtype=bool) if xp_hidden else self.has_xp(x_scaled, visible)
+        return group_levels(g_mag, has_xp, visible[:, self._band_indices], self.photometric_bands, g_edges)
 
     @classmethod
     def load(cls, member_paths: Sequence[str | Path], device: str | torch.device = "cpu",
