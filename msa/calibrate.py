@@ -66,8 +66,16 @@ def interval_coverage(q: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     return cov, n
 
 
-def conformal_quantile(scores: np.ndarray, level: float) -> float:
-    """The ``⌈(n+1)·level⌉``-th smallest of ``scores``: the finite-sample conformal quantile."""
+def conformal_quantile(scores: np.ndarray, level: float, weights: np.ndarray | None = None) -> float:
+    """The ``⌈(n+1)·level⌉``-th smallest of ``scores``: the finite-sample conformal quantile.
+
+    With ``weights`` (covariate-shift weights, > 0): the smallest score whose cumulative weight
+    reaches ``level`` × (total + one mean weight standing in for the star being predicted), which
+    equals the unweighted rule when all weights are equal (weighted conformal prediction,
+    Tibshirani et al. 2019, with the test star's weight replaced by the average).
+    """
+    if weights is not None:
+        return _weighted_conformal_quantile(scores, level, weights)
     scores = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(scores)
     k = math.ceil((n + 1) * level)
@@ -78,11 +86,24 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
     return float(scores[k - 1])
 
 
-def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str = "symmetric"
-                      ) -> tuple[float, float, int]:
+def _weighted_conformal_quantile(scores: np.ndarray, level: float, weights: np.ndarray) -> float:
+    order = np.argsort(np.asarray(scores, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)[order]
+    w = np.asarray(weights, dtype=np.float64)[order]
+    cumulative = np.cumsum(w) / (w.sum() + w.mean())
+    k = int(np.searchsorted(cumulative, level * (1 - 1e-12)))
+    if k >= len(scores):
+        raise CalibrationError(f"{len(scores)} weighted calibration star(s) are too few for a {level:.3g} "
+                               "conformal quantile: enlarge splits.calibration")
+    return float(scores[k])
+
+
+def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str = "symmetric",
+                      weights: np.ndarray | None = None) -> tuple[float, float, int]:
     """Lower and upper offsets (physical units) and the number of stars, for one label.
 
-    ``q``: ``(n, 3)`` uncalibrated quantiles, ``y``: ``(n,)`` true values; NaN rows are ignored.
+    ``q``: ``(n, 3)`` uncalibrated quantiles, ``y``: ``(n,)`` true values; NaN rows are ignored;
+    ``weights``: optional ``(n,)`` covariate-shift weights (:func:`conformal_quantile`).
     """
     if mode not in MODES:
         raise CalibrationError(f"calibrate.mode: {mode!r} is not one of {list(MODES)}")
@@ -90,24 +111,26 @@ def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str =
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(y) & np.all(np.isfinite(q), axis=1)
     q, y = q[ok], y[ok]
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)[ok]
     below, above = q[:, 0] - y, y - q[:, 2]
     if mode == "symmetric":
-        offset = conformal_quantile(np.maximum(below, above), coverage)
+        offset = conformal_quantile(np.maximum(below, above), coverage, w)
         return offset, offset, int(ok.sum())
     level = 1 - (1 - coverage) / 2
-    return conformal_quantile(below, level), conformal_quantile(above, level), int(ok.sum())
+    return conformal_quantile(below, level, w), conformal_quantile(above, level, w), int(ok.sum())
 
 
 def fit_calibration(q: np.ndarray, y: np.ndarray, labels: Sequence[str], coverage: float = 0.68,
-                    mode: str = "symmetric") -> dict:
-    """Calibration dict (JSON-ready) from calibration-split quantiles ``(n, L, 3)`` and labels ``(n, L)``."""
+                    mode: str = "symmetric", weights: np.ndarray | None = None) -> dict:
+    """Calibration dict (JSON-ready) from calibration-split quantiles ``(n, L, 3)`` and labels ``(n, L)``
+    (``weights``: optional ``(n,)`` covariate-shift weights)."""
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 3 or q.shape[1] != len(labels) or q.shape[2] != 3:
         raise CalibrationError(f"quantiles of shape {q.shape} do not fit {len(labels)} labels × 3")
     per_label = {}
     for j, name in enumerate(labels):
         try:
-            lo, hi, n = conformal_offsets(q[:, j], y[:, j], coverage, mode)
+            lo, hi, n = conformal_offsets(q[:, j], y[:, j], coverage, mode, weights)
         except CalibrationError as err:
             raise CalibrationError(f"label {name!r}: {err}") from None
         per_label[name] = {"offset_lower": lo, "offset_upper": hi, "n_calibration": n}
@@ -157,11 +180,11 @@ def group_levels(g_mag: np.ndarray, has_xp: np.ndarray, band_present: np.ndarray
 
 
 def fit_group_offsets(q: np.ndarray, y: np.ndarray, labels: Sequence[str], levels: Sequence[np.ndarray],
-                      coverage: float, mode: str, min_group_size: int) -> dict:
+                      coverage: float, mode: str, min_group_size: int, weights: np.ndarray | None = None) -> dict:
     """Offsets of every finer group (levels 2 and up) with ≥ ``min_group_size`` stars per label.
 
     Returns ``{group: {"level": i, "per_label": {label: offsets}}}``; the coarse level is fitted
-    by :func:`fit_calibration`.
+    by :func:`fit_calibration`. ``weights``: optional ``(n,)`` covariate-shift weights.
     """
     q = np.asarray(q, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -172,7 +195,8 @@ def fit_group_offsets(q: np.ndarray, y: np.ndarray, labels: Sequence[str], level
             rows = level == name
             if finite[rows].sum(axis=0).min() < min_group_size:
                 continue
-            fitted = fit_calibration(q[rows], y[rows], labels, coverage, mode)
+            fitted = fit_calibration(q[rows], y[rows], labels, coverage, mode,
+                                     None if weights is None else np.asarray(weights)[rows])
             groups[str(name)] = {"level": LEVEL_NAMES[i], "per_label": fitted["per_label"]}
     return groups
 
@@ -258,10 +282,11 @@ def _num(v) -> float | None:
 
 # --- command line --------------------------------------------------------------------------------
 def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: dict, xp_hidden: np.ndarray,
-                        seed: int, batch: int) -> dict:
+                        seed: int, batch: int, shards: Sequence) -> dict:
     """Finer-group offsets from faint copies of the calibration stars (:mod:`msa.emulation`), each
-    copy seen with its (degraded) XP where it keeps one, and with every XP column hidden."""
-    from msa.emulation import emulate_faint_stars
+    copy seen with its (degraded) XP where it keeps one, and with every XP column hidden; with
+    ``faint_copies.reweight`` the copies are weighted towards the store's own stars of their group."""
+    from msa.emulation import emulate_faint_stars, read_store_sample, shift_weights
     from msa.features import G_MAG
 
     rng = np.random.default_rng([seed, 12])  # the issue's number: a stream of its own, fixed per run
@@ -277,9 +302,20 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
     levels_no_xp = ensemble.calibration_levels(copies.x, copies.extra[G_MAG], cfg["g_mag_bins"], xp_hidden=True)
     log.info("%d emulated faint copies of %d calibration stars (%d keep XP)", len(copies), len(stars),
              int(has_xp.sum()))
+    levels_all = [np.concatenate(pair) for pair in zip(levels, levels_no_xp)]
+    weights = None
+    if cfg["faint_copies"]["reweight"]:
+        x_copies = np.concatenate([copies.x[has_xp], copies.x])
+        x_copies[len(levels[0]):, ensemble.layout.xp_indices] = np.nan  # the no-XP view, as the model saw it
+        columns = list(dict.fromkeys([G_MAG, *ensemble.transform.store_columns]))
+        sky_raw = read_store_sample(shards, columns, cfg["faint_copies"]["max_rows_per_shard"])
+        x_sky, _ = ensemble.transform({c: sky_raw[c] for c in ensemble.transform.store_columns})
+        sky_levels = ensemble.calibration_levels(x_sky, sky_raw[G_MAG].astype(np.float64), cfg["g_mag_bins"])
+        weights = shift_weights(x_copies, levels_all[1], x_sky, sky_levels[1], seed)
+        log.info("covariate-shift weights of the copies: median %.3g, 5-95 %% %.3g-%.3g", np.median(weights),
+                 *np.percentile(weights, [5, 95]))
     return fit_group_offsets(np.concatenate([q[has_xp], q_no_xp]), np.concatenate([copies.y[has_xp], copies.y]),
-                             names, [np.concatenate(pair) for pair in zip(levels, levels_no_xp)],
-                             cfg["coverage"], cfg["mode"], cfg["min_group_size"])
+                             names, levels_all, cfg["coverage"], cfg["mode"], cfg["min_group_size"], weights)
 
 
 def parallax_label_columns(ensemble) -> list[int]:
@@ -354,7 +390,8 @@ def run(args) -> int:
             log.info("%d finer calibration group(s) with ≥ %d stars: %s", len(result["groups"]),
                      cfg["min_group_size"], sorted(result["groups"]))
             if relation is not None:
-                emulated = fit_emulated_groups(ensemble, part, relation, names, cfg, xp_hidden, seed, batch)
+                emulated = fit_emulated_groups(ensemble, part, relation, names, cfg, xp_hidden, seed, batch,
+                                               args.shards)
                 emulated = {k: v for k, v in emulated.items() if k not in result["groups"]}
                 result["groups"].update(emulated)
                 result["emulated_groups"] = sorted(emulated)

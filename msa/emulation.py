@@ -217,3 +217,52 @@ def emulate_faint_stars(stars, transform, relation: ErrorRelation, edges: Sequen
     extra = {c: copies[c] for c in copies}
     extra["emulated_from"] = index.astype(np.float64)
     return LabelledStars(stars.source_id[index], x, err, y, stars.y_err[index], extra)
+
+
+def read_store_sample(shard_paths: Sequence[str | Path], columns: Sequence[str], max_rows_per_shard: int
+                      ) -> dict[str, np.ndarray]:
+    """The first ``max_rows_per_shard`` rows of ``columns`` of every shard (absent columns: NaN)."""
+    from msa.store import Shard
+
+    parts = []
+    for path in shard_paths:
+        with Shard(path) as shard:
+            rows = np.arange(min(shard.n_rows, max_rows_per_shard))
+            present = [c for c in columns if c in shard.columns]
+            raw = shard.read_rows(present, rows)
+            parts.append({c: raw[c] if c in raw else np.full(len(rows), np.nan, np.float32) for c in columns})
+    return {c: np.concatenate([p[c] for p in parts]) for c in columns}
+
+
+def shift_weights(x_copies: np.ndarray, groups_copies: np.ndarray, x_sky: np.ndarray, groups_sky: np.ndarray,
+                  seed: int, min_sky_stars: int = 50, max_sky_stars: int = 20000, clip: float = 20.0) -> np.ndarray:
+    """Covariate-shift weights of faint copies: how much more often the sky has stars like each copy.
+
+    Faint copies of bright labelled stars are not the faint sky's stars (at G = 19 a copy of a nearby
+    bright dwarf competes with distant giants that no survey labelled). Per group (``groups_*``:
+    one name per row, e.g. the G-bin level), a classifier (gradient-boosted trees on the scaled
+    inputs, NaN allowed) tells copies from the sky's own stars; a copy's weight is the odds it is
+    a sky star, ``p / (1 − p)`` × (copies / sky stars), clipped to [1/clip, clip] and normalised to
+    mean 1 in its group. A group with fewer than ``min_sky_stars`` sky stars keeps weight 1.
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    weights = np.ones(len(x_copies))
+    rng = np.random.default_rng(seed)
+    for name in np.unique(groups_copies):
+        copies = np.flatnonzero(groups_copies == name)
+        sky = np.flatnonzero(groups_sky == name)
+        if len(sky) < min_sky_stars or len(copies) < min_sky_stars:
+            continue
+        if len(sky) > max_sky_stars:
+            sky = rng.choice(sky, max_sky_stars, replace=False)
+        x = np.concatenate([x_copies[copies], x_sky[sky]])
+        x = x[:, np.isfinite(x).any(axis=0)]  # columns nobody in the group has (XP of no-XP stars) carry nothing
+        is_sky = np.r_[np.zeros(len(copies)), np.ones(len(sky))]
+        model = HistGradientBoostingClassifier(max_iter=100, learning_rate=0.1, max_leaf_nodes=15,
+                                               l2_regularization=1.0, random_state=seed)
+        model.fit(x, is_sky)
+        p = np.clip(model.predict_proba(x[:len(copies)])[:, 1], 1e-6, 1 - 1e-6)
+        w = np.clip(p / (1 - p) * len(copies) / len(sky), 1 / clip, clip)
+        weights[copies] = w / w.mean()
+    return weights
