@@ -62,7 +62,7 @@ def test_faint_copies_carry_the_noise_and_losses_of_their_new_magnitude(relation
                "J_err": 0.03, "bp_1": 1000 * 10 ** (-0.4 * (12 - 15)), "bpe_1": 5 * 10 ** (-0.2 * (12 - 15)),
                "parallax": 2.0, "parallax_error": 0.02 * 10 ** (0.2 * (12 - 15))}.items()}
     layout = Layout.from_config(FEATURES)
-    for target, keeps_xp, keeps_j in ((16.0, True, True), (17.4, True, False), (19.0, False, False)):
+    for target, keeps_xp, keeps_j in ((13.0, True, True), (16.0, True, True), (17.4, True, False), (19.0, False, False)):
         copy = degrade(bright, np.full(n, target), layout, relation, rng)
         shift = target - 12.0
         sigma_g = g_error(target)
