@@ -23,7 +23,8 @@ and falls back to the coarser group otherwise (level 1 always has offsets). The 
 guarantee then holds within each group that was fitted, for stars exchangeable with that
 group's calibration stars; :func:`star_groups` names the group each star used.
 
-The offsets are in physical label units and may be negative (intervals that were too wide
+The offsets are in physical label units (log10 units for the members' ``log_labels``, so a
+calibrated age stays positive) and may be negative (intervals that were too wide
 shrink); :func:`apply_calibration` clips each end at the median, so q16 ≤ q50 ≤ q84 always holds.
 
 The math is a leaf (numpy only). The ``msa calibrate`` command (``add_arguments``/``run``) imports
@@ -120,13 +121,27 @@ def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str =
     return conformal_quantile(below, level, w), conformal_quantile(above, level, w), int(ok.sum())
 
 
+def to_log_space(values: np.ndarray, labels: Sequence[str], log_labels: Sequence[str]) -> np.ndarray:
+    """``log10`` of the label-axis (axis 1) columns named in ``log_labels``; values ≤ 0 become NaN.
+    A log-scaled label's offsets live in log10 units, so its calibrated q16 stays above zero."""
+    out = np.array(values, dtype=np.float64, copy=True)
+    for j, name in enumerate(labels):
+        if name in log_labels:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[:, j] = np.where(out[:, j] > 0, np.log10(np.where(out[:, j] > 0, out[:, j], 1.0)), np.nan)
+    return out
+
+
 def fit_calibration(q: np.ndarray, y: np.ndarray, labels: Sequence[str], coverage: float = 0.68,
-                    mode: str = "symmetric", weights: np.ndarray | None = None) -> dict:
+                    mode: str = "symmetric", weights: np.ndarray | None = None,
+                    log_labels: Sequence[str] = ()) -> dict:
     """Calibration dict (JSON-ready) from calibration-split quantiles ``(n, L, 3)`` and labels ``(n, L)``
-    (``weights``: optional ``(n,)`` covariate-shift weights)."""
+    (``weights``: optional ``(n,)`` covariate-shift weights; ``log_labels``: labels whose offsets
+    are fitted, and applied, in log10 units)."""
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 3 or q.shape[1] != len(labels) or q.shape[2] != 3:
         raise CalibrationError(f"quantiles of shape {q.shape} do not fit {len(labels)} labels × 3")
+    q, y = to_log_space(q, labels, log_labels), to_log_space(np.asarray(y, dtype=np.float64), labels, log_labels)
     per_label = {}
     for j, name in enumerate(labels):
         try:
@@ -134,7 +149,8 @@ def fit_calibration(q: np.ndarray, y: np.ndarray, labels: Sequence[str], coverag
         except CalibrationError as err:
             raise CalibrationError(f"label {name!r}: {err}") from None
         per_label[name] = {"offset_lower": lo, "offset_upper": hi, "n_calibration": n}
-    return {"coverage_target": coverage, "mode": mode, "labels": list(labels), "per_label": per_label}
+    return {"coverage_target": coverage, "mode": mode, "labels": list(labels), "per_label": per_label,
+            "log_labels": list(log_labels)}
 
 
 # --- conditional (Mondrian) groups ---------------------------------------------------------------
@@ -180,7 +196,8 @@ def group_levels(g_mag: np.ndarray, has_xp: np.ndarray, band_present: np.ndarray
 
 
 def fit_group_offsets(q: np.ndarray, y: np.ndarray, labels: Sequence[str], levels: Sequence[np.ndarray],
-                      coverage: float, mode: str, min_group_size: int, weights: np.ndarray | None = None) -> dict:
+                      coverage: float, mode: str, min_group_size: int, weights: np.ndarray | None = None,
+                      log_labels: Sequence[str] = ()) -> dict:
     """Offsets of every finer group (levels 2 and up) with ≥ ``min_group_size`` stars per label.
 
     Returns ``{group: {"level": i, "per_label": {label: offsets}}}``; the coarse level is fitted
@@ -196,7 +213,7 @@ def fit_group_offsets(q: np.ndarray, y: np.ndarray, labels: Sequence[str], level
             if finite[rows].sum(axis=0).min() < min_group_size:
                 continue
             fitted = fit_calibration(q[rows], y[rows], labels, coverage, mode,
-                                     None if weights is None else np.asarray(weights)[rows])
+                                     None if weights is None else np.asarray(weights)[rows], log_labels)
             groups[str(name)] = {"level": LEVEL_NAMES[i], "per_label": fitted["per_label"]}
     return groups
 
@@ -249,11 +266,14 @@ def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | 
     names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
     inverse = inverse.reshape(-1)
     entries = [group_entry(calibration, str(g)) for g in names]
+    log_labels = calibration.get("log_labels") or []
     for j, name in enumerate(labels):
         lower = np.array([e[name]["offset_lower"] for e in entries])[inverse]
         upper = np.array([e[name]["offset_upper"] for e in entries])[inverse]
-        q[:, j, 0] = np.minimum(q[:, j, 0] - lower, q[:, j, 1])
-        q[:, j, 2] = np.maximum(q[:, j, 2] + upper, q[:, j, 1])
+        column = to_log_space(q[:, j:j + 1], [name], log_labels)[:, 0] if name in log_labels else q[:, j]
+        column[:, 0] = np.minimum(column[:, 0] - lower, column[:, 1])
+        column[:, 2] = np.maximum(column[:, 2] + upper, column[:, 1])
+        q[:, j] = 10 ** column if name in log_labels else column
     return q
 
 
@@ -315,7 +335,8 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
         log.info("covariate-shift weights of the copies: median %.3g, 5-95 %% %.3g-%.3g", np.median(weights),
                  *np.percentile(weights, [5, 95]))
     return fit_group_offsets(np.concatenate([q[has_xp], q_no_xp]), np.concatenate([copies.y[has_xp], copies.y]),
-                             names, levels_all, cfg["coverage"], cfg["mode"], cfg["min_group_size"], weights)
+                             names, levels_all, cfg["coverage"], cfg["mode"], cfg["min_group_size"], weights,
+                             ensemble.log_labels)
 
 
 def parallax_label_columns(ensemble) -> list[int]:
@@ -376,14 +397,16 @@ def run(args) -> int:
         levels = [level[has_xp] for level in ensemble.calibration_levels(part.x, part.extra[G_MAG], edges)]
         levels_no_xp = ensemble.calibration_levels(part.x, part.extra[G_MAG], edges, xp_hidden=True)
         if split == "calibration":
-            result = fit_calibration(q[has_xp], part.y[has_xp], names, cfg["coverage"], cfg["mode"])
+            logs = ensemble.log_labels
+            result = fit_calibration(q[has_xp], part.y[has_xp], names, cfg["coverage"], cfg["mode"],
+                                     log_labels=logs)
             result["per_label_without_xp"] = fit_calibration(q_no_xp, part.y, names, cfg["coverage"],
-                                                             cfg["mode"])["per_label"]
+                                                             cfg["mode"], log_labels=logs)["per_label"]
             # both views together: every group name starts with xp/no_xp, so none mixes the two
             result["groups"] = fit_group_offsets(
                 np.concatenate([q[has_xp], q_no_xp]), np.concatenate([part.y[has_xp], part.y]), names,
                 [np.concatenate(pair) for pair in zip(levels, levels_no_xp)], cfg["coverage"], cfg["mode"],
-                cfg["min_group_size"])
+                cfg["min_group_size"], log_labels=logs)
             g_cal = part.extra[G_MAG]
             result.update(g_mag_bins=edges, min_group_size=cfg["min_group_size"], bands=ensemble.photometric_bands,
                           calibration_g_mag_max=float(np.nanmax(g_cal)) if np.isfinite(g_cal).any() else None)

@@ -139,6 +139,7 @@ class Member:
     parallax_label: int | None
     parallax_feature: int | None
     parallax_masked_pass: bool
+    log_labels: torch.Tensor | None = None  # bool (L,): labels fitted as log10 (linear units out)
 
     def quantiles(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical quantiles ``(B, L, 3)`` float32 and the latent ``(B, D)`` for one batch."""
@@ -151,7 +152,10 @@ class Member:
             hidden_plx[:, self.parallax_feature] = True
             q_plx = self.head(self.model.encode(x, hidden_plx)).float()
             q[:, self.parallax_label] = q_plx[:, self.parallax_label]
-        return q * self.label_scale[:, None] + self.label_centre[:, None], latent.float()
+        q = q * self.label_scale[:, None] + self.label_centre[:, None]
+        if self.log_labels is not None:
+            q[:, self.log_labels] = torch.pow(10.0, q[:, self.log_labels])
+        return q, latent.float()
 
 
 def _first_difference(name: str, values: list, paths: Sequence[Path]) -> None:
@@ -192,6 +196,12 @@ class Ensemble:
         visible = self.visible_inputs(x_scaled) if visible is None else visible
         xp = self.layout.xp_indices
         return visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(visible), dtype=bool)
+
+    @property
+    def log_labels(self) -> list[str]:
+        """Labels the members fit as log10 (predicted in linear units, never below zero)."""
+        mask = self.members[0].log_labels
+        return [] if mask is None else [n for n, on in zip(self.labels, mask.tolist()) if on]
 
     @property
     def photometric_bands(self) -> list[str]:
@@ -238,6 +248,7 @@ class Ensemble:
         _first_difference("the scaler", [c["scaler"] for c in ckpts], paths)
         _first_difference("the labels", [list(c["labels"]) for c in ckpts], paths)
         _first_difference("XP normalisation", [bool(c["normalise_xp"]) for c in ckpts], paths)
+        _first_difference("the log-scaled labels", [list(c.get("log_labels") or []) for c in ckpts], paths)
         layout = layouts[0]
         members = [cls._build_member(c, p, layout, device) for c, p in zip(ckpts, paths)]
         log.info("loaded %d ensemble member(s) for labels %s on %s", len(members), list(ckpts[0]["labels"]), device)
@@ -264,6 +275,7 @@ class Ensemble:
         if not torch.all(scale > 0):
             # a negative scale would swap q16 and q84
             raise EnsembleError(f"{path}: label_scale must be positive, got {scale.tolist()}")
+        log_mask = torch.tensor([n in (ckpt.get("log_labels") or []) for n in ckpt["labels"]], dtype=torch.bool)
         force = torch.zeros(layout.n_features, dtype=torch.bool)
         force[list(ckpt.get("force_mask_indices") or [])] = True
         plx = ckpt.get("parallax") or {}
@@ -274,6 +286,7 @@ class Ensemble:
             force_mask=force.to(device), label_centre=centre.to(device), label_scale=scale.to(device),
             parallax_label=plx.get("label_index"), parallax_feature=plx.get("feature_index"),
             parallax_masked_pass=masked_pass,
+            log_labels=log_mask.to(device) if log_mask.any() else None,
         )
 
     # --- inference ------------------------------------------------------------------------------

@@ -360,7 +360,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     if len(train) == 0 or len(val) == 0:
         raise FinetuneError(f"{len(train)} training and {len(val)} validation stars with labels {names}; "
                             "both must be non-empty (check splits fractions and the catalogue join)")
-    label_scaler = LabelScaler.fit(names, train.y)
+    label_scaler = LabelScaler.fit(names, train.y, [n for n in cfg["log_labels"] if n in names])
     _, train_err_scaled = label_scaler.transform(train.y, train.y_err)
     err_ref = reference_errors(train_err_scaled)
     log.info("label set %s %s: %d train / %d validation stars; member %d, seed %d, device %s",
@@ -526,7 +526,7 @@ def _write_outputs(job: MemberRun, model, head, names, label_scaler, layout, sca
         "model": {k: v.cpu() for k, v in model.state_dict().items()}, "model_hparams": dict(model.hparams),
         "head": {k: v.cpu() for k, v in head.state_dict().items()}, "head_hparams": dict(head.hparams),
         "labels": list(names), "label_centre": [float(c) for c in label_scaler.centre],
-        "label_scale": [float(s) for s in label_scaler.scale],
+        "label_scale": [float(s) for s in label_scaler.scale], "log_labels": list(label_scaler.log_labels),
         "layout": layout.to_dict(), "scaler": scaler.to_dict(),
         "normalise_xp": xp_normalises(job.config["features"]),
         "force_mask_indices": [int(i) for i in mask_spec.force_indices],

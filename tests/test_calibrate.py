@@ -161,3 +161,19 @@ def test_small_groups_fall_back_to_the_coarser_group():
     chosen = star_groups({"groups": groups}, levels)
     assert list(chosen[:100]) == ["xp|G<13|G"] * 100
     assert set(chosen[100:]) == {"no_xp"}
+
+
+def test_log_labels_are_calibrated_in_log_units_and_stay_positive():
+    rng = np.random.default_rng(2)
+    age = 10 ** rng.uniform(-0.5, 1.1, 22000)  # 0.3 to 12.6 Gyr
+    true = age * 10 ** (0.25 * rng.normal(size=age.size))  # 0.25 dex scatter
+    q = np.stack([age * 10 ** -0.1, age, age * 10 ** 0.1], -1)[:, None, :]  # intervals too narrow
+    cal = fit_calibration(q[:2000], true[:2000, None], ["age"], 0.68, log_labels=["age"])
+    assert cal["log_labels"] == ["age"]
+    # the offset is in dex: 0.25 dex scatter → about 0.25 − 0.1
+    assert cal["per_label"]["age"]["offset_lower"] == pytest.approx(0.15, abs=0.03)
+    out = apply_calibration(q[2000:], cal)
+    assert np.all(out[..., 0] > 0)
+    assert abs(interval_coverage(out, true[2000:, None])[0][0] - 0.68) < 0.03
+    linear = apply_calibration(q[2000:], fit_calibration(q[:2000], true[:2000, None], ["age"], 0.68))
+    assert np.any(linear[..., 0] < 0)  # in Gyr, the same intervals would reach below zero

@@ -247,3 +247,24 @@ def test_pretrain_checkpoint_is_not_a_member(tmp_path, layout):
         Ensemble.load([path])
     with pytest.raises(EnsembleError, match="no ensemble members"):
         Ensemble.load([])
+
+
+def test_log_labels_are_predicted_in_linear_units_above_zero(tmp_path, layout):
+    from msa.checkpoint import load_checkpoint
+
+    scaler = unit_scaler(layout)
+    plain = write_member(tmp_path / "plain.pt", layout, scaler, seed=4, label_centre=[0.5, 0.0, 0.0],
+                         label_scale=[3.0, 1.0, 1.0])
+    ckpt = load_checkpoint(plain, map_location="cpu")
+    ckpt["log_labels"] = ["teff"]
+    save_checkpoint(tmp_path / "log.pt", ckpt)
+    x = random_inputs(200, layout)
+    q_plain = Ensemble.load([plain]).predict(x)
+    log_ensemble = Ensemble.load([tmp_path / "log.pt"])
+    q_log = log_ensemble.predict(x)
+    assert log_ensemble.log_labels == ["teff"]
+    assert np.any(q_plain[:, 0, 0] < 0) and np.all(q_log[:, 0, 0] > 0)
+    np.testing.assert_allclose(q_log[:, 0], 10 ** q_plain[:, 0], rtol=1e-5)
+    np.testing.assert_array_equal(q_log[:, 1:], q_plain[:, 1:])
+    with pytest.raises(EnsembleError, match="log-scaled labels"):
+        Ensemble.load([plain, tmp_path / "log.pt"])
