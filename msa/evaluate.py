@@ -14,8 +14,15 @@ inputs (and, where they stop early, the same validation split), with XP and phot
   pretraining is measured, not assumed. A parallax label is always scored from
 the ensemble's masked pass (the Gaia parallax input hidden), which :mod:`msa.ensemble` applies.
 
+Each star is calibrated with the offsets of its own conditional group (:mod:`msa.calibrate`).
+``metrics.json``'s ``by_g_mag`` section gives, per label and ``evaluate.coverage_g_bins`` bin up
+to G = 21, the count, calibrated coverage and NMAD, with XP and with XP hidden, for the test
+stars and (when the calibration used faint copies) for faint copies of the test stars degraded
+with the calibration's own error-versus-G relation: the only measure there is where no labelled
+star is that faint.
+
 Writes ``metrics.json`` and figures (predicted vs true, residuals vs G, coverage per label with
-XP on and off) into ``--out-dir`` and prints a model-vs-baseline table.
+XP on and off, coverage versus G) into ``--out-dir`` and prints a model-vs-baseline table.
 """
 
 from __future__ import annotations
