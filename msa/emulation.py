@@ -11,7 +11,8 @@ calibrate (and optionally train) for the faint sky, a labelled star is moved to 
   on the sky being predicted), and the noise added is ``N(0, σ_new² − σ_old'²)`` where
   ``σ_old'`` is the star's own error carried to the new brightness (noise cannot be removed);
 * XP is dropped beyond the store's XP limit (the faintest G with a spectrum) and a survey band
-  beyond its faintest magnitude in the store, as the real surveys lose them.
+  (2MASS, WISE, ...) beyond its faintest magnitude in the store, as the real surveys lose them;
+  Gaia's own bands are kept (they reach G ≈ 21).
 
 Columns without an error column cannot be given new noise: they are only shifted (the demo's
 Gaia magnitudes carry no errors, so its emulated photometry is too precise; say so where used).
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 G_STEP = 0.25  # width of the G bins the median errors are taken in
 MIN_STARS_PER_STEP = 20  # fewer stars with a value in a bin: that bin is left out of the relation
 PARALLAX = "parallax"
+SURVEY_GROUP = "survey_photometry"
 
 
 @dataclass
@@ -171,7 +173,7 @@ def degrade(raw: Mapping[str, np.ndarray], target_g: np.ndarray, layout: Layout,
             value = np.where(beyond_xp, np.nan, value)
             if error_column in out:
                 out[error_column] = np.where(beyond_xp, np.nan, out[error_column])
-        elif f.group in PHOTOMETRY_GROUPS and f.name in relation.faint_limits and f.name != G_MAG:
+        elif f.group == SURVEY_GROUP and f.name in relation.faint_limits:  # Gaia's own bands reach G ≈ 21
             value = np.where(value > relation.faint_limits[f.name], np.nan, value)
         out[f.name] = value
     return out

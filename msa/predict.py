@@ -427,10 +427,11 @@ def calibration_guarantee(calibration: dict | None) -> str:
             f"present, >= {calibration.get('min_group_size')} calibration stars each): {groups or 'none'}; "
             "stars in no such group take the offsets of their coarse group (xp or no_xp), whose promise holds "
             "only on average over the calibration stars")
-    if g_max is not None:
-        text += (f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars the promise is "
-                 "extrapolated")
     emulated = calibration.get("emulated_groups") or []
+    if g_max is not None:
+        text += (f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars outside the emulated "
+                 "groups below the promise is extrapolated" if emulated else
+                 f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars the promise is extrapolated")
     if emulated:
         text += (f". Groups {sorted(emulated)} were calibrated on bright stars degraded to fainter magnitudes "
                  "with the store's own error-versus-magnitude relation: their promise assumes that emulation")
