@@ -66,7 +66,7 @@ def settings(cfg: dict, legacy: bool, epochs: int) -> dict:
     return cfg
 
 
-def ingest(cfg_path: Path, cfg: dict, sky_dir: Path, store: Path, log: Path) -> list[Path]:
+def ingest(cfg_path: Path, sky_dir: Path, store: Path, log: Path) -> list[Path]:
     shards = []
     for xp in sorted(sky_dir.glob("XpContinuousMeanSpectrum_*.csv.gz")):
         name = xp.name.split("_", 1)[1].split(".")[0]
@@ -100,7 +100,7 @@ def main() -> None:
     train_cfg_path.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
     results = work / "results-train"
     results.mkdir(exist_ok=True)
-    shards = ingest(train_cfg_path, train_cfg, train_dir, results / "store", log)
+    shards = ingest(train_cfg_path, train_dir, results / "store", log)
     scaler = results / "scaler.json"
     if not scaler.exists():
         msa("fit-scaler", "--config", str(train_cfg_path), "--shards", *map(str, shards), "--out", str(scaler),
@@ -126,7 +126,7 @@ def main() -> None:
     predict_cfg["splits"] = {"train": 0.0, "validation": 0.0, "calibration": 0.0, "test": 1.0}
     predict_cfg_path = work / "predict.yaml"
     predict_cfg_path.write_text(yaml.safe_dump(predict_cfg, sort_keys=False))
-    predict_shards = ingest(predict_cfg_path, predict_cfg, predict_dir, work / "results-predict" / "store", log)
+    predict_shards = ingest(predict_cfg_path, predict_dir, work / "results-predict" / "store", log)
     out_dir = work / "evaluate"
     msa("evaluate", "--config", str(predict_cfg_path), "--label-set", LABEL_SET, "--members", *members,
         "--calibration", str(calibration), "--shards", *map(str, predict_shards), "--out-dir", str(out_dir), log=log)
