@@ -13,7 +13,8 @@ depend on the weights). Printed:
 (a) efficiency = stars/s of prediction from the HDF5 shard to Parquet (reading, decompression,
     feature transform, ensemble, calibration, Parquet writing, source_id check) ÷ stars/s of the
     same ensemble's forward pass on a tensor already in memory, same batch size (best of repeats);
-(b) ours ÷ the upstream way (whole shard read into pandas, then sliced into torch batches);
+(b) ours ÷ the upstream way (whole shard read into pandas, then sliced into torch batches), and
+    the ensemble combination's (mixture percentiles) share of the shard → Parquet time;
 (c) peak RSS of ``msa predict`` (a child process) on a ≥ 2 M-row shard, next to the shard's
     in-memory size and the same for the small shard: bounded by the chunk size, not the shard;
 (d) per-star matmul FLOPs of the full-sky model (counted by ``torch.utils.flop_counter``) and the
@@ -41,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from msa.checkpoint import save_checkpoint
 from msa.config import load_config
-from msa.ensemble import Ensemble
+from msa.ensemble import Ensemble, combine_members
 from msa.features import derive, store_columns, xp_normalises
 from msa.layout import Layout
 from msa.model import MaskedAutoencoder, QuantileHead
@@ -272,6 +273,10 @@ def main() -> None:
             f"batch {args.batch_size}, chunk {args.chunk_rows})")
         log(f"(b) upstream way (whole shard → pandas → torch batches): {rate_up:,.0f} stars/s; "
             f"ours/theirs = {rate_pipe / rate_up:.2f}")
+        member_q = ensemble.predict_members(x_mem, batch_size=args.batch_size)
+        t_mix = time_best(lambda: combine_members(member_q), args.repeats)
+        log(f"    ensemble combination (mixture percentiles, {args.members} members × {len(LABELS)} labels): "
+            f"{args.rows / t_mix:,.0f} stars/s, {t_mix / t_pipe:.1%} of the shard → Parquet time (target < 10 %)")
 
     if "c" in args.parts:
         # (c) peak RSS bounded by the chunk size (a cheap model: the data path is what is measured)

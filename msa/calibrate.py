@@ -9,11 +9,22 @@ data its coverage is at least ``coverage`` and at most ``coverage + 1/(n+1)`` in
 ``mode: per_side`` calibrates the two ends separately (scores ``q16 − y`` and ``y − q84`` at
 ``1 − α/2`` each), which keeps each tail near 16 %.
 
-Stars with and without XP spectra get separate offsets (Mondrian conformal prediction by group):
-the photometry-only intervals are calibrated on the calibration stars predicted with every XP
-column hidden, so the coverage guarantee holds for each group, not only on average over both.
+Offsets are conditional (Mondrian conformal prediction by group). Every star belongs to a group
+at three levels, coarsest first:
 
-The offsets are in physical label units and may be negative (intervals that were too wide
+1. ``xp`` or ``no_xp``: whether its prediction used an XP spectrum. The photometry-only offsets
+   are fitted on the calibration stars predicted with every XP column hidden;
+2. ``xp|14<=G<15``: plus its Gaia G bin (``calibrate.g_mag_bins``; ``G?`` when G is missing);
+3. ``xp|14<=G<15|phot_g_mean_mag+J+H``: plus which photometric bands it has.
+
+A finer group gets its own offsets only when it holds at least ``calibrate.min_group_size``
+calibration stars for every label; a star takes the offsets of its finest group that has them
+and falls back to the coarser group otherwise (level 1 always has offsets). The coverage
+guarantee then holds within each group that was fitted, for stars exchangeable with that
+group's calibration stars; :func:`star_groups` names the group each star used.
+
+The offsets are in physical label units (log10 units for the members' ``log_labels``, so a
+calibrated age stays positive) and may be negative (intervals that were too wide
 shrink); :func:`apply_calibration` clips each end at the median, so q16 ≤ q50 ≤ q84 always holds.
 
 The math is a leaf (numpy only). The ``msa calibrate`` command (``add_arguments``/``run``) imports
@@ -56,8 +67,16 @@ def interval_coverage(q: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
     return cov, n
 
 
-def conformal_quantile(scores: np.ndarray, level: float) -> float:
-    """The ``⌈(n+1)·level⌉``-th smallest of ``scores``: the finite-sample conformal quantile."""
+def conformal_quantile(scores: np.ndarray, level: float, weights: np.ndarray | None = None) -> float:
+    """The ``⌈(n+1)·level⌉``-th smallest of ``scores``: the finite-sample conformal quantile.
+
+    With ``weights`` (covariate-shift weights, > 0): the smallest score whose cumulative weight
+    reaches ``level`` × (total + one mean weight standing in for the star being predicted), which
+    equals the unweighted rule when all weights are equal (weighted conformal prediction,
+    Tibshirani et al. 2019, with the test star's weight replaced by the average).
+    """
+    if weights is not None:
+        return _weighted_conformal_quantile(scores, level, weights)
     scores = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(scores)
     k = math.ceil((n + 1) * level)
@@ -68,11 +87,24 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
     return float(scores[k - 1])
 
 
-def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str = "symmetric"
-                      ) -> tuple[float, float, int]:
+def _weighted_conformal_quantile(scores: np.ndarray, level: float, weights: np.ndarray) -> float:
+    order = np.argsort(np.asarray(scores, dtype=np.float64))
+    scores = np.asarray(scores, dtype=np.float64)[order]
+    w = np.asarray(weights, dtype=np.float64)[order]
+    cumulative = np.cumsum(w) / (w.sum() + w.mean())
+    k = int(np.searchsorted(cumulative, level * (1 - 1e-12)))
+    if k >= len(scores):
+        raise CalibrationError(f"{len(scores)} weighted calibration star(s) are too few for a {level:.3g} "
+                               "conformal quantile: enlarge splits.calibration")
+    return float(scores[k])
+
+
+def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str = "symmetric",
+                      weights: np.ndarray | None = None) -> tuple[float, float, int]:
     """Lower and upper offsets (physical units) and the number of stars, for one label.
 
-    ``q``: ``(n, 3)`` uncalibrated quantiles, ``y``: ``(n,)`` true values; NaN rows are ignored.
+    ``q``: ``(n, 3)`` uncalibrated quantiles, ``y``: ``(n,)`` true values; NaN rows are ignored;
+    ``weights``: optional ``(n,)`` covariate-shift weights (:func:`conformal_quantile`).
     """
     if mode not in MODES:
         raise CalibrationError(f"calibrate.mode: {mode!r} is not one of {list(MODES)}")
@@ -80,37 +112,145 @@ def conformal_offsets(q: np.ndarray, y: np.ndarray, coverage: float, mode: str =
     y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(y) & np.all(np.isfinite(q), axis=1)
     q, y = q[ok], y[ok]
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)[ok]
     below, above = q[:, 0] - y, y - q[:, 2]
     if mode == "symmetric":
-        offset = conformal_quantile(np.maximum(below, above), coverage)
+        offset = conformal_quantile(np.maximum(below, above), coverage, w)
         return offset, offset, int(ok.sum())
     level = 1 - (1 - coverage) / 2
-    return conformal_quantile(below, level), conformal_quantile(above, level), int(ok.sum())
+    return conformal_quantile(below, level, w), conformal_quantile(above, level, w), int(ok.sum())
+
+
+def to_log_space(values: np.ndarray, labels: Sequence[str], log_labels: Sequence[str]) -> np.ndarray:
+    """``log10`` of the label-axis (axis 1) columns named in ``log_labels``; values ≤ 0 become NaN.
+    A log-scaled label's offsets live in log10 units, so its calibrated q16 stays above zero."""
+    out = np.array(values, dtype=np.float64, copy=True)
+    for j, name in enumerate(labels):
+        if name in log_labels:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[:, j] = np.where(out[:, j] > 0, np.log10(np.where(out[:, j] > 0, out[:, j], 1.0)), np.nan)
+    return out
 
 
 def fit_calibration(q: np.ndarray, y: np.ndarray, labels: Sequence[str], coverage: float = 0.68,
-                    mode: str = "symmetric") -> dict:
-    """Calibration dict (JSON-ready) from calibration-split quantiles ``(n, L, 3)`` and labels ``(n, L)``."""
+                    mode: str = "symmetric", weights: np.ndarray | None = None,
+                    log_labels: Sequence[str] = ()) -> dict:
+    """Calibration dict (JSON-ready) from calibration-split quantiles ``(n, L, 3)`` and labels ``(n, L)``
+    (``weights``: optional ``(n,)`` covariate-shift weights; ``log_labels``: labels whose offsets
+    are fitted, and applied, in log10 units)."""
     q = np.asarray(q, dtype=np.float64)
     if q.ndim != 3 or q.shape[1] != len(labels) or q.shape[2] != 3:
         raise CalibrationError(f"quantiles of shape {q.shape} do not fit {len(labels)} labels × 3")
+    q, y = to_log_space(q, labels, log_labels), to_log_space(np.asarray(y, dtype=np.float64), labels, log_labels)
     per_label = {}
     for j, name in enumerate(labels):
         try:
-            lo, hi, n = conformal_offsets(q[:, j], y[:, j], coverage, mode)
+            lo, hi, n = conformal_offsets(q[:, j], y[:, j], coverage, mode, weights)
         except CalibrationError as err:
             raise CalibrationError(f"label {name!r}: {err}") from None
         per_label[name] = {"offset_lower": lo, "offset_upper": hi, "n_calibration": n}
-    return {"coverage_target": coverage, "mode": mode, "labels": list(labels), "per_label": per_label}
+    return {"coverage_target": coverage, "mode": mode, "labels": list(labels), "per_label": per_label,
+            "log_labels": list(log_labels)}
+
+
+# --- conditional (Mondrian) groups ---------------------------------------------------------------
+COARSE_GROUPS = {"xp": "per_label", "no_xp": "per_label_without_xp"}  # group → its top-level key
+_COARSE_MEANING = {"xp": "stars with XP", "no_xp": "stars without XP"}
+LEVEL_NAMES = ("input", "g_mag", "g_mag_bands")
+UNKNOWN_G = "G?"
+
+
+def g_bin_names(edges: Sequence[float]) -> list[str]:
+    """Names of the G bins of ``edges``: below the first, between consecutive edges, from the last up."""
+    edges = list(edges)
+    if not edges:
+        return ["all G"]
+    return ([f"G<{edges[0]:g}"] + [f"{lo:g}<=G<{hi:g}" for lo, hi in zip(edges[:-1], edges[1:])]
+            + [f"G>={edges[-1]:g}"])
+
+
+def group_levels(g_mag: np.ndarray, has_xp: np.ndarray, band_present: np.ndarray, band_names: Sequence[str],
+                 g_edges: Sequence[float]) -> list[np.ndarray]:
+    """Each star's group name at every level (:data:`LEVEL_NAMES`, coarsest first), as object arrays.
+
+    ``g_mag``: Gaia G ``(n,)`` (NaN = missing); ``has_xp``: bool ``(n,)``; ``band_present``: bool
+    ``(n, B)``, which of the photometric ``band_names`` the star has.
+    """
+    g_mag = np.asarray(g_mag, dtype=np.float64)
+    band_present = np.asarray(band_present, dtype=bool).reshape(len(g_mag), len(band_names))
+    names_g = g_bin_names(g_edges) + [UNKNOWN_G]
+    g_bin = np.where(np.isfinite(g_mag), np.searchsorted(np.asarray(g_edges, dtype=np.float64), g_mag,
+                                                          side="right"), len(names_g) - 1)
+    codes = np.column_stack([np.asarray(has_xp, dtype=bool), g_bin, band_present]).astype(np.int64)
+    unique, inverse = np.unique(codes, axis=0, return_inverse=True)
+    per_level = [[], [], []]
+    for xp, g, *bands in unique.tolist():
+        coarse = "xp" if xp else "no_xp"
+        by_g = f"{coarse}|{names_g[g]}"
+        present = "+".join(b for b, on in zip(band_names, bands) if on) or "no bands"
+        for level, name in zip(per_level, (coarse, by_g, f"{by_g}|{present}")):
+            level.append(name)
+    inverse = inverse.reshape(-1)
+    return [np.asarray(level, dtype=object)[inverse] if len(g_mag) else np.empty(0, dtype=object)
+            for level in per_level]
+
+
+def fit_group_offsets(q: np.ndarray, y: np.ndarray, labels: Sequence[str], levels: Sequence[np.ndarray],
+                      coverage: float, mode: str, min_group_size: int, weights: np.ndarray | None = None,
+                      log_labels: Sequence[str] = ()) -> dict:
+    """Offsets of every finer group (levels 2 and up) with ≥ ``min_group_size`` stars per label.
+
+    Returns ``{group: {"level": i, "per_label": {label: offsets}}}``; the coarse level is fitted
+    by :func:`fit_calibration`. ``weights``: optional ``(n,)`` covariate-shift weights.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(y) & np.all(np.isfinite(q), axis=-1)
+    groups = {}
+    for i, level in enumerate(levels[1:], start=1):
+        for name in np.unique(level):
+            rows = level == name
+            if finite[rows].sum(axis=0).min() < min_group_size:
+                continue
+            fitted = fit_calibration(q[rows], y[rows], labels, coverage, mode,
+                                     None if weights is None else np.asarray(weights)[rows], log_labels)
+            groups[str(name)] = {"level": LEVEL_NAMES[i], "per_label": fitted["per_label"]}
+    return groups
+
+
+def star_groups(calibration: dict, levels: Sequence[np.ndarray]) -> np.ndarray:
+    """The group whose offsets each star takes: its finest group that the calibration has offsets for."""
+    chosen = np.array(levels[0], dtype=object, copy=True)
+    fitted = calibration.get("groups") or {}
+    for level in levels[1:]:
+        names, inverse = np.unique(level, return_inverse=True)
+        has_offsets = np.array([str(n) in fitted for n in names], dtype=bool)
+        use = has_offsets[inverse.reshape(-1)]
+        chosen[use] = level[use]
+    return chosen
+
+
+def group_entry(calibration: dict, group: str) -> dict:
+    """Per-label offsets of one group (``xp``/``no_xp`` are the top-level entries)."""
+    if group in COARSE_GROUPS:
+        entry = calibration.get(COARSE_GROUPS[group])
+    else:
+        entry = (calibration.get("groups") or {}).get(group, {}).get("per_label")
+    if entry is None:
+        meaning = f" ({_COARSE_MEANING[group]})" if group in _COARSE_MEANING else ""
+        raise CalibrationError(f"the calibration has no offsets for group {group!r}{meaning}; "
+                               "re-run `msa calibrate`")
+    return entry
 
 
 def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | None = None,
-                      has_xp: np.ndarray | None = None) -> np.ndarray:
+                      has_xp: np.ndarray | None = None, groups: np.ndarray | None = None) -> np.ndarray:
     """Calibrated quantiles ``(n, L, 3)``: q16 − offset_lower, q84 + offset_upper, clipped at q50.
 
     ``labels`` names the label axis of ``q`` (default: the calibration's own label order); every
-    one must have an entry in the calibration. ``has_xp`` (bool, ``(n,)``) selects the offsets of
-    the stars' group; None treats every star as having XP.
+    one must have an entry in the calibration. ``groups`` (``(n,)`` names from
+    :func:`star_groups`) selects each star's offsets; without it ``has_xp`` (bool ``(n,)``)
+    selects the coarse ``xp``/``no_xp`` offsets, and None treats every star as having XP.
     """
     labels = list(calibration["labels"] if labels is None else labels)
     q = np.array(q, dtype=np.float64 if np.asarray(q).dtype == np.float64 else np.float32, copy=True)
@@ -120,22 +260,21 @@ def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | 
     if missing:
         raise CalibrationError(f"calibration has no entry for label(s) {missing}; it was made for "
                                f"{calibration['labels']}. Re-run `msa calibrate` for this label set")
-    without_xp = calibration.get("per_label_without_xp")
-    if has_xp is not None and without_xp is None and not np.all(has_xp):
-        raise CalibrationError("the calibration has no offsets for stars without XP; re-run `msa calibrate`")
-    no_xp = np.zeros(len(q), dtype=bool) if has_xp is None else ~np.asarray(has_xp, dtype=bool)
+    if groups is None:
+        groups = np.where(np.ones(len(q), dtype=bool) if has_xp is None else np.asarray(has_xp, dtype=bool),
+                          "xp", "no_xp")
+    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    entries = [group_entry(calibration, str(g)) for g in names]
+    log_labels = calibration.get("log_labels") or []
     for j, name in enumerate(labels):
-        lower, upper = _offsets_per_row(calibration["per_label"][name], (without_xp or {}).get(name), no_xp)
-        q[:, j, 0] = np.minimum(q[:, j, 0] - lower, q[:, j, 1])
-        q[:, j, 2] = np.maximum(q[:, j, 2] + upper, q[:, j, 1])
+        lower = np.array([e[name]["offset_lower"] for e in entries])[inverse]
+        upper = np.array([e[name]["offset_upper"] for e in entries])[inverse]
+        column = to_log_space(q[:, j:j + 1], [name], log_labels)[:, 0] if name in log_labels else q[:, j]
+        column[:, 0] = np.minimum(column[:, 0] - lower, column[:, 1])
+        column[:, 2] = np.maximum(column[:, 2] + upper, column[:, 1])
+        q[:, j] = 10 ** column if name in log_labels else column
     return q
-
-
-def _offsets_per_row(with_xp: dict, without_xp: dict | None, no_xp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if without_xp is None or not no_xp.any():
-        return np.full(len(no_xp), with_xp["offset_lower"]), np.full(len(no_xp), with_xp["offset_upper"])
-    return (np.where(no_xp, without_xp["offset_lower"], with_xp["offset_lower"]),
-            np.where(no_xp, without_xp["offset_upper"], with_xp["offset_upper"]))
 
 
 def load_calibration(path: str | Path) -> dict:
@@ -148,10 +287,11 @@ def load_calibration(path: str | Path) -> dict:
     return calibration
 
 
-def coverage_report(q: np.ndarray, y: np.ndarray, calibration: dict, has_xp: np.ndarray | None = None) -> dict:
+def coverage_report(q: np.ndarray, y: np.ndarray, calibration: dict, has_xp: np.ndarray | None = None,
+                    groups: np.ndarray | None = None) -> dict:
     """Per label: coverage of [q16, q84] before and after calibration, and the count."""
     before, n = interval_coverage(q, y)
-    after, _ = interval_coverage(apply_calibration(q, calibration, has_xp=has_xp), y)
+    after, _ = interval_coverage(apply_calibration(q, calibration, has_xp=has_xp, groups=groups), y)
     return {name: {"before": _num(before[j]), "after": _num(after[j]), "n": int(n[j])}
             for j, name in enumerate(calibration["labels"])}
 
@@ -161,6 +301,50 @@ def _num(v) -> float | None:
 
 
 # --- command line --------------------------------------------------------------------------------
+def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: dict, xp_hidden: np.ndarray,
+                        seed: int, batch: int, shards: Sequence) -> dict:
+    """Finer-group offsets from faint copies of the calibration stars (:mod:`msa.emulation`), each
+    copy seen with its (degraded) XP where it keeps one, and with every XP column hidden; with
+    ``faint_copies.reweight`` the copies are weighted towards the store's own stars of their group."""
+    from msa.emulation import emulate_faint_stars, read_store_sample, shift_weights
+    from msa.features import G_MAG
+
+    rng = np.random.default_rng([seed, 12])  # the issue's number: a stream of its own, fixed per run
+    copies = emulate_faint_stars(stars, ensemble.transform, relation, cfg["g_mag_bins"],
+                                 cfg["faint_copies"]["faintest_g"], rng, parallax_label_columns(ensemble))
+    if not len(copies):
+        return {}
+    q = ensemble.predict(copies.x, batch_size=batch)
+    q_no_xp = ensemble.predict(copies.x, extra_hidden=xp_hidden, batch_size=batch)
+    has_xp = ensemble.has_xp(copies.x)
+    levels = [level[has_xp] for level in ensemble.calibration_levels(copies.x, copies.extra[G_MAG],
+                                                                      cfg["g_mag_bins"])]
+    levels_no_xp = ensemble.calibration_levels(copies.x, copies.extra[G_MAG], cfg["g_mag_bins"], xp_hidden=True)
+    log.info("%d emulated faint copies of %d calibration stars (%d keep XP)", len(copies), len(stars),
+             int(has_xp.sum()))
+    levels_all = [np.concatenate(pair) for pair in zip(levels, levels_no_xp)]
+    weights = None
+    if cfg["faint_copies"]["reweight"]:
+        x_copies = np.concatenate([copies.x[has_xp], copies.x])
+        x_copies[len(levels[0]):, ensemble.layout.xp_indices] = np.nan  # the no-XP view, as the model saw it
+        columns = list(dict.fromkeys([G_MAG, *ensemble.transform.store_columns]))
+        sky_raw = read_store_sample(shards, columns, cfg["faint_copies"]["max_rows_per_shard"])
+        x_sky, _ = ensemble.transform({c: sky_raw[c] for c in ensemble.transform.store_columns})
+        sky_levels = ensemble.calibration_levels(x_sky, sky_raw[G_MAG].astype(np.float64), cfg["g_mag_bins"])
+        weights = shift_weights(x_copies, levels_all[1], x_sky, sky_levels[1], seed)
+        log.info("covariate-shift weights of the copies: median %.3g, 5-95 %% %.3g-%.3g", np.median(weights),
+                 *np.percentile(weights, [5, 95]))
+    return fit_group_offsets(np.concatenate([q[has_xp], q_no_xp]), np.concatenate([copies.y[has_xp], copies.y]),
+                             names, levels_all, cfg["coverage"], cfg["mode"], cfg["min_group_size"], weights,
+                             ensemble.log_labels)
+
+
+def parallax_label_columns(ensemble) -> list[int]:
+    """Label columns that scale with distance in a faint copy: the members' parallax label."""
+    member = ensemble.members[0]
+    return [] if member.parallax_label is None else [int(member.parallax_label)]
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
@@ -173,7 +357,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     # stage-level imports live here: the math above stays a leaf that prediction imports alone
     from msa.config import load_config
+    from msa.emulation import fit_error_relation
     from msa.ensemble import Ensemble
+    from msa.features import G_MAG
     from msa.labels import LabelSource, label_set, load_labelled
     from msa.splits import split_mask, split_seed
     from msa.store import atomic_path, check_out_path
@@ -188,9 +374,15 @@ def run(args) -> int:
     if ensemble.labels != names:
         raise CalibrationError(f"members predict {ensemble.labels}, label set {args.label_set!r} is {names}; "
                                "pass the members fine-tuned for this label set")
-    stars = load_labelled(args.shards, ensemble.transform, LabelSource(config["labels"], names))
-    seed = split_seed(config)
     cfg = config["calibrate"]
+    faint = cfg["faint_copies"]
+    raw_columns = [G_MAG, *ensemble.transform.store_columns] if faint["enabled"] else [G_MAG]
+    stars = load_labelled(args.shards, ensemble.transform, LabelSource(config["labels"], names),
+                          list(dict.fromkeys(raw_columns)))
+    seed = split_seed(config)
+    edges = list(cfg["g_mag_bins"])
+    relation = fit_error_relation(args.shards, ensemble.layout, faint["max_rows_per_shard"]) \
+        if faint["enabled"] else None
     xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
     xp_hidden[ensemble.layout.xp_indices] = True
     result = None
@@ -202,12 +394,36 @@ def run(args) -> int:
         # the same stars as photometry-only stars: every XP column hidden
         q_no_xp = ensemble.predict(part.x, extra_hidden=xp_hidden, batch_size=batch)
         has_xp = ensemble.has_xp(part.x)  # labelled stars without a spectrum belong to the other group
+        levels = [level[has_xp] for level in ensemble.calibration_levels(part.x, part.extra[G_MAG], edges)]
+        levels_no_xp = ensemble.calibration_levels(part.x, part.extra[G_MAG], edges, xp_hidden=True)
         if split == "calibration":
-            result = fit_calibration(q[has_xp], part.y[has_xp], names, cfg["coverage"], cfg["mode"])
+            logs = ensemble.log_labels
+            result = fit_calibration(q[has_xp], part.y[has_xp], names, cfg["coverage"], cfg["mode"],
+                                     log_labels=logs)
             result["per_label_without_xp"] = fit_calibration(q_no_xp, part.y, names, cfg["coverage"],
-                                                             cfg["mode"])["per_label"]
-        reports["with_xp"][split] = coverage_report(q[has_xp], part.y[has_xp], result)
-        reports["without_xp"][split] = coverage_report(q_no_xp, part.y, result, has_xp=np.zeros(len(part), bool))
+                                                             cfg["mode"], log_labels=logs)["per_label"]
+            # both views together: every group name starts with xp/no_xp, so none mixes the two
+            result["groups"] = fit_group_offsets(
+                np.concatenate([q[has_xp], q_no_xp]), np.concatenate([part.y[has_xp], part.y]), names,
+                [np.concatenate(pair) for pair in zip(levels, levels_no_xp)], cfg["coverage"], cfg["mode"],
+                cfg["min_group_size"], log_labels=logs)
+            g_cal = part.extra[G_MAG]
+            result.update(g_mag_bins=edges, min_group_size=cfg["min_group_size"], bands=ensemble.photometric_bands,
+                          calibration_g_mag_max=float(np.nanmax(g_cal)) if np.isfinite(g_cal).any() else None)
+            log.info("%d finer calibration group(s) with ≥ %d stars: %s", len(result["groups"]),
+                     cfg["min_group_size"], sorted(result["groups"]))
+            if relation is not None:
+                emulated = fit_emulated_groups(ensemble, part, relation, names, cfg, xp_hidden, seed, batch,
+                                               args.shards)
+                emulated = {k: v for k, v in emulated.items() if k not in result["groups"]}
+                result["groups"].update(emulated)
+                result["emulated_groups"] = sorted(emulated)
+                result["emulation"] = {"faintest_g": faint["faintest_g"], "relation": relation.to_dict()}
+                log.info("%d group(s) calibrated on emulated faint copies: %s", len(emulated), sorted(emulated))
+        reports["with_xp"][split] = coverage_report(q[has_xp], part.y[has_xp], result,
+                                                    groups=star_groups(result, levels))
+        reports["without_xp"][split] = coverage_report(q_no_xp, part.y, result,
+                                                       groups=star_groups(result, levels_no_xp))
     for group, key in (("with_xp", "per_label"), ("without_xp", "per_label_without_xp")):
         for name in names:
             entry = result[key][name]

@@ -6,7 +6,8 @@ scaler, labels or XP normalisation, and rebuilds each member's encoder and quant
 
 ``Ensemble.predict(x_scaled)`` takes scaled model inputs (float32 ``(N, F)``, NaN = missing, as
 produced by ``ensemble.transform``) and returns ``(N, L, 3)`` quantiles (q16, q50, q84) in the
-labels' physical units. Each member hides its forced-mask features (plus any ``extra_hidden``
+labels' physical units: the percentiles of the equal-weight mixture of the members' predictive
+distributions (:func:`combine_members`). Each member hides its forced-mask features (plus any ``extra_hidden``
 columns); a member with a parallax masked pass takes its parallax quantiles from a second pass
 with the parallax feature hidden, so Gaia parallax is never both input and answer.
 Inference runs under ``torch.inference_mode`` with bf16 autocast on CUDA.
@@ -22,42 +23,106 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy.special import ndtr, ndtri
 
 from msa.errors import InputError
+from msa.calibrate import group_levels
 from msa.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from msa.features import FeatureTransform
-from msa.layout import Layout
+from msa.layout import PHOTOMETRY_GROUPS, Layout
+from msa.losses import QUANTILES
 from msa.model import MaskedAutoencoder, QuantileHead
 from msa.scaling import Scaler
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8192
+_Z_UPPER = float(ndtri(QUANTILES[2]))  # q84 lies this many sigmas above the median
+_SQRT_2PI = float(np.sqrt(2 * np.pi))
 
 
 class EnsembleError(InputError, ValueError):
     """Member checkpoints are not fine-tuned members, or do not belong to one ensemble."""
 
 
+def member_distribution(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The predictive distribution a member's quantiles ``(..., 3)`` describe: a two-piece normal.
+
+    Returns ``(median, sigma_below, sigma_above)``: half of the mass lies below the median, spread
+    as a normal of ``sigma_below`` (so that ``q16`` is its 16th percentile), half above with
+    ``sigma_above``. Asymmetric intervals stay asymmetric; zero widths are floored at a tiny
+    fraction of the value so the distribution stays continuous.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    median = q[..., 1]
+    floor = 1e-9 * (np.abs(median) + 1.0)
+    below = np.maximum((median - q[..., 0]) / _Z_UPPER, floor)
+    above = np.maximum((q[..., 2] - median) / _Z_UPPER, floor)
+    return median, below, above
+
+
+def _mixture_cdf_pdf(t: np.ndarray, median: np.ndarray, below: np.ndarray, above: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mixture CDF and density at ``t`` ``(M,)`` of K equally weighted two-piece normals ``(K, M)``."""
+    sigma = np.where(t >= median, above, below)
+    z = (t - median) / sigma
+    return ndtr(z).mean(axis=0), (np.exp(-0.5 * z * z) / (_SQRT_2PI * sigma)).mean(axis=0)
+
+
+def mixture_quantiles(q: np.ndarray, levels=QUANTILES, rel_tol: float = 1e-4, max_iter: int = 60) -> np.ndarray:
+    """Quantiles at ``levels`` of the equal-weight mixture of the members' distributions.
+
+    ``q``: member quantiles ``(K, M, 3)`` float64; returns ``(M, len(levels))``. Each point solves
+    ``mean_k F_k(t) = p`` by Newton steps safeguarded by bisection inside the bracket
+    ``[min_k Q_k(p), max_k Q_k(p)]`` (the mixture's p-quantile always lies there), iterating only
+    on the stars not yet converged: ``|step| <= rel_tol`` × the members' mean spread.
+    """
+    median, below, above = member_distribution(q)
+    tol = rel_tol * np.mean(below + above, axis=0)
+    out = np.empty((q.shape[1], len(levels)))
+    for i, p in enumerate(levels):
+        member_q = median + np.where(p >= 0.5, above, below) * ndtri(p)
+        lo, hi = member_q.min(axis=0), member_q.max(axis=0)
+        t = member_q.mean(axis=0)
+        active = np.flatnonzero(hi - lo > tol)
+        for _ in range(max_iter):
+            if not len(active):
+                break
+            ta, loa, hia = t[active], lo[active], hi[active]
+            cdf, pdf = _mixture_cdf_pdf(ta, median[:, active], below[:, active], above[:, active])
+            excess = cdf - p
+            loa = np.where(excess < 0, ta, loa)
+            hia = np.where(excess > 0, ta, hia)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                newton = ta - excess / pdf
+            inside = (newton > loa) & (newton < hia)
+            new = np.where(inside, newton, 0.5 * (loa + hia))
+            t[active], lo[active], hi[active] = new, loa, hia
+            done = (np.abs(new - ta) <= tol[active]) | (hia - loa <= tol[active]) | (excess == 0)
+            active = active[~done]
+        out[:, i] = t
+    return out
+
+
 def combine_members(q: np.ndarray) -> np.ndarray:
     """Combine member quantiles ``(K, N, L, 3)`` into ensemble quantiles ``(N, L, 3)``.
 
-    The median is the median over members of the member medians. Each half-width (lower and
-    upper separately) is ``sqrt(mean_k(hw_k²) + var_k(q50_k))``: the members' own uncertainty
-    plus their disagreement, so a spread of member medians widens the interval. Ordering
-    q16 ≤ q50 ≤ q84 holds whenever every member's does. With K = 1 the result equals the input.
+    The ensemble's predictive distribution is the equal-weight mixture of the members' own
+    (:func:`member_distribution`), and its q16/q50/q84 are that mixture's 16th/50th/84th
+    percentiles (:func:`mixture_quantiles`). Unlike moment matching (median of medians,
+    ``sqrt(mean hw² + var q50)``), the interval holds 68 % of the mixture also when members
+    disagree. With K = 1 the result equals the input; q16 ≤ q50 ≤ q84 always holds.
     """
     q = np.asarray(q)
     if q.ndim != 4 or q.shape[-1] != 3:
         raise ValueError(f"combine_members: expected (K, N, L, 3) quantiles, got shape {q.shape}")
-    q64 = q.astype(np.float64)  # float32 squares are exact in float64, so K = 1 is an exact identity
-    med_k = q64[..., 1]
-    median = np.median(med_k, axis=0)
-    spread = np.var(med_k, axis=0)  # population variance over members: 0 for K = 1
-    lower_hw = np.sqrt(np.mean((med_k - q64[..., 0]) ** 2, axis=0) + spread)
-    upper_hw = np.sqrt(np.mean((q64[..., 2] - med_k) ** 2, axis=0) + spread)
-    out = np.stack([median - lower_hw, median, median + upper_hw], axis=-1)
-    return out.astype(np.float32)
+    if q.shape[0] == 1:
+        return q[0].astype(np.float32)
+    k, n, n_labels, _ = q.shape
+    flat = q.astype(np.float64).reshape(k, n * n_labels, 3)
+    out = mixture_quantiles(flat)
+    out = np.maximum.accumulate(out, axis=-1)  # ordered even where two points agree to the tolerance
+    return out.reshape(n, n_labels, 3).astype(np.float32)
 
 
 @dataclass
@@ -74,6 +139,7 @@ class Member:
     parallax_label: int | None
     parallax_feature: int | None
     parallax_masked_pass: bool
+    log_labels: torch.Tensor | None = None  # bool (L,): labels fitted as log10 (linear units out)
 
     def quantiles(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical quantiles ``(B, L, 3)`` float32 and the latent ``(B, D)`` for one batch."""
@@ -86,7 +152,10 @@ class Member:
             hidden_plx[:, self.parallax_feature] = True
             q_plx = self.head(self.model.encode(x, hidden_plx), x, hidden_plx).float()
             q[:, self.parallax_label] = q_plx[:, self.parallax_label]
-        return q * self.label_scale[:, None] + self.label_centre[:, None], latent.float()
+        q = q * self.label_scale[:, None] + self.label_centre[:, None]
+        if self.log_labels is not None:
+            q[:, self.log_labels] = torch.pow(10.0, q[:, self.log_labels])
+        return q, latent.float()
 
 
 def _first_difference(name: str, values: list, paths: Sequence[Path]) -> None:
@@ -138,6 +207,29 @@ class Ensemble:
         xp = self.layout.xp_indices
         return visible[:, xp].any(axis=1) if len(xp) else np.zeros(len(visible), dtype=bool)
 
+    @property
+    def log_labels(self) -> list[str]:
+        """Labels the members fit as log10 (predicted in linear units, never below zero)."""
+        mask = self.members[0].log_labels
+        return [] if mask is None else [n for n, on in zip(self.labels, mask.tolist()) if on]
+
+    @property
+    def photometric_bands(self) -> list[str]:
+        """Names of the photometric features (Gaia and survey magnitudes), in layout order."""
+        return [self.layout.features[i].name for i in self._band_indices]
+
+    @property
+    def _band_indices(self) -> np.ndarray:
+        return np.concatenate([self.layout.group_indices(g) for g in PHOTOMETRY_GROUPS]).astype(np.int64)
+
+    def calibration_levels(self, x_scaled: np.ndarray, g_mag: np.ndarray, g_edges, xp_hidden: bool = False,
+                           visible: np.ndarray | None = None) -> list[np.ndarray]:
+        """Each star's calibration group at every level (:func:`msa.calibrate.group_levels`): XP used
+        or not (``xp_hidden`` counts every star as predicted without XP), G bin, photometric bands seen."""
+        visible = self.visible_inputs(x_scaled) if visible is None else visible
+        has_xp = np.zeros(len(visible), dtype=bool) if xp_hidden else self.has_xp(x_scaled, visible)
+        return group_levels(g_mag, has_xp, visible[:, self._band_indices], self.photometric_bands, g_edges)
+
     @classmethod
     def load(cls, member_paths: Sequence[str | Path], device: str | torch.device = "cpu",
              amp: bool = True) -> "Ensemble":
@@ -166,6 +258,7 @@ class Ensemble:
         _first_difference("the scaler", [c["scaler"] for c in ckpts], paths)
         _first_difference("the labels", [list(c["labels"]) for c in ckpts], paths)
         _first_difference("XP normalisation", [bool(c["normalise_xp"]) for c in ckpts], paths)
+        _first_difference("the log-scaled labels", [list(c.get("log_labels") or []) for c in ckpts], paths)
         layout = layouts[0]
         members = [cls._build_member(c, p, layout, device) for c, p in zip(ckpts, paths)]
         log.info("loaded %d ensemble member(s) for labels %s on %s", len(members), list(ckpts[0]["labels"]), device)
@@ -192,6 +285,7 @@ class Ensemble:
         if not torch.all(scale > 0):
             # a negative scale would swap q16 and q84
             raise EnsembleError(f"{path}: label_scale must be positive, got {scale.tolist()}")
+        log_mask = torch.tensor([n in (ckpt.get("log_labels") or []) for n in ckpt["labels"]], dtype=torch.bool)
         force = torch.zeros(layout.n_features, dtype=torch.bool)
         force[list(ckpt.get("force_mask_indices") or [])] = True
         plx = ckpt.get("parallax") or {}
@@ -202,6 +296,7 @@ class Ensemble:
             force_mask=force.to(device), label_centre=centre.to(device), label_scale=scale.to(device),
             parallax_label=plx.get("label_index"), parallax_feature=plx.get("feature_index"),
             parallax_masked_pass=masked_pass,
+            log_labels=log_mask.to(device) if log_mask.any() else None,
         )
 
     # --- inference ------------------------------------------------------------------------------

@@ -14,8 +14,15 @@ inputs (and, where they stop early, the same validation split), with XP and phot
   pretraining is measured, not assumed. A parallax label is always scored from
 the ensemble's masked pass (the Gaia parallax input hidden), which :mod:`msa.ensemble` applies.
 
+Each star is calibrated with the offsets of its own conditional group (:mod:`msa.calibrate`).
+``metrics.json``'s ``by_g_mag`` section gives, per label and ``evaluate.coverage_g_bins`` bin up
+to G = 21, the count, calibrated coverage and NMAD, with XP and with XP hidden, for the test
+stars and (when the calibration used faint copies) for faint copies of the test stars degraded
+with the calibration's own error-versus-G relation: the only measure there is where no labelled
+star is that faint.
+
 Writes ``metrics.json`` and figures (predicted vs true, residuals vs G, coverage per label with
-XP on and off) into ``--out-dir`` and prints a model-vs-baseline table.
+XP on and off, coverage versus G) into ``--out-dir`` and prints a model-vs-baseline table.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 
 from msa.baseline import GradientBoostingBaseline
 from msa.baseline_mlp import PlainMLPBaseline
-from msa.calibrate import apply_calibration, interval_coverage, load_calibration
+from msa.calibrate import apply_calibration, interval_coverage, load_calibration, star_groups
 from msa.config import load_config
 from msa.labels import LabelSource, label_set, load_labelled
 from msa.splits import assign_splits, split_seed
@@ -137,7 +144,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     import torch
 
     from msa.ensemble import Ensemble
-    from msa.plots import plot_coverage, plot_predicted_vs_true, plot_residuals_vs_g
+    from msa.plots import plot_coverage, plot_coverage_vs_g, plot_predicted_vs_true, plot_residuals_vs_g
 
     names = label_set(config, label_set_name)
     ensemble = Ensemble.load(members, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,7 +153,10 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
                          "pass the members fine-tuned for this label set")
     calibration = load_calibration(calibration_path)
     ecfg = config["evaluate"]
-    stars = load_labelled(shards, ensemble.transform, LabelSource(config["labels"], names), [G_MAG])
+    # faint copies of the test stars are made from their raw store columns
+    raw_columns = [G_MAG, *(ensemble.transform.store_columns if calibration.get("emulation") else [])]
+    stars = load_labelled(shards, ensemble.transform, LabelSource(config["labels"], names),
+                          list(dict.fromkeys(raw_columns)))
     split = assign_splits(stars.source_id, config["splits"], split_seed(config))
     test, train = stars.subset(split == "test"), stars.subset(split == "train")
     if len(test) == 0:
@@ -155,10 +165,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
     xp_hidden[ensemble.layout.xp_indices] = True
 
-    q = ensemble.predict(test.x, batch_size=batch).astype(np.float64)
-    q_cal = apply_calibration(q, calibration, names, has_xp=ensemble.has_xp(test.x))
-    q_noxp = ensemble.predict(test.x, extra_hidden=xp_hidden, batch_size=batch).astype(np.float64)
-    q_noxp_cal = apply_calibration(q_noxp, calibration, names, has_xp=np.zeros(len(test), dtype=bool))
+    q, q_cal, q_noxp, q_noxp_cal = calibrated_views(ensemble, calibration, test, xp_hidden, batch)
 
     bins = {"g_mag_bins": bin_masks(test.extra[G_MAG], ecfg["g_mag_bins"], "G")}
     fe_h = ecfg["fe_h_label"]
@@ -192,6 +199,14 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
         metrics["from_scratch_no_xp"] = yardstick_report(
             scratch.predict(test.x, extra_hidden=xp_hidden, batch_size=batch), test.y, names)
     metrics["comparison"] = comparison(metrics, names)
+    metrics["by_g_mag"] = {"bins": list(ecfg["coverage_g_bins"]),
+                           "test": {"with_xp": magnitude_report(q_cal, test.y, test.extra[G_MAG], names,
+                                                                ecfg["coverage_g_bins"]),
+                                    "without_xp": magnitude_report(q_noxp_cal, test.y, test.extra[G_MAG], names,
+                                                                   ecfg["coverage_g_bins"])}}
+    if calibration.get("emulation"):
+        metrics["by_g_mag"]["emulated"] = emulated_magnitude_report(ensemble, calibration, test, config, names,
+                                                                    xp_hidden, batch)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,10 +215,60 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     plot_predicted_vs_true(test.y, q_cal, names, out_dir / "predicted_vs_true.png", baseline=pred_base)
     plot_residuals_vs_g(test.y, q_cal, test.extra[G_MAG], names, out_dir / "residuals_vs_g.png")
     plot_coverage(metrics, out_dir / "coverage.png")
+    plot_coverage_vs_g(metrics, out_dir / "coverage_vs_g.png")
     table = comparison_table(metrics)
     print(table)
     log.info("wrote %s", out_dir / "metrics.json")
     return metrics
+
+
+def calibrated_views(ensemble, calibration: dict, stars, xp_hidden: np.ndarray, batch: int):
+    """Raw and calibrated quantiles of ``stars`` as they are and with every XP column hidden, each
+    star calibrated with the offsets of its own group."""
+    g_mag, edges = stars.extra[G_MAG], calibration.get("g_mag_bins") or []
+    q = ensemble.predict(stars.x, batch_size=batch).astype(np.float64)
+    q_cal = apply_calibration(q, calibration, ensemble.labels,
+                              groups=star_groups(calibration, ensemble.calibration_levels(stars.x, g_mag, edges)))
+    q_noxp = ensemble.predict(stars.x, extra_hidden=xp_hidden, batch_size=batch).astype(np.float64)
+    levels_noxp = ensemble.calibration_levels(stars.x, g_mag, edges, xp_hidden=True)
+    q_noxp_cal = apply_calibration(q_noxp, calibration, ensemble.labels, groups=star_groups(calibration, levels_noxp))
+    return q, q_cal, q_noxp, q_noxp_cal
+
+
+def magnitude_report(q_cal: np.ndarray, y: np.ndarray, g_mag: np.ndarray, labels: Sequence[str],
+                     edges: Sequence[float]) -> dict:
+    """Per label and G bin (``edges``): count, calibrated [q16, q84] coverage and NMAD of the median."""
+    out = {}
+    for j, name in enumerate(labels):
+        entry = {}
+        for b, rows in bin_masks(g_mag, edges, "G").items():
+            point = point_metrics(q_cal[rows, j, 1], y[rows, j])
+            cov, _ = interval_coverage(q_cal[rows, j:j + 1], y[rows, j:j + 1])
+            entry[b] = {"n": point["n"], "coverage": _float(cov[0]), "nmad": point["nmad"]}
+        out[name] = entry
+    return out
+
+
+def emulated_magnitude_report(ensemble, calibration: dict, stars, config: dict, names: Sequence[str],
+                              xp_hidden: np.ndarray, batch: int) -> dict:
+    """:func:`magnitude_report` of faint copies of the test ``stars`` (their ``extra`` holding the raw
+    store columns), degraded with the calibration's own error-versus-G relation (another seed than
+    the calibration's copies)."""
+    from msa.calibrate import parallax_label_columns
+    from msa.emulation import ErrorRelation, emulate_faint_stars
+
+    emulation = calibration["emulation"]
+    copies = emulate_faint_stars(stars, ensemble.transform, ErrorRelation.from_dict(emulation["relation"]),
+                                 config["evaluate"]["coverage_g_bins"], emulation["faintest_g"],
+                                 np.random.default_rng([split_seed(config), 5]), parallax_label_columns(ensemble))
+    _, q_cal, _, q_noxp_cal = calibrated_views(ensemble, calibration, copies, xp_hidden, batch)
+    edges = config["evaluate"]["coverage_g_bins"]
+    g = copies.extra[G_MAG]
+    has_xp = ensemble.has_xp(copies.x)
+    # with XP: the copies that keep a spectrum; without: every copy with its XP hidden
+    return {"n_copies": int(len(copies)),
+            "with_xp": magnitude_report(q_cal[has_xp], copies.y[has_xp], g[has_xp], names, edges),
+            "without_xp": magnitude_report(q_noxp_cal, copies.y, g, names, edges)}
 
 
 def _add_tree_baselines(metrics: dict, ensemble, names, train, test, seed: int) -> np.ndarray:

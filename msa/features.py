@@ -25,10 +25,10 @@ from msa.layout import XP_GROUP, Layout
 G_MAG = "phot_g_mean_mag"
 G_REFERENCE_MAG = 15.0
 MAG_ERROR_SUFFIX = "_mag_error"
-_MAG_PER_LN = 2.5 / np.log(10.0)
+MAG_PER_LN = 2.5 / np.log(10.0)
 
 
-def _flux_over_error_column(error_name: str) -> str | None:
+def flux_over_error_column(error_name: str) -> str | None:
     """``phot_g_mean_mag_error`` → ``phot_g_mean_flux_over_error``; None for other names."""
     if error_name.startswith("phot_") and error_name.endswith("_mean" + MAG_ERROR_SUFFIX):
         return error_name[: -len(MAG_ERROR_SUFFIX)] + "_flux_over_error"
@@ -39,7 +39,7 @@ def mag_error_from_flux_over_error(flux_over_error: np.ndarray) -> np.ndarray:
     """Magnitude error from a flux signal-to-noise ratio (NaN where it is not positive)."""
     foe = np.asarray(flux_over_error, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.where(foe > 0, _MAG_PER_LN / foe, np.nan)
+        err = np.where(foe > 0, MAG_PER_LN / foe, np.nan)
     return err.astype(np.float32)
 
 
@@ -66,7 +66,7 @@ def store_columns(layout: Layout, normalise_xp: bool) -> list[str]:
     for f in layout.features:
         cols.append(f.name)
         if f.error is not None:
-            cols.append(_flux_over_error_column(f.error) or f.error)
+            cols.append(flux_over_error_column(f.error) or f.error)
     if normalise_xp and len(layout.xp_indices):
         cols.append(G_MAG)
     return list(dict.fromkeys(cols))
@@ -87,7 +87,7 @@ def derive(raw: Mapping[str, np.ndarray], layout: Layout, normalise_xp: bool) ->
     for j, f in enumerate(layout.features):
         v = raw[f.name]
         if f.error is not None:
-            foe_col = _flux_over_error_column(f.error)
+            foe_col = flux_over_error_column(f.error)
             e = mag_error_from_flux_over_error(raw[foe_col]) if foe_col else raw[f.error]
         else:
             e = None

@@ -60,6 +60,7 @@ from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state,
                             save_checkpoint)
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
+from msa.emulation import append_faint_copies
 from msa.labels import LabelScaler, LabelSource, LabelledStars, label_set, load_labelled
 from msa.layout import GROUP_ORDER, Layout
 from msa.losses import pinball_loss, reconstruction_objective
@@ -356,13 +357,17 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     names = label_set(config, job.label_set)
     plx = parallax_setup(cfg, names, layout)
     extras = ["phot_g_mean_mag"] + [c for c in (plx.gaia_column, plx.gaia_error_column) if c]
+    extras = list(dict.fromkeys(extras + (transform.store_columns if cfg["faint_copies"] else [])))
     stars = load_labelled(job.shards, transform, LabelSource(config["labels"], names), extras)
     split = assign_splits(stars.source_id, config["splits"], split_seed(config))
     train, val = stars.subset(split == "train"), stars.subset(split == "validation")
+    if cfg["faint_copies"] and len(train):
+        train = append_faint_copies(train, transform, job.shards, config, seed,
+                                    [] if plx.label_index is None else [plx.label_index])
     if len(train) == 0 or len(val) == 0:
         raise FinetuneError(f"{len(train)} training and {len(val)} validation stars with labels {names}; "
                             "both must be non-empty (check splits fractions and the catalogue join)")
-    label_scaler = LabelScaler.fit(names, train.y)
+    label_scaler = LabelScaler.fit(names, train.y, [n for n in cfg["log_labels"] if n in names])
     _, train_err_scaled = label_scaler.transform(train.y, train.y_err)
     err_ref = reference_errors(train_err_scaled)
     log.info("label set %s %s: %d train / %d validation stars; member %d, seed %d, device %s",
@@ -529,7 +534,7 @@ def _write_outputs(job: MemberRun, model, head, names, label_scaler, layout, sca
         "model": {k: v.cpu() for k, v in model.state_dict().items()}, "model_hparams": dict(model.hparams),
         "head": {k: v.cpu() for k, v in head.state_dict().items()}, "head_hparams": dict(head.hparams),
         "labels": list(names), "label_centre": [float(c) for c in label_scaler.centre],
-        "label_scale": [float(s) for s in label_scaler.scale],
+        "label_scale": [float(s) for s in label_scaler.scale], "log_labels": list(label_scaler.log_labels),
         "layout": layout.to_dict(), "scaler": scaler.to_dict(),
         "normalise_xp": xp_normalises(job.config["features"]),
         "force_mask_indices": [int(i) for i in mask_spec.force_indices],

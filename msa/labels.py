@@ -189,16 +189,39 @@ class LabelSource:
 
 @dataclass(frozen=True)
 class LabelScaler:
-    """Per-label standard scaling: ``scaled = (physical − centre) / scale``."""
+    """Per-label standard scaling: ``scaled = (physical − centre) / scale``, where for the labels in
+    ``log_labels`` "physical" is ``log10(value)`` (a label that cannot be negative, e.g. age: its
+    quantiles, back in linear units, are then never below zero; values ≤ 0 become missing)."""
 
     names: tuple[str, ...]
     centre: np.ndarray
     scale: np.ndarray
+    log_labels: tuple[str, ...] = ()
+
+    @property
+    def log_mask(self) -> np.ndarray:
+        return np.array([n in self.log_labels for n in self.names], dtype=bool)
+
+    def to_fitted_space(self, y: np.ndarray, y_err: np.ndarray | None = None):
+        """Values (and errors, propagated to first order) in the space the scaling is fitted in."""
+        y = np.array(y, dtype=np.float64, copy=True)
+        err = None if y_err is None else np.array(y_err, dtype=np.float64, copy=True)
+        for j in np.flatnonzero(self.log_mask):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                positive = y[:, j] > 0
+                if err is not None:
+                    err[:, j] = np.where(positive, err[:, j] / (np.abs(y[:, j]) * np.log(10.0)), np.nan)
+                y[:, j] = np.where(positive, np.log10(np.where(positive, y[:, j], 1.0)), np.nan)
+        return y if y_err is None else (y, err)
 
     @classmethod
-    def fit(cls, names: Sequence[str], y_train: np.ndarray) -> "LabelScaler":
+    def fit(cls, names: Sequence[str], y_train: np.ndarray, log_labels: Sequence[str] = ()) -> "LabelScaler":
         """Mean and standard deviation per label over the (NaN-free entries of the) TRAIN split."""
-        y_train = np.asarray(y_train, dtype=np.float64)
+        unknown = sorted(set(log_labels) - set(names))
+        if unknown:
+            raise LabelError(f"finetune.log_labels: {unknown} are not labels of this set {list(names)}; remove them")
+        y_train = cls(tuple(names), np.zeros(len(names)), np.ones(len(names)), tuple(log_labels)).to_fitted_space(
+            y_train)
         n = np.sum(np.isfinite(y_train), axis=0)
         few = [name for name, k in zip(names, n) if k < 2]
         if few:
@@ -207,22 +230,29 @@ class LabelScaler:
         centre = np.nanmean(y_train, axis=0)
         scale = np.nanstd(y_train, axis=0)
         scale = np.where(scale > 0, scale, 1.0)
-        return cls(tuple(names), centre, scale)
+        return cls(tuple(names), centre, scale, tuple(log_labels))
 
     @classmethod
-    def from_lists(cls, names, centre, scale) -> "LabelScaler":
-        return cls(tuple(names), np.asarray(centre, dtype=np.float64), np.asarray(scale, dtype=np.float64))
+    def from_lists(cls, names, centre, scale, log_labels=()) -> "LabelScaler":
+        return cls(tuple(names), np.asarray(centre, dtype=np.float64), np.asarray(scale, dtype=np.float64),
+                   tuple(log_labels))
 
     def transform(self, y: np.ndarray, y_err: np.ndarray | None = None):
         """Scaled values (and errors divided by the scale when given)."""
-        ys = (np.asarray(y) - self.centre) / self.scale
-        return ys if y_err is None else (ys, np.asarray(y_err) / self.scale)
+        if y_err is None:
+            return (self.to_fitted_space(y) - self.centre) / self.scale
+        y, y_err = self.to_fitted_space(y, y_err)
+        return (y - self.centre) / self.scale, y_err / self.scale
 
     def inverse(self, ys: np.ndarray) -> np.ndarray:
         """Physical values from scaled ones; the label axis is axis 1 (``(n, L)`` or ``(n, L, 3)``)."""
         ys = np.asarray(ys, dtype=np.float64)
         shape = (1, -1) + (1,) * (ys.ndim - 2)
-        return ys * self.scale.reshape(shape) + self.centre.reshape(shape)
+        out = ys * self.scale.reshape(shape) + self.centre.reshape(shape)
+        log = self.log_mask
+        if log.any():
+            out[:, log] = 10 ** out[:, log]
+        return out
 
 
 @dataclass

@@ -188,3 +188,44 @@ def plot_coverage(metrics: dict, path: str | Path) -> Path:
     ax.set_ylabel("fraction inside [q16, q84]")
     ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
+
+
+def plot_coverage_vs_g(metrics: dict, path: str | Path, min_stars: int = 20) -> Path:
+    """Calibrated [q16, q84] coverage per G bin, one panel per label: test stars with XP and with XP
+    hidden (solid), their emulated faint copies (dashed), the target and ±0.05 (grey band).
+
+    Reads ``metrics["by_g_mag"]`` (:func:`msa.evaluate.magnitude_report` sections); bins with fewer
+    than ``min_stars`` stars are not drawn. Open-ended bins sit half a bin beyond their edge.
+    """
+    import numpy as np
+
+    section = metrics.get("by_g_mag") or {}
+    edges = list(section.get("bins") or [])
+    labels = metrics["labels"]
+    step = float(np.median(np.diff(edges))) if len(edges) > 1 else 1.0
+    centres = [edges[0] - step / 2] + [0.5 * (a + b) for a, b in zip(edges[:-1], edges[1:])] + [edges[-1] + step / 2] \
+        if edges else [0.0]
+    curves = [("test", "with_xp", "C0", "-", "test, XP"), ("test", "without_xp", "C1", "-", "test, XP hidden"),
+              ("emulated", "with_xp", "C0", "--", "faint copies, XP"),
+              ("emulated", "without_xp", "C1", "--", "faint copies, no XP")]
+    fig, axes = _panels(len(labels))
+    target = metrics.get("coverage_target") or 0.68
+    for ax, name in zip(axes, labels):
+        ax.axhspan(target - 0.05, target + 0.05, color="grey", alpha=0.2, lw=0)
+        ax.axhline(target, color="k", lw=0.8)
+        for source, view, colour, style, text in curves:
+            bins = ((section.get(source) or {}).get(view) or {}).get(name) or {}
+            xs, ys = [], []
+            for centre, entry in zip(centres, bins.values()):
+                if entry["n"] >= min_stars and entry["coverage"] is not None:
+                    xs.append(centre)
+                    ys.append(entry["coverage"])
+            if xs:
+                ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=text)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("G [mag]")
+        ax.set_ylabel("coverage of [q16, q84]")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -12,7 +12,10 @@ Three stages overlap, so the accelerator is never waiting on the disk:
 Output columns: ``source_id`` (int64, exactly the input's, in input order); per label
 ``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (float32, physical units, q16 ≤ q50 ≤ q84);
 ``has_xp`` (the prediction used an XP spectrum); ``n_inputs`` (features present and visible to the
-model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN); with
+model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN);
+``calibration_group`` (the conformal group whose offsets the star took: XP or not, G bin, bands
+present; see :mod:`msa.calibrate`); ``in_training_sample`` (its labels were used for fine-tuning
+or calibration, as the flag of Andrae et al. 2023); with
 ``predict.save_latent`` also ``latent_000`` … (the first member's latent). The file's key-value
 metadata identifies the model (member sha256s, calibration hash, config hash, msa version), the
 label set, the labels and their units, and the input file.
@@ -43,15 +46,17 @@ from tqdm import tqdm
 
 from msa import __version__
 from msa.errors import InputError
-from msa.calibrate import apply_calibration, load_calibration
+from msa.calibrate import apply_calibration, load_calibration, star_groups
 from msa.checkpoint import file_sha256
 from msa.config import config_hash, load_config
 from msa.ensemble import Ensemble, combine_members
-from msa.features import FeatureTransform
+from msa.features import G_MAG, FeatureTransform
+from msa.labels import LabelSource, label_set
 from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
+from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, Shard, atomic_path, check_out_path
-from msa.tables import iter_table_chunks, read_table_source_ids
+from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +113,40 @@ class PreparedChunk:
     x: torch.Tensor  # float32 (n, F) scaled inputs, NaN = missing (pinned when predicting on CUDA)
     n_inputs: np.ndarray  # int16 (n,)
     has_xp: np.ndarray  # bool (n,)
+    calibration_group: np.ndarray  # object (n,): the group whose offsets the star takes ("" uncalibrated)
+    in_training_sample: np.ndarray  # bool (n,)
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """Which stars' labels the model was fitted or calibrated on: a label of the set, and a split
+    other than test (train and validation fine-tune, calibration calibrates)."""
+
+    labels: LabelSource
+    splits_cfg: dict
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict, label_set_name: str) -> "TrainingSample | None":
+        """None (with a warning) when the config does not say where the label set's labels come from."""
+        names = list((config.get("label_sets") or {}).get(label_set_name) or [])
+        known = (config.get("labels") or {}).get("columns") or {}
+        if not names or any(n not in known for n in names):
+            log.warning("labels.columns lacks label(s) of %r: in_training_sample is written false for every "
+                        "star; predict with the config the members were fine-tuned with", label_set_name)
+            return None
+        return cls(LabelSource(config["labels"], label_set(config, label_set_name)), config["splits"],
+                   split_seed(config))
+
+    @property
+    def store_columns(self) -> list[str]:
+        return self.labels.store_columns
+
+    def contains(self, source_id: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """Bool ``(n,)``; ``raw`` holds the stars' store columns that labels come from."""
+        y, _ = self.labels.lookup(source_id, raw)
+        labelled = np.any(np.isfinite(y), axis=1)
+        return labelled & (assign_splits(source_id, self.splits_cfg, self.seed) != "test")
 
 
 def input_transform(ensemble: Ensemble) -> FeatureTransform:
@@ -120,8 +159,10 @@ def input_transform(ensemble: Ensemble) -> FeatureTransform:
 
 
 def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: FeatureTransform,
-                  pin: bool = False) -> PreparedChunk:
-    """Raw store columns → scaled inputs plus the per-star input counts (runs in the reader thread)."""
+                  pin: bool = False, calibration: dict | None = None,
+                  training: TrainingSample | None = None) -> PreparedChunk:
+    """Raw store columns → scaled inputs, per-star input counts, calibration group and training flag
+    (runs in the reader thread)."""
     x, _ = transform(raw)
     infinite = np.isinf(x)
     if infinite.any():
@@ -129,9 +170,22 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: Fea
         x[infinite] = np.nan
     visible = ensemble.visible_inputs(x)
     has_xp = ensemble.has_xp(x, visible)
+    source_id = np.asarray(raw[SOURCE_ID], dtype=np.int64)
+    if calibration is None:
+        groups = np.full(len(x), "", dtype=object)
+    else:
+        g_mag = raw[G_MAG] if G_MAG in raw else np.full(len(x), np.nan)
+        groups = star_groups(calibration, ensemble.calibration_levels(
+            x, g_mag, calibration.get("g_mag_bins") or [], visible=visible))
+    in_training = training.contains(source_id, raw) if training is not None else np.zeros(len(x), dtype=bool)
     tensor = torch.from_numpy(x)
-    return PreparedChunk(np.asarray(raw[SOURCE_ID], dtype=np.int64), tensor.pin_memory() if pin else tensor,
-                         visible.sum(axis=1).astype(np.int16), has_xp)
+    return PreparedChunk(source_id, tensor.pin_memory() if pin else tensor, visible.sum(axis=1).astype(np.int16),
+                         has_xp, groups, in_training)
+
+
+def extra_read_columns(training: TrainingSample | None) -> list[str]:
+    """Store columns read besides the model's inputs: G (the calibration group) and store labels."""
+    return [G_MAG, *(training.store_columns if training is not None else [])]
 
 
 def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int | None,
@@ -141,7 +195,9 @@ def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int 
         for suffix in QUANTILE_SUFFIXES:
             fields.append(pa.field(f"{label}_{suffix}", pa.float32(), metadata={"unit": units.get(label, "")}))
     fields += [pa.field("has_xp", pa.bool_(), nullable=False), pa.field("n_inputs", pa.int16(), nullable=False),
-               pa.field("flag_too_few_inputs", pa.bool_(), nullable=False)]
+               pa.field("flag_too_few_inputs", pa.bool_(), nullable=False),
+               pa.field("calibration_group", pa.string(), nullable=False),
+               pa.field("in_training_sample", pa.bool_(), nullable=False)]
     if latent_dim:
         fields += [pa.field(latent_column(i), pa.float32()) for i in range(latent_dim)]
     return pa.schema(fields, metadata={k: str(v) for k, v in metadata.items()})
@@ -157,7 +213,8 @@ def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent
     for j in range(len(labels)):
         for k in range(3):
             columns.append(pa.array(q[:, j, k], pa.float32()))
-    columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged)]
+    columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged),
+                pa.array(chunk.calibration_group, pa.string()), pa.array(chunk.in_training_sample)]
     if latent is not None:
         columns += [pa.array(latent[:, i], pa.float32()) for i in range(latent.shape[1])]
     return pa.Table.from_arrays(columns, schema=schema)
@@ -191,11 +248,13 @@ def predict_chunks(
     metadata: dict[str, str] | None = None,
     n_chunks: int | None = None,
     prefetch_depth: int = 2,
+    training: TrainingSample | None = None,
 ) -> PredictSummary:
     """Predict raw store-column chunks into the Parquet file ``out`` (atomically).
 
     ``expected_ids()`` re-reads the input's source_ids (chunk by chunk, in order) for the final
-    check; ``calibration`` None leaves the ensemble quantiles uncalibrated.
+    check; ``calibration`` None leaves the ensemble quantiles uncalibrated; ``training`` None
+    writes ``in_training_sample`` False for every star.
     """
     labels = ensemble.labels
     pin = ensemble.device.type == "cuda"
@@ -206,13 +265,14 @@ def predict_chunks(
         writer = BackgroundParquetWriter(tmp, schema)
         try:
             transform = input_transform(ensemble)
-            prepared = prefetch((prepare_chunk(raw, ensemble, transform, pin) for raw in chunks),
+            prepared = prefetch((prepare_chunk(raw, ensemble, transform, pin, calibration, training)
+                                 for raw in chunks),
                                 depth=prefetch_depth)
             for chunk in tqdm(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk",
                               disable=None):
                 result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
                 member_q, latent = result if save_latent else (result, None)
-                q = _combine_and_calibrate(member_q, calibration, labels, chunk.has_xp)
+                q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
                 flagged = chunk.n_inputs < min_inputs
                 q[flagged] = np.nan
                 if latent is not None:
@@ -230,10 +290,10 @@ def predict_chunks(
 
 
 def _combine_and_calibrate(member_q: np.ndarray, calibration: dict | None, labels: Sequence[str],
-                           has_xp: np.ndarray) -> np.ndarray:
+                           groups: np.ndarray) -> np.ndarray:
     q = combine_members(member_q)
     if calibration is not None:
-        q = apply_calibration(q, calibration, labels, has_xp).astype(np.float32, copy=False)
+        q = apply_calibration(q, calibration, labels, groups=groups).astype(np.float32, copy=False)
     return q
 
 
@@ -302,6 +362,8 @@ def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict 
             raise PredictionError(f"shard {shard_path} lacks column(s) {missing[:8]} that the model reads; "
                                   "ingest it with the config the model was trained with")
         n_rows = shard.n_rows
+    # G and store labels where the shard has them (a missing G falls back to the coarse group)
+    columns += [c for c in extra_read_columns(kwargs.get("training")) if c in present and c not in columns]
 
     def chunks():
         with Shard(shard_path) as s:  # its own handle: read in the prefetch thread
@@ -321,7 +383,10 @@ def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict 
                   **kwargs) -> PredictSummary:
     """Predict a user's CSV/ECSV/FITS/Parquet table (store column names), keeping its row order."""
     ids = read_table_source_ids(table_path)  # refuses repeated source_ids before any work
-    chunks = iter_table_chunks(table_path, input_transform(ensemble).store_columns, chunk_rows, allow_missing)
+    columns = list(input_transform(ensemble).store_columns)
+    present = set(table_columns(table_path))
+    columns += [c for c in extra_read_columns(kwargs.get("training")) if c in present and c not in columns]
+    chunks = iter_table_chunks(table_path, columns, chunk_rows, allow_missing)
     return predict_chunks(chunks, lambda: iter([ids]), ensemble, calibration, out, batch_size=batch_size,
                           min_inputs=min_inputs, n_chunks=math.ceil(len(ids) / chunk_rows), **kwargs)
 
@@ -329,7 +394,8 @@ def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict 
 # --- metadata and command line -------------------------------------------------------------------
 def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibration_path: str | Path | None,
                   config: dict, label_set: str, units: dict[str, str], input_path: str | Path,
-                  min_inputs: int) -> dict[str, str]:
+                  min_inputs: int, calibration: dict | None = None,
+                  training: "TrainingSample | None" = None) -> dict[str, str]:
     """Key-value metadata that identifies the model and the input of a prediction file."""
     return {
         "msa_version": __version__,
@@ -342,8 +408,36 @@ def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibr
         "config_hash": config_hash(config),
         "input_file": str(input_path),
         "min_inputs": str(min_inputs),
-        "quantiles": "q16/q50/q84: 16th, 50th, 84th percentiles, ensemble-combined and conformally calibrated",
+        "quantiles": "q16/q50/q84: 16th, 50th, 84th percentiles of the equal-weight mixture of the members' "
+                     "predictive distributions, with split-conformal offsets of each star's calibration_group",
+        "calibration_guarantee": calibration_guarantee(calibration),
+        "in_training_sample": "true: the star's labels were used for fine-tuning (train and validation splits) or "
+                              "for calibration; its predictions are not out-of-sample" if training is not None else
+                              "unknown (false everywhere): the config names no label columns for this label set",
     }
+
+
+def calibration_guarantee(calibration: dict | None) -> str:
+    """Which coverage promise holds for which stars, in words, for the prediction files' metadata."""
+    if calibration is None:
+        return "none: uncalibrated ensemble quantiles"
+    coverage = calibration.get("coverage_target")
+    groups = sorted(calibration.get("groups") or {})
+    g_max = calibration.get("calibration_g_mag_max")
+    text = (f"split-conformal, finite-sample: P(q16 <= true <= q84) >= {coverage} for a star exchangeable with the "
+            f"calibration stars of its calibration_group. Groups with their own offsets (G bin and bands "
+            f"present, >= {calibration.get('min_group_size')} calibration stars each): {groups or 'none'}; "
+            "stars in no such group take the offsets of their coarse group (xp or no_xp), whose promise holds "
+            "only on average over the calibration stars")
+    emulated = calibration.get("emulated_groups") or []
+    if g_max is not None:
+        text += (f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars outside the emulated "
+                 "groups below the promise is extrapolated" if emulated else
+                 f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars the promise is extrapolated")
+    if emulated:
+        text += (f". Groups {sorted(emulated)} were calibrated on bright stars degraded to fainter magnitudes "
+                 "with the store's own error-versus-magnitude relation: their promise assumes that emulation")
+    return text
 
 
 def check_config_fits(config: dict, label_set: str, ensemble: Ensemble) -> None:
@@ -384,10 +478,11 @@ def run(args) -> int:
     calibration = load_calibration(args.calibration)
     units = pcfg["label_units"]
     source = args.shard or args.table
+    training = TrainingSample.from_config(config, args.label_set)
     metadata = file_metadata(ensemble, args.members, args.calibration, config, args.label_set, units, source,
-                             pcfg["min_inputs"])
+                             pcfg["min_inputs"], calibration, training)
     common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],
-                  save_latent=pcfg["save_latent"], units=units, metadata=metadata)
+                  save_latent=pcfg["save_latent"], units=units, metadata=metadata, training=training)
     if args.shard:
         summary = predict_shard(args.shard, ensemble, calibration, args.out, **common)
     else:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from msa.calibrate import (CalibrationError, apply_calibration, conformal_offsets, conformal_quantile,
-                           fit_calibration, interval_coverage)
+                           fit_calibration, fit_group_offsets, group_levels, interval_coverage, star_groups)
 from msa.model import QuantileHead
 
 torch.set_num_threads(1)
@@ -111,3 +111,69 @@ def test_quantiles_never_cross_through_head_and_calibration(latent, seed, offset
     out = apply_calibration(q, cal)
     assert np.all(out[..., 0] <= out[..., 1]) and np.all(out[..., 1] <= out[..., 2])
     np.testing.assert_array_equal(out[..., 1], q[..., 1])  # the median is never moved
+
+
+def faint_heavy_sky(rng, n):
+    """Intervals of one fixed width while the true scatter grows with G: too wide for bright stars,
+    too narrow for faint ones; every star has XP and two bands, a third of them lack the second."""
+    g = rng.uniform(10, 18, n)
+    sigma = 0.2 * 10 ** (0.12 * (g - 10))
+    mu = rng.normal(0, 1, n)
+    y = mu + sigma * rng.normal(size=n)
+    q = np.stack([mu - 0.6, mu, mu + 0.6], axis=-1)[:, None, :]
+    bands = np.column_stack([np.ones(n, bool), rng.random(n) > 1 / 3])
+    return q, y[:, None], g, bands
+
+
+def test_mondrian_offsets_hold_coverage_in_every_g_bin_where_one_offset_does_not():
+    rng = np.random.default_rng(5)
+    edges, names = [12.0, 14.0, 16.0], ["G", "J"]
+    q, y, g, bands = faint_heavy_sky(rng, 8000)
+    levels = group_levels(g, np.ones(len(g), bool), bands, names, edges)
+    cal = fit_calibration(q, y, ["a"], 0.68)
+    cal["groups"] = fit_group_offsets(q, y, ["a"], levels, 0.68, "symmetric", min_group_size=200)
+    assert {"xp|G<12", "xp|12<=G<14", "xp|14<=G<16", "xp|G>=16", "xp|G>=16|G+J", "xp|G>=16|G"} <= set(cal["groups"])
+    q_t, y_t, g_t, bands_t = faint_heavy_sky(rng, 20000)
+    levels_t = group_levels(g_t, np.ones(len(g_t), bool), bands_t, names, edges)
+    chosen = star_groups(cal, levels_t)
+    assert set(chosen) <= set(cal["groups"])  # every test star found a group with its own offsets
+    by_group = apply_calibration(q_t, cal, groups=chosen)
+    one_offset = apply_calibration(q_t, cal)
+    for lo, hi in zip([10.0, *edges], [*edges, 18.0]):
+        rows = (g_t >= lo) & (g_t < hi)
+        assert abs(interval_coverage(by_group[rows], y_t[rows])[0][0] - 0.68) < 0.03
+        assert abs(interval_coverage(one_offset[rows], y_t[rows])[0][0] - 0.68) > 0.05
+
+
+def test_small_groups_fall_back_to_the_coarser_group():
+    g = np.array([12.5] * 150 + [13.5] * 10 + [np.nan] * 5)
+    has_xp = np.array([True] * 100 + [False] * 65)
+    bands = np.ones((len(g), 1), bool)
+    levels = group_levels(g, has_xp, bands, ["G"], [13.0, 14.0])
+    assert levels[0][0] == "xp" and levels[1][0] == "xp|G<13" and levels[2][0] == "xp|G<13|G"
+    assert levels[1][-1] == "no_xp|G?"  # a missing G is a bin of its own
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(len(g), 1))
+    q = np.stack([y[:, 0] - 1, y[:, 0], y[:, 0] + 1], -1)[:, None, :]
+    # 100 XP stars at G = 12.5; without XP 50 at 12.5, 10 at 13.5, 5 without G: too few for a group
+    groups = fit_group_offsets(q, y, ["a"], levels, 0.68, "symmetric", min_group_size=51)
+    assert set(groups) == {"xp|G<13", "xp|G<13|G"}
+    chosen = star_groups({"groups": groups}, levels)
+    assert list(chosen[:100]) == ["xp|G<13|G"] * 100
+    assert set(chosen[100:]) == {"no_xp"}
+
+
+def test_log_labels_are_calibrated_in_log_units_and_stay_positive():
+    rng = np.random.default_rng(2)
+    age = 10 ** rng.uniform(-0.5, 1.1, 22000)  # 0.3 to 12.6 Gyr
+    true = age * 10 ** (0.25 * rng.normal(size=age.size))  # 0.25 dex scatter
+    q = np.stack([age * 10 ** -0.1, age, age * 10 ** 0.1], -1)[:, None, :]  # intervals too narrow
+    cal = fit_calibration(q[:2000], true[:2000, None], ["age"], 0.68, log_labels=["age"])
+    assert cal["log_labels"] == ["age"]
+    # the offset is in dex: 0.25 dex scatter → about 0.25 − 0.1
+    assert cal["per_label"]["age"]["offset_lower"] == pytest.approx(0.15, abs=0.03)
+    out = apply_calibration(q[2000:], cal)
+    assert np.all(out[..., 0] > 0)
+    assert abs(interval_coverage(out, true[2000:, None])[0][0] - 0.68) < 0.03
+    linear = apply_calibration(q[2000:], fit_calibration(q[:2000], true[:2000, None], ["age"], 0.68))
+    assert np.any(linear[..., 0] < 0)  # in Gyr, the same intervals would reach below zero

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from msa.checkpoint import save_checkpoint
-from msa.ensemble import Ensemble, EnsembleError, combine_members
+from scipy.special import ndtr
+
+from msa.ensemble import Ensemble, EnsembleError, combine_members, member_distribution
 from msa.layout import Layout
 from msa.model import MaskedAutoencoder, QuantileHead
 from msa.scaling import Scaler
@@ -99,33 +101,59 @@ def test_single_member_ensemble_is_that_member(tmp_path, layout):
     np.testing.assert_array_equal(ens.predict(x), members[0])
 
 
-def test_combine_members_widens_with_disagreement():
-    # two members, identical half-widths of 1, medians at -d and +d
+def sampled_mixture(q: np.ndarray, n: int = 400_000, seed: int = 0) -> np.ndarray:
+    """Brute force: draw ``n`` values from every member's two-piece normal, pool them, take percentiles."""
+    rng = np.random.default_rng(seed)
+    median, below, above = member_distribution(q)
+    out = np.empty(q.shape[1:])
+    for m in range(q.shape[1]):
+        z = rng.standard_normal((q.shape[0], n))
+        pooled = median[:, m, None] + np.where(z < 0, below[:, m, None], above[:, m, None]) * z
+        out[m] = np.quantile(pooled.ravel(), [0.16, 0.5, 0.84])
+    return out
+
+
+def test_mixture_of_disagreeing_members_matches_a_sampled_mixture():
+    # two members 2 sigma apart hold only ~0.59 of their mixture inside a moment-matched interval
     d = 2.0
-    q = np.array([[[[-d - 1, -d, -d + 1]]], [[[d - 1, d, d + 1]]]], dtype=np.float32)
-    out = combine_members(q)
-    assert out.shape == (1, 1, 3)
-    np.testing.assert_allclose(out[0, 0], [-np.sqrt(1 + d * d), 0.0, np.sqrt(1 + d * d)], rtol=1e-6)
-    # agreement: the same member twice keeps its own interval
-    same = combine_members(np.concatenate([q[:1], q[:1]]))
-    np.testing.assert_allclose(same, q[0], rtol=1e-6)
-    # asymmetric member intervals stay asymmetric, ordering holds
+    disagree = np.array([[[-d - 1, -d, -d + 1]], [[d - 1, d, d + 1]]])
+    rng = np.random.default_rng(3)
+    med = rng.normal(0, 2, size=(3, 12))
+    skewed = np.stack([med - 0.2 - 2 * rng.random(med.shape), med, med + 0.2 + 3 * rng.random(med.shape)], -1)
+    for q in (disagree, skewed):
+        combined = combine_members(q[:, :, None, :])[:, 0]
+        np.testing.assert_allclose(combined, sampled_mixture(q), atol=0.01)
+    # the interval holds 68 % of the mixture: each member's CDF averaged at the combined ends
+    lo, hi = combine_members(disagree[:, :, None, :])[0, 0, [0, 2]]
+    mass = np.mean([ndtr((hi - m) / 1.0 * 0.9945) - ndtr((lo - m) / 1.0 * 0.9945) for m in (-d, d)])
+    assert abs(mass - 0.68) < 1e-3
+
+
+def test_combine_members_keeps_one_member_and_agreeing_members():
+    q = np.array([[[[-3.0, -2.0, -1.5]]], [[[1.0, 2.0, 3.0]]]], dtype=np.float32)
+    np.testing.assert_array_equal(combine_members(q[:1]), q[0])
+    np.testing.assert_allclose(combine_members(np.concatenate([q[1:], q[1:]])), q[1], atol=1e-5)
     rng = np.random.default_rng(0)
     med = rng.normal(size=(5, 30, 2))
     qq = np.stack([med - rng.random(med.shape), med, med + 3 * rng.random(med.shape)], axis=-1)
     comb = combine_members(qq)
+    assert comb.shape == (30, 2, 3)
     assert np.all(comb[..., 0] <= comb[..., 1]) and np.all(comb[..., 1] <= comb[..., 2])
-    np.testing.assert_allclose(comb[..., 1], np.median(med, axis=0), rtol=1e-6)
+    # every mixture percentile lies between the members' own
+    assert np.all(comb >= qq.min(axis=0) - 1e-5) and np.all(comb <= qq.max(axis=0) + 1e-5)
 
 
-def test_ensemble_of_disagreeing_members_is_wider_than_its_members_on_average(tmp_path, layout):
+def test_ensemble_quantiles_are_the_mixtures_percentiles(tmp_path, layout):
     scaler = unit_scaler(layout)
     ens = Ensemble.load([write_member(tmp_path / f"m{k}.pt", layout, scaler, seed=10 + k) for k in range(4)])
     x = random_inputs(300, layout)
-    members = ens.predict_members(x)
-    combined = combine_members(members)
-    member_width = np.mean(members[..., 2] - members[..., 0], axis=0)
-    assert np.all(combined[..., 2] - combined[..., 0] >= member_width * (1 - 1e-5) - 1e-5)
+    members = ens.predict_members(x).astype(np.float64)
+    combined = ens.predict(x).astype(np.float64)
+    median, below, above = member_distribution(members)
+    for j, level in enumerate((0.16, 0.5, 0.84)):
+        t = combined[..., j]
+        cdf = ndtr((t - median) / np.where(t >= median, above, below)).mean(axis=0)
+        np.testing.assert_allclose(cdf, level, atol=2e-4)
 
 
 def test_parallax_masked_pass_never_sees_the_parallax(tmp_path, layout):
@@ -262,3 +290,24 @@ def test_head_that_reads_inputs_needs_them_and_uses_them():
     x_nan = x.clone()
     x_nan[:, 0] = float("nan")
     torch.testing.assert_close(head(latent, x_changed, hidden), head(latent, x_nan, torch.zeros_like(hidden)))
+
+
+def test_log_labels_are_predicted_in_linear_units_above_zero(tmp_path, layout):
+    from msa.checkpoint import load_checkpoint
+
+    scaler = unit_scaler(layout)
+    plain = write_member(tmp_path / "plain.pt", layout, scaler, seed=4, label_centre=[0.5, 0.0, 0.0],
+                         label_scale=[3.0, 1.0, 1.0])
+    ckpt = load_checkpoint(plain, map_location="cpu")
+    ckpt["log_labels"] = ["teff"]
+    save_checkpoint(tmp_path / "log.pt", ckpt)
+    x = random_inputs(200, layout)
+    q_plain = Ensemble.load([plain]).predict(x)
+    log_ensemble = Ensemble.load([tmp_path / "log.pt"])
+    q_log = log_ensemble.predict(x)
+    assert log_ensemble.log_labels == ["teff"]
+    assert np.any(q_plain[:, 0, 0] < 0) and np.all(q_log[:, 0, 0] > 0)
+    np.testing.assert_allclose(q_log[:, 0], 10 ** q_plain[:, 0], rtol=1e-5)
+    np.testing.assert_array_equal(q_log[:, 1:], q_plain[:, 1:])
+    with pytest.raises(EnsembleError, match="log-scaled labels"):
+        Ensemble.load([plain, tmp_path / "log.pt"])

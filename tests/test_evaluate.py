@@ -49,6 +49,7 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
     cfg["finetune"].update(epochs=2, members=2)
     cfg["splits"] = {"train": 0.5, "validation": 0.1, "calibration": 0.2, "test": 0.2}
     cfg["evaluate"] = {"fe_h_bins": [-0.5, 0.0], "g_mag_bins": [14.0, 16.0]}
+    cfg["calibrate"] = {"min_group_size": 30, "g_mag_bins": [13.0, 15.0, 17.0, 19.0]}
     config = validate(cfg)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shard = tmp_path / "store" / "shard-s000.h5"
@@ -78,11 +79,18 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
             entry = cal[group][name]
             assert entry["n_calibration"] > 100
             assert set(entry["coverage"]) == {"calibration", "test"}
-            # on the calibration split itself, conformal coverage is ≥ nominal by construction
-            assert entry["coverage"]["calibration"]["after"] >= 0.68
+            # on the calibration split itself, coverage is ≥ nominal by construction within each group
+            # fitted on it; its few stars in groups that only faint copies filled may fall short
+            assert entry["coverage"]["calibration"]["after"] >= 0.62
     for name in cal["labels"]:
         # the with-XP offsets come from stars with a spectrum only; photometry-only offsets from every star
         assert cal["per_label"][name]["n_calibration"] < cal["per_label_without_xp"][name]["n_calibration"]
+    # G-bin groups of the real calibration stars, and faint groups from their emulated copies only
+    real = set(cal["groups"]) - set(cal["emulated_groups"])
+    assert real and cal["emulated_groups"] and all(g.startswith(("xp|", "no_xp|")) for g in cal["groups"])
+    assert "no_xp|G>=19" in cal["emulated_groups"] and not any("G>=19" in g for g in real)
+    assert all(cal["groups"][g]["per_label"][n]["n_calibration"] >= 30 for g in cal["groups"] for n in cal["labels"])
+    assert cal["emulation"]["relation"]["xp_limit"] == pytest.approx(17.65, abs=0.1)
 
     scratch = tmp_path / "scratch" / "member-0"
     assert main(["finetune", *common, "--member", "0", "--from-scratch", "--shards", str(shard), "--scaler",
@@ -113,5 +121,11 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
     assert sum(b["n"] for b in metrics["model"]["teff"]["g_mag_bins"].values()) == overall["n"]
     # photometry only is a different prediction from XP on
     assert metrics["model_no_xp"]["teff"]["overall"]["rmse"] != metrics["model"]["teff"]["overall"]["rmse"]
-    for png in ("predicted_vs_true.png", "residuals_vs_g.png", "coverage.png"):
+    by_g = metrics["by_g_mag"]
+    for view in ("with_xp", "without_xp"):
+        assert sum(b["n"] for b in by_g["test"][view]["teff"].values()) == overall["n"]
+    assert by_g["emulated"]["n_copies"] > overall["n"]  # a copy per fainter G bin
+    faint = by_g["emulated"]["without_xp"]["fe_h"]["19<=G<20"]
+    assert faint["n"] > 0 and 0 <= faint["coverage"] <= 1 and faint["nmad"] > 0
+    for png in ("predicted_vs_true.png", "residuals_vs_g.png", "coverage.png", "coverage_vs_g.png"):
         assert (out_dir / png).stat().st_size > 1000

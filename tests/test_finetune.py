@@ -1,5 +1,6 @@
 """Fine-tuning: pinball loss, the parallax masked pass on a synthetic sky, kill-and-resume, freezing."""
 
+import logging
 import shutil
 import signal
 
@@ -235,3 +236,14 @@ def test_photometry_only_member_never_sees_xp_and_takes_its_overrides(pipeline, 
     bad = validate({**config, "finetune": {**config["finetune"], "photometry_overrides": {"epoch": 3}}})
     with pytest.raises(FinetuneError, match="photometry_overrides.*epoch"):
         photometry_member_config(bad)
+
+
+def test_faint_copies_join_the_training_rows(pipeline, tmp_path, caplog):
+    config = validate({**pipeline["config"], "finetune": {**pipeline["config"]["finetune"], "faint_copies": True,
+                                                          "epochs": 1}})
+    with caplog.at_level(logging.INFO, logger="msa.emulation"):
+        assert finetune_member(member_job(pipeline, "mixed", tmp_path / "faint", config)) == 0
+    line = next(r.getMessage() for r in caplog.records if "faint copies of them" in r.getMessage())
+    n_real, n_copies = (int(w) for w in line.split() if w.isdigit())
+    assert n_copies > n_real > 100  # most training stars are bright: several fainter bins each
+    assert (tmp_path / "faint" / "model.pt").exists()

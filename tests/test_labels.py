@@ -72,3 +72,16 @@ def test_label_scaler_uses_only_given_rows_and_round_trips():
     np.testing.assert_allclose(scaler.inverse(q)[:, :, 1], other)
     with pytest.raises(LabelError, match="fewer than 2"):
         LabelScaler.fit(["a"], np.array([[1.0], [np.nan]]))
+
+
+def test_label_scaler_fits_log_labels_in_log10_and_inverts_to_linear():
+    y = np.array([[1.0, 5000.0], [10.0, 6000.0], [100.0, 7000.0], [-1.0, 5500.0]])
+    err = np.array([[0.1, 50.0], [1.0, 50.0], [10.0, 50.0], [1.0, 50.0]])
+    scaler = LabelScaler.fit(["age", "teff"], y, log_labels=["age"])
+    assert scaler.centre[0] == pytest.approx(1.0) and scaler.centre[1] == pytest.approx(5875.0)
+    ys, es = scaler.transform(y, err)
+    assert np.isnan(ys[3, 0])  # a non-positive age cannot be a log
+    np.testing.assert_allclose(es[:3, 0], 0.1 / np.log(10) / scaler.scale[0])  # 10 % error = 0.0434 dex
+    np.testing.assert_allclose(scaler.inverse(ys)[:3], y[:3])
+    with pytest.raises(LabelError, match="log_labels"):
+        LabelScaler.fit(["teff"], y[:, 1:], log_labels=["age"])

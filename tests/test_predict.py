@@ -275,3 +275,67 @@ def test_prediction_inputs_are_the_training_inputs_for_every_layout(tmp_path):
     ensemble = Ensemble.load([write_member(tmp_path / "m.pt", layout, unit_scaler(layout))])
     cols = star_columns(N_STARS)
     np.testing.assert_array_equal(input_transform(ensemble)(cols)[0], ensemble.transform(cols)[0])
+
+
+def group_calibration() -> dict:
+    """CALIBRATION plus G-bin groups of their own offsets: XP stars with 12 <= G < 14, and the no-XP
+    stars of that bin that have every Gaia band."""
+    cal = json.loads(json.dumps(CALIBRATION))
+    bands = "phot_g_mean_mag+phot_bp_mean_mag+phot_rp_mean_mag"
+    big = {"teff": {"offset_lower": 900.0, "offset_upper": 900.0}, "logg": {"offset_lower": 2.0, "offset_upper": 2.0},
+           "parallax": {"offset_lower": 1.0, "offset_upper": 1.0}}
+    cal.update(g_mag_bins=[12.0, 14.0], groups={"xp|12<=G<14": {"level": "g_mag", "per_label": big},
+                                                f"no_xp|12<=G<14|{bands}": {"level": "g_mag_bands", "per_label": big}})
+    return cal, bands
+
+
+def test_each_star_takes_its_own_groups_offsets_and_names_it(setup, tmp_path):
+    calibration, bands = group_calibration()
+    out = tmp_path / "p.parquet"
+    run_shard(setup, out, calibration=calibration)
+    frame = pd.read_parquet(out)
+    g = setup["cols"]["phot_g_mean_mag"]
+    has_xp = frame["has_xp"].to_numpy()
+    in_bin = (g >= 12) & (g < 14)
+    expected = np.where(has_xp, "xp", "no_xp").astype(object)
+    expected[in_bin & has_xp] = "xp|12<=G<14"
+    all_bands = np.isfinite(setup["cols"]["phot_bp_mean_mag"])
+    expected[in_bin & ~has_xp & all_bands] = f"no_xp|12<=G<14|{bands}"
+    np.testing.assert_array_equal(frame["calibration_group"].to_numpy(), expected)
+    assert (expected == "xp|12<=G<14").sum() > 20 and (expected == f"no_xp|12<=G<14|{bands}").sum() > 0
+    assert set(expected[~in_bin]) == {"xp", "no_xp"}  # no offsets for their bins: the coarse group's
+    ok = ~frame["flag_too_few_inputs"].to_numpy()
+    x, _ = setup["ensemble"].transform(setup["cols"])
+    raw = combine_members(setup["ensemble"].predict_members(x))
+    q = quantile_array(frame)
+    wide = ok & np.isin(expected, list(calibration["groups"]))
+    np.testing.assert_allclose(q[wide, 0, 0], raw[wide, 0, 0] - 900.0, rtol=1e-5)
+    coarse = ok & (expected == "xp")
+    np.testing.assert_allclose(q[coarse, 0, 2], raw[coarse, 0, 2] + 80.0, rtol=1e-5)
+
+
+def test_in_training_sample_flags_labelled_stars_outside_the_test_split(setup, tmp_path):
+    from msa.splits import assign_splits
+
+    ids = setup["cols"]["source_id"]
+    labelled = ids[::2]
+    pd.DataFrame({"source_id": labelled, "teff": 5000.0, "logg": 4.0, "parallax": 1.0}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    config = yaml.safe_load(open(write_config(tmp_path)))
+    config["labels"] = {"catalogue": str(tmp_path / "labels.csv"),
+                        "columns": {n: {"value": n, "error": None} for n in LABELS}}
+    config["splits"] = {"train": 0.4, "validation": 0.1, "calibration": 0.2, "test": 0.3}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(CALIBRATION))
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--config", str(tmp_path / "config.yaml"), "--label-set", "spectro", "--members",
+                 *map(str, setup["members"]), "--calibration", str(calibration), "--shard", str(setup["shard"]),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    frame = pd.read_parquet(out)
+    split = assign_splits(ids, config["splits"], 42)  # the schema's default seed
+    expected = np.isin(ids, labelled) & (split != "test")
+    np.testing.assert_array_equal(frame["in_training_sample"].to_numpy(), expected)
+    assert 0 < expected.sum() < len(labelled)
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(out).metadata.items()}
+    assert "calibration_group" in meta["calibration_guarantee"] and "fine-tuning" in meta["in_training_sample"]

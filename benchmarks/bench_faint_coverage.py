@@ -1,0 +1,156 @@
+"""Coverage of [q16, q84] per G bin on a faint sky the model never saw labels for.
+
+Run from the repository root (tens of minutes on 2 CPU cores at the default scale)::
+
+    python benchmarks/bench_faint_coverage.py [--n-stars 60000] [--label-g-max 15] [--work DIR]
+
+With the ``msa`` command line only: a synthetic sky (``msa synthesize``, seed ``--seed-train``)
+is ingested, pretrained on all its stars, fine-tuned and calibrated with labels of its stars
+with G < ``--label-g-max`` only (the real surveys' situation); a second sky of another seed
+(``--seed-predict``), every star labelled with its truth, is then scored by ``msa evaluate``
+(all its stars in the test split). Printed: per label and G bin, calibrated coverage with XP
+and with XP hidden, and the count; ``--legacy`` runs a tree without the per-G calibration
+(reads ``model``/``model_no_xp`` ``g_mag_bins`` instead of ``by_g_mag``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+EDGES = [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0, 20.0, 21.0]
+LABEL_SET = "spectro"
+
+
+def msa(*args: str, log: Path) -> None:
+    with open(log, "a") as out:
+        res = subprocess.run([sys.executable, "-m", "msa.cli", *args], stdout=out, stderr=subprocess.STDOUT)
+    if res.returncode:
+        raise SystemExit(f"msa {args[0]} failed; see {log}")
+
+
+def sky(work: Path, name: str, n_stars: int, seed: int, n_shards: int, log: Path) -> tuple[Path, dict]:
+    out = work / name
+    cfg_path = work / f"{name}.yaml"
+    if not cfg_path.exists():
+        msa("synthesize", "--out", str(out), "--n-stars", str(n_stars), "--seed", str(seed), "--n-shards",
+            str(n_shards), "--write-config", str(cfg_path), "--results", str(work / f"results-{name}"), log=log)
+    return out, yaml.safe_load(cfg_path.read_text())
+
+
+def labels_brighter_than(sky_dir: Path, g_max: float) -> Path:
+    """The sky's labels.csv restricted to stars with G < g_max (their G from the GaiaSource files)."""
+    out = sky_dir / f"labels_g_lt_{g_max:g}.csv"
+    if not out.exists():
+        g = pd.concat([pd.read_csv(p, usecols=["source_id", "phot_g_mean_mag"])
+                       for p in sorted(sky_dir.glob("GaiaSource_*.csv.gz"))])
+        labels = pd.read_csv(sky_dir / "labels.csv")
+        bright = set(g.loc[g["phot_g_mean_mag"] < g_max, "source_id"])
+        labels[labels["source_id"].isin(bright)].to_csv(out, index=False)
+    return out
+
+
+def settings(cfg: dict, legacy: bool, epochs: int) -> dict:
+    cfg["label_sets"] = {LABEL_SET: ["teff", "logg", "fe_h", "alpha_m"]}
+    cfg["pretrain"].update(epochs=epochs, epochs_per_job=epochs)
+    cfg["finetune"].update(epochs=max(2 * epochs, 4), patience=4)
+    cfg["evaluate"] = {"baseline": False, "baseline_mlp": False, "from_scratch": False, "g_mag_bins": EDGES}
+    if not legacy:
+        cfg["evaluate"]["coverage_g_bins"] = EDGES
+    return cfg
+
+
+def ingest(cfg_path: Path, sky_dir: Path, store: Path, log: Path) -> list[Path]:
+    shards = []
+    for xp in sorted(sky_dir.glob("XpContinuousMeanSpectrum_*.csv.gz")):
+        name = xp.name.split("_", 1)[1].split(".")[0]
+        out = store / f"{name}.h5"
+        if not out.exists():
+            msa("ingest", "--config", str(cfg_path), "--shard", name, "--out", str(out), log=log)
+        shards.append(out)
+    return shards
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=Path("bench-faint-coverage"))
+    p.add_argument("--n-stars", type=int, default=60000)
+    p.add_argument("--n-shards", type=int, default=2)
+    p.add_argument("--label-g-max", type=float, default=15.0)
+    p.add_argument("--seed-train", type=int, default=1)
+    p.add_argument("--seed-predict", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--legacy", action="store_true", help="the tree predates by_g_mag (before/after runs)")
+    args = p.parse_args()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "msa.log"
+
+    train_dir, train_cfg = sky(work, "train-sky", args.n_stars, args.seed_train, args.n_shards, log)
+    train_cfg = settings(train_cfg, args.legacy, args.epochs)
+    train_cfg["labels"]["catalogue"] = str(labels_brighter_than(train_dir, args.label_g_max))
+    train_cfg["splits"] = {"train": 0.6, "validation": 0.1, "calibration": 0.25, "test": 0.05}
+    train_cfg_path = work / "train.yaml"
+    train_cfg_path.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
+    results = work / "results-train"
+    results.mkdir(exist_ok=True)
+    shards = ingest(train_cfg_path, train_dir, results / "store", log)
+    scaler = results / "scaler.json"
+    if not scaler.exists():
+        msa("fit-scaler", "--config", str(train_cfg_path), "--shards", *map(str, shards), "--out", str(scaler),
+            log=log)
+    pretrained = results / "pretrain" / "segment-0.pt"
+    if not pretrained.exists():
+        msa("pretrain", "--config", str(train_cfg_path), "--shards", *map(str, shards), "--scaler", str(scaler),
+            "--out-dir", str(results / "pretrain"), "--segment", "0", log=log)
+    members = []
+    for k in range(train_cfg["finetune"]["members"]):
+        member = results / "finetune" / f"member-{k}"
+        if not (member / "model.pt").exists():
+            msa("finetune", "--config", str(train_cfg_path), "--label-set", LABEL_SET, "--member", str(k),
+                "--pretrained", str(pretrained), "--shards", *map(str, shards), "--scaler", str(scaler),
+                "--out-dir", str(member), log=log)
+        members.append(str(member / "model.pt"))
+    calibration = results / "calibration.json"
+    msa("calibrate", "--config", str(train_cfg_path), "--label-set", LABEL_SET, "--members", *members,
+        "--shards", *map(str, shards), "--out", str(calibration), log=log)
+
+    predict_dir, predict_cfg = sky(work, "predict-sky", args.n_stars, args.seed_predict, args.n_shards, log)
+    predict_cfg = settings(predict_cfg, args.legacy, args.epochs)
+    predict_cfg["splits"] = {"train": 0.0, "validation": 0.0, "calibration": 0.0, "test": 1.0}
+    predict_cfg_path = work / "predict.yaml"
+    predict_cfg_path.write_text(yaml.safe_dump(predict_cfg, sort_keys=False))
+    predict_shards = ingest(predict_cfg_path, predict_dir, work / "results-predict" / "store", log)
+    out_dir = work / "evaluate"
+    msa("evaluate", "--config", str(predict_cfg_path), "--label-set", LABEL_SET, "--members", *members,
+        "--calibration", str(calibration), "--shards", *map(str, predict_shards), "--out-dir", str(out_dir), log=log)
+    print_table(json.loads((out_dir / "metrics.json").read_text()), args.legacy)
+
+
+def print_table(metrics: dict, legacy: bool) -> None:
+    views = ((("model", "g_mag_bins"), ("model_no_xp", "g_mag_bins")) if legacy else
+             (("by_g_mag", "test", "with_xp"), ("by_g_mag", "test", "without_xp")))
+    print(f"{'label':>8} {'G bin':>12} | {'n XP':>6} {'cov XP':>7} | {'n noXP':>6} {'cov noXP':>8}")
+    for name in metrics["labels"]:
+        tables = []
+        for view in views:
+            node = metrics
+            for key in view[:-1] if legacy else view:
+                node = node[key]
+            tables.append(node[name][view[-1]] if legacy else node[name])
+        for b in tables[0]:
+            cells = []
+            for t in tables:
+                e = t[b]
+                cells.append((e["n"], "—" if e["coverage"] is None else f"{e['coverage']:.3f}"))
+            print(f"{name:>8} {b:>12} | {cells[0][0]:>6} {cells[0][1]:>7} | {cells[1][0]:>6} {cells[1][1]:>8}")
+
+
+if __name__ == "__main__":
+    main()
