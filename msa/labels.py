@@ -200,14 +200,21 @@ class LabelScaler:
         """Mean and standard deviation per label over the (NaN-free entries of the) TRAIN split."""
         y_train = np.asarray(y_train, dtype=np.float64)
         n = np.sum(np.isfinite(y_train), axis=0)
+        with np.errstate(invalid="ignore"):
+            return cls.from_moments(names, n, np.nanmean(y_train, axis=0), np.nanvar(y_train, axis=0))
+
+    @classmethod
+    def from_moments(cls, names: Sequence[str], n: np.ndarray, mean: np.ndarray, variance: np.ndarray
+                     ) -> "LabelScaler":
+        """From per-label counts, means and (population) variances of the TRAIN split, e.g.
+        accumulated chunk by chunk; a constant label keeps scale 1."""
         few = [name for name, k in zip(names, n) if k < 2]
         if few:
             raise LabelError(f"labels {few}: fewer than 2 training stars with a value; "
                              "check the catalogue join and the splits fractions")
-        centre = np.nanmean(y_train, axis=0)
-        scale = np.nanstd(y_train, axis=0)
+        scale = np.sqrt(np.asarray(variance, dtype=np.float64))
         scale = np.where(scale > 0, scale, 1.0)
-        return cls(tuple(names), centre, scale)
+        return cls(tuple(names), np.asarray(mean, dtype=np.float64), scale)
 
     @classmethod
     def from_lists(cls, names, centre, scale) -> "LabelScaler":
@@ -263,36 +270,24 @@ def _report_catalogue_join(source: LabelSource, parts: list[LabelledStars], n_sh
                          "the catalogue's source_id column holds Gaia DR3 ids, or lower the fraction")
 
 
-def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSource,
-                  extra_columns: Sequence[str] = ()) -> LabelledStars:
-    """Read every star with at least one label of ``source`` from the shards.
+def _labelled_rows(shard, source: LabelSource) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(source_id, rows with a label, y, y_err)`` of one open shard (``y`` for every row)."""
+    ids = shard.read([SOURCE_ID])[SOURCE_ID]
+    store_cols = source.store_columns
+    y, y_err = source.lookup(ids, shard.read(store_cols) if store_cols else {})
+    return ids, np.flatnonzero(np.any(np.isfinite(y), axis=1)), y, y_err
 
-    ``transform`` is the pipeline's :class:`msa.features.FeatureTransform` (raw columns → scaled
-    ``(x, err)``); only the rows that carry a label are read. ``extra_columns`` absent from a
-    shard come back as NaN. Stars are returned sorted by ``source_id``.
-    """
-    from msa.store import Shard  # the store is a lower layer; imported here to keep this module light
 
-    parts = []
-    for path in shard_paths:
-        with Shard(path) as shard:
-            ids = shard.read([SOURCE_ID])[SOURCE_ID]
-            store_cols = source.store_columns
-            store_raw = shard.read(store_cols) if store_cols else {}
-            y, y_err = source.lookup(ids, store_raw)
-            rows = np.flatnonzero(np.any(np.isfinite(y), axis=1))
-            if not len(rows):
-                continue
-            present = [c for c in extra_columns if c in shard.columns]
-            raw = shard.read_rows(list(dict.fromkeys(list(transform.store_columns) + present)), rows)
-            x, err = transform(raw)
-            extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan))
-                     for c in extra_columns}
-            parts.append(LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra))
-    _report_catalogue_join(source, parts, len(shard_paths))
-    if not parts:
-        raise LabelError(f"no star in the {len(shard_paths)} shard(s) has a label of {source.names}; "
-                         "check labels.catalogue and that the shards hold the catalogue's stars")
+def _read_labelled(shard, transform, ids, rows, y, y_err, extra_columns: Sequence[str]) -> LabelledStars:
+    present = [c for c in extra_columns if c in shard.columns]
+    raw = shard.read_rows(list(dict.fromkeys(list(transform.store_columns) + present)), rows)
+    x, err = transform(raw)
+    extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan)) for c in extra_columns}
+    return LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra)
+
+
+def _concatenate_sorted(parts: list[LabelledStars], extra_columns: Sequence[str]) -> LabelledStars:
+    """One table of the parts, sorted by ``source_id``; a star in two shards is an error."""
     stars = LabelledStars(
         np.concatenate([p.source_id for p in parts]), np.concatenate([p.x for p in parts]),
         np.concatenate([p.err for p in parts]), np.concatenate([p.y for p in parts]),
@@ -306,3 +301,76 @@ def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSou
         raise LabelError(f"source_id(s) {dup[:3].tolist()} appear in more than one shard; "
                          "each star must be in exactly one shard")
     return stars.subset(order)
+
+
+def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSource,
+                  extra_columns: Sequence[str] = ()) -> LabelledStars:
+    """Read every star with at least one label of ``source`` from the shards.
+
+    ``transform`` is the pipeline's :class:`msa.features.FeatureTransform` (raw columns → scaled
+    ``(x, err)``); only the rows that carry a label are read. ``extra_columns`` absent from a
+    shard come back as NaN. Stars are returned sorted by ``source_id``.
+    """
+    from msa.store import Shard  # the store is a lower layer; imported here to keep this module light
+
+    parts = []
+    for path in shard_paths:
+        with Shard(path) as shard:
+            ids, rows, y, y_err = _labelled_rows(shard, source)
+            if len(rows):
+                parts.append(_read_labelled(shard, transform, ids, rows, y, y_err, extra_columns))
+    _report_catalogue_join(source, parts, len(shard_paths))
+    if not parts:
+        raise LabelError(f"no star in the {len(shard_paths)} shard(s) has a label of {source.names}; "
+                         "check labels.catalogue and that the shards hold the catalogue's stars")
+    return _concatenate_sorted(parts, extra_columns)
+
+
+SAMPLE_SALT = 0x5A3D1E  # the sample hash differs from the split hash of the same seed
+
+
+def load_split_samples(shard_paths: Sequence[str | Path], transform, source: LabelSource, splits_cfg: Mapping,
+                       seed: int, split_names: Sequence[str], max_rows: int | None,
+                       extra_columns: Sequence[str] = ()) -> dict[str, LabelledStars]:
+    """The labelled stars of each named split, at most ``max_rows`` per split (None: all).
+
+    The sample of a split is its ``max_rows`` stars with the smallest hash of ``source_id`` (seeded
+    by ``seed``): uniform, fixed whatever the file or row order, and every star when the split
+    holds fewer. Memory grows with ``max_rows``, not with the store: a first pass reads only
+    ``source_id`` and the labels' store columns, a second the sampled rows' inputs. Splits come
+    from :func:`msa.splits.assign_splits` with ``seed``; a split without a star is empty.
+    """
+    from msa.splits import assign_splits, unit_hash
+    from msa.store import Shard
+
+    limit = np.inf if max_rows is None else int(max_rows)
+    # per split: (hash, shard index, row) of the smallest hashes seen so far
+    chosen = {name: (np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)) for name in split_names}
+    for k, path in enumerate(shard_paths):
+        with Shard(path) as shard:
+            ids, rows, _, _ = _labelled_rows(shard, source)
+        split = assign_splits(ids[rows], splits_cfg, seed)
+        h = unit_hash(ids[rows], seed ^ SAMPLE_SALT)
+        for name in split_names:
+            mine = split == name
+            hashes, shards, picked = (np.concatenate(pair) for pair in zip(
+                chosen[name], (h[mine], np.full(int(mine.sum()), k), rows[mine])))
+            if len(hashes) > limit:
+                keep = np.argpartition(hashes, int(limit) - 1)[:int(limit)]
+                hashes, shards, picked = hashes[keep], shards[keep], picked[keep]
+            chosen[name] = (hashes, shards, picked)
+    parts: dict[str, list[LabelledStars]] = {name: [] for name in split_names}
+    for k, path in enumerate(shard_paths):
+        wanted = {name: np.sort(chosen[name][2][chosen[name][1] == k]) for name in split_names}
+        if not any(len(r) for r in wanted.values()):
+            continue
+        with Shard(path) as shard:
+            ids, _, y, y_err = _labelled_rows(shard, source)
+            for name, rows in wanted.items():
+                if len(rows):
+                    parts[name].append(_read_labelled(shard, transform, ids, rows, y, y_err, extra_columns))
+    empty = LabelledStars(np.empty(0, np.int64), np.empty((0, transform.layout.n_features), np.float32),
+                          np.empty((0, transform.layout.n_features), np.float32),
+                          np.empty((0, len(source.names))), np.empty((0, len(source.names))),
+                          {c: np.empty(0) for c in extra_columns})
+    return {name: _concatenate_sorted(p, extra_columns) if p else empty for name, p in parts.items()}

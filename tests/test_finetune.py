@@ -11,8 +11,8 @@ import torch
 from msa.config import validate
 from msa.ensemble import Ensemble
 from msa.features import xp_normalises
-from msa.finetune import (EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member,
-                          inverse_variance_weights)
+from msa.finetune import EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member
+from msa.finetune_data import inverse_variance_weights
 from msa.splits import split_seed
 from msa.fit_scaler import fit_scaler
 from msa.ingest import ingest_shard
