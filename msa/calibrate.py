@@ -174,8 +174,8 @@ def run(args) -> int:
     # stage-level imports live here: the math above stays a leaf that prediction imports alone
     from msa.config import load_config
     from msa.ensemble import Ensemble
-    from msa.labels import LabelSource, label_set, load_labelled
-    from msa.splits import split_mask, split_seed
+    from msa.labels import LabelSource, label_set, load_split_samples
+    from msa.splits import split_seed
     from msa.store import atomic_path, check_out_path
 
     import torch
@@ -188,15 +188,16 @@ def run(args) -> int:
     if ensemble.labels != names:
         raise CalibrationError(f"members predict {ensemble.labels}, label set {args.label_set!r} is {names}; "
                                "pass the members fine-tuned for this label set")
-    stars = load_labelled(args.shards, ensemble.transform, LabelSource(config["labels"], names))
-    seed = split_seed(config)
     cfg = config["calibrate"]
+    # bounded seeded samples: a label set of every star of the sky must not be read whole
+    samples = load_split_samples(args.shards, ensemble.transform, LabelSource(config["labels"], names),
+                                 config["splits"], split_seed(config), ("calibration", "test"), cfg["max_rows"])
     xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
     xp_hidden[ensemble.layout.xp_indices] = True
     result = None
     reports = {"with_xp": {}, "without_xp": {}}
     for split in ("calibration", "test"):
-        part = stars.subset(split_mask(stars.source_id, config["splits"], seed, split))
+        part = samples[split]
         batch = config["predict"]["batch_size"]
         q = ensemble.predict(part.x, batch_size=batch)
         # the same stars as photometry-only stars: every XP column hidden

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from msa.batches import Batch, RowJoin
-from msa.labels import LabelScaler, LabelSource, LabelledStars
+from msa.labels import LabelScaler, LabelSource, LabelledStars, check_catalogue_join
 from msa.source_ids import SOURCE_ID
 from msa.splits import assign_splits, unit_hash
 from msa.store import Shard
@@ -133,12 +133,22 @@ class _Moments:
         return self.m2 / np.maximum(self.n, 1)
 
 
+def _in_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> int:
+    """How many of ``values`` are in the sorted ``sorted_ids`` (a search, not a sort, per chunk)."""
+    if not len(sorted_ids):
+        return 0
+    pos = np.clip(np.searchsorted(sorted_ids, values), 0, len(sorted_ids) - 1)
+    return int(np.count_nonzero(sorted_ids[pos] == values))
+
+
 def summarise_train_split(shard_paths: Sequence[Path], join: LabelJoin, names: Sequence[str],
                           chunk_rows: int = 65536) -> TrainSplit:
     """Count the train split's labelled stars per shard and fit the label scaler on them, reading
     only ``source_id`` and ``join.columns``; the label errors' median comes from the
-    :data:`ERROR_SAMPLE_ROWS` train stars with the smallest hash (all of them in a small set)."""
+    :data:`ERROR_SAMPLE_ROWS` train stars with the smallest hash (all of them in a small set).
+    The catalogue join is checked on the way (``labels.min_match_fraction``)."""
     moments = _Moments(len(names))
+    in_catalogue = 0
     counts: dict[Path, int] = {}
     sample_hash, sample_err = np.empty(0), np.empty((0, len(names)))
     for path in shard_paths:
@@ -147,6 +157,7 @@ def summarise_train_split(shard_paths: Sequence[Path], join: LabelJoin, names: S
         with Shard(path) as shard:
             for raw in shard.iter_chunks([SOURCE_ID, *join.columns], chunk_rows):
                 keep, y, y_err = join.physical(raw)
+                in_catalogue += _in_sorted(raw[SOURCE_ID], join.source.catalogue_ids)
                 counts[path] += len(y)
                 moments.add(y)
                 sample_hash = np.concatenate([sample_hash, unit_hash(raw[SOURCE_ID][keep],
@@ -155,6 +166,7 @@ def summarise_train_split(shard_paths: Sequence[Path], join: LabelJoin, names: S
                 if len(sample_hash) > ERROR_SAMPLE_ROWS:
                     smallest = np.argpartition(sample_hash, ERROR_SAMPLE_ROWS - 1)[:ERROR_SAMPLE_ROWS]
                     sample_hash, sample_err = sample_hash[smallest], sample_err[smallest]
+    check_catalogue_join(join.source, in_catalogue, len(shard_paths))
     label_scaler = LabelScaler.from_moments(names, moments.n, moments.mean, moments.variance())
     return TrainSplit(counts, label_scaler, reference_errors(sample_err / label_scaler.scale))
 

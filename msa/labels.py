@@ -74,6 +74,14 @@ def label_columns(labels_cfg: Mapping, names: Sequence[str]) -> list[LabelColumn
     return out
 
 
+def store_label_columns(config: Mapping) -> list[str]:
+    """The store columns that a label set of ``config`` takes a label's value from (e.g. the Gaia
+    ``parallax`` of a ``parallax`` label set): inputs that are also the target some stage scores."""
+    labels_cfg = config.get("labels") or {}
+    names = dict.fromkeys(n for members in (config.get("label_sets") or {}).values() for n in members)
+    return list(dict.fromkeys(c.store for c in label_columns(labels_cfg, list(names)) if c.store is not None))
+
+
 def read_table(path: str | Path, columns: Sequence[str], id_column: str | None = None) -> pd.DataFrame:
     """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table; ``id_column``
     (one of ``columns``) is read as exact int64 source_ids (:func:`msa.source_ids.parse_source_ids`)."""
@@ -257,11 +265,16 @@ class LabelledStars:
 
 
 def _report_catalogue_join(source: LabelSource, parts: list[LabelledStars], n_shards: int) -> None:
-    """Log how many catalogue stars the shards hold; fewer than ``labels.min_match_fraction`` is an error."""
+    matched = int(sum(np.isin(p.source_id, source.catalogue_ids).sum() for p in parts))
+    check_catalogue_join(source, matched, n_shards)
+
+
+def check_catalogue_join(source: LabelSource, matched: int, n_shards: int) -> None:
+    """Log how many catalogue stars (``matched``) the shards hold; fewer than
+    ``labels.min_match_fraction`` is an error."""
     n_catalogue = len(source.catalogue_ids)
     if not n_catalogue:
         return
-    matched = int(sum(np.isin(p.source_id, source.catalogue_ids).sum() for p in parts))
     log.info("label catalogue %s: %d of its %d stars are in the %d shard(s); %d unmatched",
              source.catalogue_path, matched, n_catalogue, n_shards, n_catalogue - matched)
     if matched < source.min_match_fraction * n_catalogue:

@@ -208,3 +208,21 @@ def test_from_scratch_and_the_photometry_only_pass(pipeline, tmp_path):
     for key, value in fresh.items():
         torch.testing.assert_close(weights[key], value)
     assert not torch.allclose(weights["missing_embedding"], pretrained.state_dict()["missing_embedding"])
+
+
+def test_an_epoch_of_max_train_rows_and_the_cache_change_nothing_else(pipeline, tmp_path):
+    """max_train_rows caps an epoch at whole batches; a run that keeps its small train split in
+    memory trains exactly the model of one that reads the shard every epoch."""
+    base = pipeline["config"]
+    capped = validate({**base, "finetune": {**base["finetune"], "epochs": 2, "max_train_rows": 300}})
+    steps = []
+    assert finetune_member(member_job(pipeline, "mixed", tmp_path / "cached", capped), steps.append) == 0
+    assert steps == list(range(1, 11))  # ⌈300 / 64⌉ = 5 batches an epoch, not the split's 17
+    cached = torch.load(tmp_path / "cached" / "model.pt", weights_only=True)
+    assert [m["rows"] for m in cached["metrics"]] == [320, 320]
+    uncached = validate({**capped, "finetune": {**capped["finetune"], "cache_rows": 0}})
+    assert finetune_member(member_job(pipeline, "mixed", tmp_path / "read", uncached)) == 0
+    read = torch.load(tmp_path / "read" / "model.pt", weights_only=True)
+    for part in ("model", "head"):
+        for key in cached[part]:
+            torch.testing.assert_close(cached[part][key], read[part][key], msg=f"{part}.{key}")

@@ -72,3 +72,36 @@ def test_label_scaler_uses_only_given_rows_and_round_trips():
     np.testing.assert_allclose(scaler.inverse(q)[:, :, 1], other)
     with pytest.raises(LabelError, match="fewer than 2"):
         LabelScaler.fit(["a"], np.array([[1.0], [np.nan]]))
+
+
+def test_split_samples_are_bounded_seeded_and_order_free(tmp_path):
+    """At most max_rows stars per split, the same ones whatever the shard order, each with its own
+    inputs and label; every star of the split when it holds fewer (as load_labelled gives them)."""
+    from test_batches import identity_transform, make_store
+
+    from msa.labels import load_labelled, load_split_samples
+    from msa.splits import assign_splits
+
+    paths = make_store(tmp_path, n_shards=3, rows=400)  # G is NaN for 5 % of the stars: unlabelled
+    source = LabelSource({"columns": {"g": {"store": "phot_g_mean_mag"}}}, ["g"])
+    transform = identity_transform()
+    splits = {"train": 0.7, "validation": 0.1, "calibration": 0.1, "test": 0.1}
+    everything = load_labelled(paths, transform, source)
+    split = assign_splits(everything.source_id, splits, 5)
+    full = load_split_samples(paths, transform, source, splits, 5, ["train", "test"], None, ["phot_g_mean_mag"])
+    for name in ("train", "test"):
+        np.testing.assert_array_equal(full[name].source_id, everything.source_id[split == name])
+        np.testing.assert_array_equal(full[name].x, everything.x[split == name])
+
+    small = load_split_samples(paths, transform, source, splits, 5, ["train", "test"], 40, ["phot_g_mean_mag"])
+    again = load_split_samples(paths[::-1], transform, source, splits, 5, ["train", "test"], 40)
+    other_seed = load_split_samples(paths, transform, source, splits, 6, ["train"], 40)
+    for name in ("train", "test"):
+        part = small[name]
+        assert len(part) == 40 and np.all(np.diff(part.source_id) > 0)
+        np.testing.assert_array_equal(part.source_id, again[name].source_id)
+        rows = np.searchsorted(everything.source_id, part.source_id)
+        np.testing.assert_array_equal(split[rows], name)
+        np.testing.assert_array_equal(part.x, everything.x[rows])
+        np.testing.assert_array_equal(part.y[:, 0], part.extra["phot_g_mean_mag"])
+    assert not np.array_equal(small["train"].source_id, other_seed["train"].source_id)
