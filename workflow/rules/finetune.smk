@@ -2,6 +2,8 @@
 # params: raising it adds member jobs and leaves the existing members alone.
 # `finetune_scratch` trains the same members from a random encoder (evaluate.from_scratch): the
 # yardstick that measures what pretraining adds.
+# `cache_rows` only decides whether the train split stays in memory (the model is the same).
+NOT_RESULT_SETTINGS = ("members", "cache_rows")
 
 
 rule finetune:
@@ -11,7 +13,8 @@ rule finetune:
         scaler=f"{RESULTS}/scaler.json",
         labels=label_inputs(),
     output:
-        model=f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/model.pt",
+        # protected: a trained member is not overwritten by accident; to retrain, delete it
+        model=protected(f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/model.pt"),
         metrics=f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/metrics.jsonl",
         loss=report(
             f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/loss.png",
@@ -37,7 +40,7 @@ rule finetune:
         start=lambda wildcards, input: ["--pretrained", input.pretrained],  # quoted word by word
         settings=lambda wildcards: settings(
             seed=config["seed"],
-            finetune=section("finetune", drop=("members",)),
+            finetune=section("finetune", drop=NOT_RESULT_SETTINGS),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
         ),
@@ -66,7 +69,7 @@ use rule finetune as finetune_scratch with:
         start=["--from-scratch"],
         settings=lambda wildcards: settings(
             seed=config["seed"],
-            finetune=section("finetune", drop=("members",)),
+            finetune=section("finetune", drop=NOT_RESULT_SETTINGS),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
             model=config["model"],
