@@ -48,17 +48,23 @@ def lay_out(root: Path, config: dict, n: int) -> None:
     catalogue.touch()
 
 
-def dry_run(root: Path, profile: str) -> tuple[float, str]:
+def dry_run(root: Path, profile: str) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system: what a busy machine does not inflate) and output."""
     cmd = [sys.executable, "-m", "snakemake", "--dry-run", "--snakefile", str(REPO / "workflow" / "Snakefile"),
            "--directory", str(root), "--configfile", str(REPO / "config" / "gaia_dr3.yaml"),
            "--workflow-profile", str(REPO / "profiles" / profile)]
     env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, stdout
 
 
 def jobs_per_rule(out: str) -> Counter:
@@ -75,8 +81,8 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     lay_out(root, config, args.shards)
     try:
-        local_s, local_out = dry_run(root, "default")
-        slurm_s, slurm_out = dry_run(root, "slurm")
+        local_s, local_cpu, local_out = dry_run(root, "default")
+        slurm_s, slurm_cpu, slurm_out = dry_run(root, "slurm")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -86,7 +92,8 @@ def main() -> int:
     # what a cluster is sent: each group job once, every other job on its own
     submissions = sum(counts.values()) - counts["predict"] + groups
     print(f"config/gaia_dr3.yaml on {args.shards:,} placeholder shards")
-    print(f"dry run, local profile: {local_s:6.1f} s    dry run, SLURM profile: {slurm_s:6.1f} s")
+    print(f"dry run, local profile: {local_s:6.1f} s wall, {local_cpu:6.1f} s CPU;   "
+          f"SLURM profile: {slurm_s:6.1f} s wall, {slurm_cpu:6.1f} s CPU")
     print(f"{'rule':<20} {'jobs':>8}")
     for rule, n in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"{rule:<20} {n:>8,}")

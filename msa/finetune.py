@@ -23,9 +23,10 @@ The training objective per batch (all labels standard-scaled with train-split st
   ``parallax_feature`` as an input, the parallax quantiles (loss and inference) come from a pass
   with the parallax input hidden, so the model cannot copy its answer;
 * optional ``parallax_mle_weight`` × Gaussian negative log-likelihood of the Gaia parallax given
-  the photometric one: ``½[(μ − ϖ)² / V + ln V]`` with ``V = σ_Gaia² + σ_phot² + σ_floor²`` and
-  ``σ_phot = parallax_sigma_scale · (q84 − q16) / 2`` (the ``ln V`` term keeps the interval from
-  inflating to shrink the χ² term);
+  the photometric one, in label space: ``½[((μ − ϖ)/s)² / V + ln V]`` with
+  ``V = (σ_Gaia² + σ_phot² + σ_floor²) / s²``, ``σ_phot = parallax_sigma_scale · (q84 − q16) / 2``
+  (all in mas; ``s`` the label's train-split scale), so the term has the pinball loss's scale (the
+  ``ln V`` term keeps the interval from inflating to shrink the χ² term);
 * Gaussian perturbation of ``pert_features`` (groups or names) by their errors, one draw per
   entry, and, with ``pert_labels``, of the labels by theirs.
 
@@ -138,11 +139,11 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     plx_columns = (plx.gaia_column, plx.gaia_error_column)
     source = LabelSource(config["labels"], names)
     shards = sorted(Path(p) for p in job.shards)  # every rank must see the same order
-    train_join = LabelJoin(source, config["splits"], split_seed(config), "train", plx_columns)
+    mle_zero_point = cfg["parallax_mle_zero_point"] and cfg["parallax_mle_weight"] > 0
+    train_join = LabelJoin(source, config["splits"], split_seed(config), "train", plx_columns, mle_zero_point)
     train = summarise_train_split(shards, train_join, names, cfg["chunk_rows"])
     val_stars = load_split_samples(shards, transform, source, config["splits"], split_seed(config),
-                                   ["validation"], cfg["max_validation_rows"],
-                                   [c for c in plx_columns if c])["validation"]
+                                   ["validation"], cfg["max_validation_rows"], train_join.extra_columns)["validation"]
     if train.n_rows == 0 or len(val_stars) == 0:
         raise FinetuneError(f"{train.n_rows} training and {len(val_stars)} validation stars with labels {names}; "
                             "both must be non-empty (check splits fractions and the catalogue join)")
@@ -160,7 +161,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     scheduler = make_scheduler(optimizer, restart_epochs=cfg["epochs"], min_lr=0.0)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
-    val_t = to_tensors(val_stars, train.label_scaler, plx_columns, False, train.err_reference, device)
+    val_t = to_tensors(val_stars, train_join, train.label_scaler, False, train.err_reference, device)
     del val_stars
     row_join = train_join.scaled(train.label_scaler, train.err_reference, cfg["inverse_variance"])
     # a small train split stays in memory after its first epoch; a large one is read every epoch

@@ -22,6 +22,7 @@ import torch
 
 from msa.batches import Batch, RowJoin
 from msa.labels import LabelScaler, LabelSource, LabelledStars, check_catalogue_join
+from msa.parallax_zero_point import ZERO_POINT_COLUMNS, zero_point
 from msa.source_ids import SOURCE_ID
 from msa.splits import assign_splits, unit_hash
 from msa.store import Shard
@@ -51,15 +52,19 @@ class LabelJoin:
     """The labelled stars of one split in a chunk of raw store rows, with their labels.
 
     ``columns``: the store columns it reads besides ``source_id`` (labels taken from the store,
-    their errors, the Gaia parallax of the MLE term). :meth:`physical` gives physical labels;
-    :meth:`scaled` makes the ``row_join`` of the training stream.
+    their errors, the Gaia parallax of the MLE term and, with ``mle_zero_point``, what its
+    zero-point needs). :meth:`physical` gives physical labels; :meth:`scaled` makes the
+    ``row_join`` of the training stream.
     """
 
     def __init__(self, source: LabelSource, splits_cfg: Mapping, split_seed: int, split: str,
-                 parallax_columns: Sequence[str | None] = (None, None)):
+                 parallax_columns: Sequence[str | None] = (None, None), mle_zero_point: bool = False):
         self.source, self.splits_cfg, self.split_seed, self.split = source, splits_cfg, split_seed, split
         self.parallax_columns = tuple(parallax_columns)
-        self.columns = list(dict.fromkeys(source.store_columns + [c for c in self.parallax_columns if c]))
+        self.mle_zero_point = mle_zero_point and self.parallax_columns[0] is not None
+        self.extra_columns = [c for c in self.parallax_columns if c] + (
+            list(ZERO_POINT_COLUMNS) if self.mle_zero_point else [])
+        self.columns = list(dict.fromkeys(source.store_columns + self.extra_columns))
 
     def physical(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(keep, y, y_err)``: which rows are labelled stars of the split, and their labels."""
@@ -75,20 +80,23 @@ class LabelJoin:
 
         def join(raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             keep, y, y_err = self.physical(raw)
-            return keep, label_arrays(y, y_err, {c: raw[c][keep] for c in self.parallax_columns if c},
-                                      label_scaler, self.parallax_columns, inverse_variance, err_reference)
+            return keep, label_arrays(y, y_err, {c: raw[c][keep] for c in self.extra_columns}, label_scaler,
+                                      self.parallax_columns, inverse_variance, err_reference, self.mle_zero_point)
 
         return join
 
 
 def label_arrays(y: np.ndarray, y_err: np.ndarray, extra: Mapping[str, np.ndarray], label_scaler: LabelScaler,
-                 parallax_columns: Sequence[str | None], inverse_variance: bool, err_reference: np.ndarray
-                 ) -> dict[str, np.ndarray]:
-    """What the loss needs per star besides its inputs: scaled labels and errors, weights, Gaia parallax."""
+                 parallax_columns: Sequence[str | None], inverse_variance: bool, err_reference: np.ndarray,
+                 mle_zero_point: bool = False) -> dict[str, np.ndarray]:
+    """What the loss needs per star besides its inputs: scaled labels and errors, weights, and the
+    Gaia parallax (minus its zero-point with ``mle_zero_point``, which needs those columns in ``extra``)."""
     ys, ys_err = label_scaler.transform(y, y_err)
     w = inverse_variance_weights(ys_err, err_reference) if inverse_variance else np.ones_like(ys)
     nan = np.full(len(y), np.nan)
     plx_obs, plx_err = (extra.get(c, nan) if c else nan for c in parallax_columns)
+    if mle_zero_point:
+        plx_obs = plx_obs - zero_point(extra)
     return {"y": ys, "y_err": ys_err, "weights": w, "plx_obs": plx_obs, "plx_err": plx_err}
 
 
@@ -198,11 +206,12 @@ class Tensors:
         return cls(batch.x, batch.err, e["y"], e["y_err"], e["weights"], e["plx_obs"], e["plx_err"])
 
 
-def to_tensors(stars: LabelledStars, label_scaler: LabelScaler, parallax_columns: Sequence[str | None],
-               inverse_variance: bool, err_reference: np.ndarray, device: torch.device) -> Tensors:
-    """Labelled stars in memory (the validation sample) as :class:`Tensors` on ``device``."""
-    arrays = label_arrays(stars.y, stars.y_err, stars.extra, label_scaler, parallax_columns, inverse_variance,
-                          err_reference)
+def to_tensors(stars: LabelledStars, join: LabelJoin, label_scaler: LabelScaler, inverse_variance: bool,
+               err_reference: np.ndarray, device: torch.device) -> Tensors:
+    """Labelled stars in memory (the validation sample, read with ``join.extra_columns``) as
+    :class:`Tensors` on ``device``, with the values the training stream's ``join`` would attach."""
+    arrays = label_arrays(stars.y, stars.y_err, stars.extra, label_scaler, join.parallax_columns, inverse_variance,
+                          err_reference, join.mle_zero_point)
 
     def t(a):
         return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)

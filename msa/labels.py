@@ -8,6 +8,7 @@ where its value and error come from::
       columns:
         teff: {value: teff, error: teff_err}             # catalogue columns
         parallax: {store: parallax, error: parallax_error}  # columns of the shard store
+        # (+ zero_point: lindegren2021 subtracts Gaia DR3's parallax zero-point: msa.parallax_zero_point)
 
 A label missing for a star is NaN (the fine-tuning losses mask it); a ``source_id`` that appears
 twice in the catalogue is an error. Labels are standard-scaled per label with statistics fitted on
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from msa.errors import InputError
+from msa.parallax_zero_point import METHODS, ZERO_POINT_COLUMNS, zero_point
 from msa.source_ids import SOURCE_ID, parse_source_ids
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class LabelColumn:
     value: str | None = None
     store: str | None = None
     error: str | None = None
+    zero_point: str | None = None  # a parallax zero-point subtracted from a store value (msa.parallax_zero_point)
 
 
 def label_set(config: Mapping, name: str) -> list[str]:
@@ -70,7 +73,11 @@ def label_columns(labels_cfg: Mapping, names: Sequence[str]) -> list[LabelColumn
                 f"labels.columns.{name}: give exactly one of 'value' (a catalogue column) or "
                 f"'store' (a shard-store column), got {sorted(entry)}"
             )
-        out.append(LabelColumn(name, entry.get("value"), entry.get("store"), entry.get("error")))
+        zp = entry.get("zero_point")
+        if zp is not None and (entry.get("store") is None or zp not in METHODS):
+            raise LabelError(f"labels.columns.{name}.zero_point = {zp!r}: a zero-point applies to a parallax taken "
+                             f"from the store ('store' key) and is one of {list(METHODS)}")
+        out.append(LabelColumn(name, entry.get("value"), entry.get("store"), entry.get("error"), zp))
     return out
 
 
@@ -160,6 +167,8 @@ class LabelSource:
                 cols.append(c.store)
                 if c.error:
                     cols.append(c.error)
+                if c.zero_point:
+                    cols.extend(ZERO_POINT_COLUMNS)
         return list(dict.fromkeys(cols))
 
     @property
@@ -190,6 +199,8 @@ class LabelSource:
                     raise LabelError(f"label {c.name!r} comes from store column {c.store!r}; "
                                      "pass that column in store_raw")
                 y[:, j] = store_raw[c.store]
+                if c.zero_point:
+                    y[:, j] -= zero_point(store_raw)
                 if c.error:
                     y_err[:, j] = store_raw[c.error]
         return y, y_err

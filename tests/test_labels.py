@@ -105,3 +105,29 @@ def test_split_samples_are_bounded_seeded_and_order_free(tmp_path):
         np.testing.assert_array_equal(part.x, everything.x[rows])
         np.testing.assert_array_equal(part.y[:, 0], part.extra["phot_g_mean_mag"])
     assert not np.array_equal(small["train"].source_id, other_seed["train"].source_id)
+
+
+def test_parallax_label_minus_the_lindegren_zero_point():
+    """zero_point: lindegren2021 subtracts the published Gaia DR3 fit (the package's own numbers),
+    and a star outside it (a 2-parameter solution, a missing colour) has no label."""
+    from zero_point import zpt
+
+    zpt.load_tables()
+    raw = {"parallax": np.array([1.0, 2.0, 0.5, 3.0]), "parallax_error": np.full(4, 0.1),
+           "phot_g_mean_mag": np.array([15.0, 18.0, 12.0, 15.0]),
+           "nu_eff_used_in_astrometry": np.array([1.5, 1.6, np.nan, np.nan]),
+           "pseudocolour": np.array([np.nan, np.nan, 1.45, 1.5]), "ecl_lat": np.array([10.0, -40.0, 60.0, 0.0]),
+           "astrometric_params_solved": np.array([31, 31, 95, 3], dtype=np.float32)}
+    columns = {"plx": {"store": "parallax", "error": "parallax_error", "zero_point": "lindegren2021"}}
+    source = LabelSource({"columns": columns}, ["plx"])
+    assert "pseudocolour" in source.store_columns
+    y, y_err = source.lookup(np.arange(4), raw)
+    expected = raw["parallax"][:3] - zpt.get_zpt(raw["phot_g_mean_mag"][:3], raw["nu_eff_used_in_astrometry"][:3],
+                                                  raw["pseudocolour"][:3], raw["ecl_lat"][:3],
+                                                  np.array([31, 31, 95]), _warnings=False)
+    np.testing.assert_allclose(y[:3, 0], expected)
+    assert np.all(np.abs(y[:3, 0] - raw["parallax"][:3]) > 0.005)  # tens of µas
+    assert np.isnan(y[3, 0]) and y_err[3, 0] == 0.1
+    with pytest.raises(LabelError, match="zero_point"):
+        LabelSource({"columns": {"plx": {"value": "parallax", "zero_point": "lindegren2021"}}, "catalogue": "x.csv"},
+                    ["plx"])

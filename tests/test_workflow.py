@@ -266,6 +266,34 @@ def test_two_runs_from_scratch_give_identical_catalogues(finished_run, tmp_path,
     assert first.equals(again), "same seed, same data: the catalogues must be identical"
 
 
+def test_a_label_from_the_store_runs_from_ingest_to_catalogue(tmp_path, tiny_config):
+    """The full-sky `parallax` label set in miniature: Gaia's parallax from the store is the label
+    (every star with a parallax is labelled), its calibration and test stars are left out of
+    pretraining, and the workflow runs to the catalogue."""
+    import pyarrow.dataset as ds
+
+    config = merge(tiny_config, {"pretrain": {"exclude_label_splits": True},
+                                 "finetune": {"max_train_rows": 200, "max_validation_rows": 40},
+                                 "calibrate": {"max_rows": 100}, "evaluate": {"max_rows": 100,
+                                                                              "from_scratch": False},
+                                 "catalog": {"sky_map_label": "parallax", "keep_shard_predictions": False}})
+    config["labels"]["columns"]["parallax"] = {"store": "parallax", "error": "parallax_error"}
+    config["label_sets"] = {"parallax": ["parallax"]}
+    run = WorkflowDir(tmp_path / "run", config)
+    run.snakemake("--cores", "2")
+    results = run.path / "results"
+    catalogue = ds.dataset(results / "catalog" / "parallax", format="parquet", partitioning="hive").to_table()
+    assert catalogue.num_rows == 600 and "parallax_q50" in catalogue.column_names
+    assert not (results / "predict" / "parallax").exists() or not any((results / "predict" / "parallax").iterdir())
+    metrics = json.loads((results / "evaluate" / "parallax" / "metrics.json").read_text())
+    assert metrics["n_test"] <= 100 and metrics["labels"] == ["parallax"]
+    first_epoch = json.loads((results / "pretrain" / "segment-0.metrics.jsonl").read_text().splitlines()[0])
+    rows = first_epoch["rows"]
+    # without the exclusion ~570 rows (all but the 5 % validation); 20 % of them are calibration or test
+    assert 300 < rows < 600 * 0.95 * 0.9
+    assert (results / "finetune" / "parallax" / "member-0" / "model.pt").stat().st_mode & 0o222 == 0  # protected
+
+
 # --- preemption: a pretraining job killed mid-segment resumes when Snakemake retries ------------
 
 def _pretrain_pid(workdir: Path) -> int | None:
