@@ -2,11 +2,12 @@
 
 Lays out empty placeholder files for 3,386 shard names (the number of Gaia DR3
 ``XpContinuousMeanSpectrum`` files) with the config's GaiaSource and cross-match patterns and its
-label catalogue, in a temporary folder, then times two dry runs: the local profile (every job
-listed) and the SLURM profile (``predict`` jobs grouped). Prints the seconds each plan took, the
-jobs per rule and, for SLURM, how many submissions the grouped ``predict`` jobs make.
+label catalogue, in a temporary folder, then times the dry run of the local profile (every job
+listed) and prints its wall and CPU seconds and the jobs per rule; with ``--slurm`` also the dry
+run of the SLURM profile (``predict`` jobs grouped) and how many submissions it makes. Snakemake's
+grouping is slow on ~10,000 jobs: give ``--shards 100`` to see the grouping quickly.
 
-Usage: ``python benchmarks/bench_plan.py [--shards 3386] [--keep DIR]`` (a few minutes on 2 cores).
+Usage: ``python benchmarks/bench_plan.py [--shards 3386] [--slurm] [--keep DIR]``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", type=int, default=GAIA_DR3_XP_FILES)
     parser.add_argument("--keep", type=Path, default=None, help="lay the files out here and keep them")
+    parser.add_argument("--slurm", action="store_true", help="also plan with the SLURM profile")
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "config" / "gaia_dr3.yaml").read_text())
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-plan-"))
@@ -82,23 +84,24 @@ def main() -> int:
     lay_out(root, config, args.shards)
     try:
         local_s, local_cpu, local_out = dry_run(root, "default")
-        slurm_s, slurm_cpu, slurm_out = dry_run(root, "slurm")
+        counts = jobs_per_rule(local_out)
+        counts.pop("all", None)
+        print(f"config/gaia_dr3.yaml on {args.shards:,} placeholder shards")
+        print(f"dry run, local profile: {local_s:.1f} s wall, {local_cpu:.1f} s CPU")
+        print(f"{'rule':<20} {'jobs':>8}")
+        for rule, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            print(f"{rule:<20} {n:>8,}")
+        print(f"{'total':<20} {sum(counts.values()):>8,}", flush=True)
+        if args.slurm:
+            slurm_s, slurm_cpu, slurm_out = dry_run(root, "slurm")
+            groups = sum(line.startswith("[") and "Group job predict" in line for line in slurm_out.splitlines())
+            # what a cluster is sent: each group job once, every other job on its own
+            submissions = sum(counts.values()) - counts["predict"] + groups
+            print(f"dry run, SLURM profile: {slurm_s:.1f} s wall, {slurm_cpu:.1f} s CPU; {groups:,} predict "
+                  f"group jobs, {submissions:,} submissions in all")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    counts = jobs_per_rule(local_out)
-    counts.pop("all", None)
-    groups = sum(line.startswith("[") and "Group job predict" in line for line in slurm_out.splitlines())
-    # what a cluster is sent: each group job once, every other job on its own
-    submissions = sum(counts.values()) - counts["predict"] + groups
-    print(f"config/gaia_dr3.yaml on {args.shards:,} placeholder shards")
-    print(f"dry run, local profile: {local_s:6.1f} s wall, {local_cpu:6.1f} s CPU;   "
-          f"SLURM profile: {slurm_s:6.1f} s wall, {slurm_cpu:6.1f} s CPU")
-    print(f"{'rule':<20} {'jobs':>8}")
-    for rule, n in sorted(counts.items(), key=lambda kv: -kv[1]):
-        print(f"{rule:<20} {n:>8,}")
-    print(f"{'total':<20} {sum(counts.values()):>8,}")
-    print(f"SLURM profile: {groups:,} predict group jobs; {submissions:,} submissions in all")
     return 0
 
 

@@ -91,7 +91,7 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     resources = {}
     rule = None
     for line in out.splitlines():
-        if header := JOB_HEADER.match(line):
+        if header := JOB_HEADER.match(line.strip()):  # a grouped job's lines are indented
             rule = header.group(1)
         elif rule and line.strip().startswith("resources:"):
             resources[rule] = line
@@ -103,6 +103,8 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
         assert "slurm_partition=CHANGE_ME_cpu_partition" in resources[cpu_rule]
     # pretraining wall time grows with each retry
     assert "runtime=480" in resources["pretrain_segment"]
+    # prediction: one submission for the shards' jobs, run one after another on one GPU
+    assert out.count("Group job predict") == 1 and "predict_slot=1" in resources["predict"]
 
 
 def test_pretraining_on_several_gpus_runs_under_torchrun(workflow_dir):
