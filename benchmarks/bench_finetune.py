@@ -15,7 +15,7 @@ a billion-star label set); the in-memory path has no such setting and trains on 
 split each epoch, so its runs take longer but their rows/s is the same kind of rate.
 
 Usage: ``python benchmarks/bench_finetune.py [--workdir DIR] [--sizes 250000 1000000 4000000]``
-(about 10 minutes on 2 cores; the stores stay in ``--workdir`` for a rerun when it is given).
+(about 20 minutes on 2 busy cores; the stores stay in ``--workdir`` for a rerun when it is given).
 """
 
 from __future__ import annotations
