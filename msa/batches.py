@@ -7,6 +7,10 @@ buffer that is permuted and cut into batches when full. A background thread does
 decompression and transform while the training step runs (h5py and torch both release the
 interpreter during their heavy work), and hands batches over through a bounded queue.
 
+A ``row_join`` attaches per-row values that are not store columns (fine-tuning's labels, looked
+up by ``source_id`` per chunk) and drops the rows without them; a :class:`ChunkCache` keeps the
+transformed chunks of a small selection in memory, so its later epochs read no file.
+
 Under DDP each rank streams a disjoint set of shards (shard ``i`` → rank ``i % world_size``).
 The order of shards and of chunks inside them is a pure function of ``(seed, epoch, rank)``, so
 an epoch can be replayed exactly (``skip_batches`` resumes mid-epoch).
@@ -80,6 +84,32 @@ def _read_block(shard: Shard, names: Sequence[str], start: int, stop: int) -> di
         raise StoreError(f"shard {shard.path}: reading rows {start}:{stop} failed: {err}") from err
 
 
+RowJoin = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
+class ChunkCache:
+    """Transformed chunks of a stream, kept across epochs when the whole selection fits.
+
+    All or nothing: a stream fills the cache only if ``enabled`` (the caller decides, from a row
+    count, that every selected row fits in ``max_rows``), so memory never grows past that bound
+    and a cached epoch yields exactly the batches a read one would (same order, same rows).
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._chunks: dict[tuple[Path, int], dict[str, np.ndarray]] = {}
+
+    def get(self, path: Path, start: int) -> dict[str, np.ndarray] | None:
+        return self._chunks.get((path, start))
+
+    def put(self, path: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.enabled:
+            self._chunks[(path, start)] = arrays
+
+    def __len__(self) -> int:
+        return sum(len(a[SOURCE_ID]) for a in self._chunks.values())
+
+
 def _open(path: Path) -> Shard:
     try:
         return Shard(path)
@@ -95,7 +125,11 @@ class ShardStream:
     ``chunk_rows`` rows are read per HDF5 read (rounded up to whole storage chunks so no chunk is
     decompressed twice); ``buffer_rows`` bounds the shuffle buffer; ``row_filter(source_id) ->
     bool mask`` keeps a subset of stars (e.g. the validation split); ``extra_columns`` are raw
-    store columns returned unscaled in ``Batch.extra``. ``skip_batches`` drops the first batches of
+    store columns returned unscaled in ``Batch.extra``. ``row_join(raw) -> (keep, arrays)`` sees
+    each chunk's raw columns (``source_id``, the transform's, ``join_columns``) after
+    ``row_filter``, keeps the rows of ``keep`` and adds its per-row ``arrays`` (float32, one row
+    per kept row) to ``Batch.extra``. ``cache`` serves chunks already read in an earlier epoch
+    (an empty chunk, with no row kept, is cached too). ``skip_batches`` drops the first batches of
     the (deterministic) epoch; ``max_batches`` stops early (DDP ranks agree on a common count).
     """
 
@@ -119,6 +153,9 @@ class ShardStream:
         skip_batches: int = 0,
         max_batches: int | None = None,
         shards_in_flight: int = 4,
+        row_join: RowJoin | None = None,
+        join_columns: Sequence[str] = (),
+        cache: ChunkCache | None = None,
     ):
         if batch_size < 1 or chunk_rows < 1 or buffer_rows < 1:
             raise ValueError("ShardStream: batch_size, chunk_rows and buffer_rows must be positive")
@@ -137,29 +174,49 @@ class ShardStream:
         self.skip_batches = skip_batches
         self.max_batches = max_batches
         self.shards_in_flight = max(1, shards_in_flight)
-        self.columns = list(dict.fromkeys([SOURCE_ID, *transform.store_columns, *self.extra_columns]))
+        self.row_join = row_join
+        self.join_columns = list(join_columns)
+        self.cache = cache
+        self.columns = list(dict.fromkeys([SOURCE_ID, *transform.store_columns, *self.extra_columns,
+                                           *self.join_columns]))
 
     # --- sizes --------------------------------------------------------------------------------
     def count_rows(self) -> int:
         """Rows this rank will stream per epoch (after ``row_filter``); reads only ``source_id``."""
         total = 0
+        names = [SOURCE_ID, *self.join_columns]
         for path in self.shards:
             with _open(path) as shard:
-                if self.row_filter is None:
+                if self.row_filter is None and self.row_join is None:
                     total += shard.n_rows
                     continue
                 step = max(self.chunk_rows, 65536)
                 for start in range(0, shard.n_rows, step):
-                    sid = _read_block(shard, [SOURCE_ID], start, start + step)[SOURCE_ID]
-                    total += int(np.count_nonzero(self.row_filter(sid)))
+                    raw = _read_block(shard, names, start, start + step)
+                    keep = self._kept(raw)
+                    total += len(raw[SOURCE_ID]) if keep is None else int(np.count_nonzero(keep))
         return total
+
+    def _kept(self, raw: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Rows of a raw chunk that ``row_filter`` and ``row_join`` keep (None: every row)."""
+        keep = None if self.row_filter is None else self.row_filter(raw[SOURCE_ID])
+        if self.row_join is not None:
+            rows = raw if keep is None else {c: v[keep] for c, v in raw.items()}
+            joined = self.row_join(rows)[0]
+            if keep is None:
+                keep = joined
+            else:
+                keep = keep.copy()
+                keep[keep] = joined
+        return keep
 
     def n_batches(self, n_rows: int) -> int:
         """Batches an epoch of ``n_rows`` rows yields (before ``skip``/``max_batches``)."""
         return n_rows // self.batch_size if self.drop_last else -(-n_rows // self.batch_size)
 
     # --- the synchronous pipeline -------------------------------------------------------------
-    def _chunks(self, rng: np.random.Generator) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
+    def _chunks(self, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+        """Transformed chunks (``_as_arrays``) in the epoch's order, from the cache where it has them."""
         order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
         for g in range(0, len(order), self.shards_in_flight):
             group = [self.shards[i] for i in order[g:g + self.shards_in_flight]]
@@ -176,18 +233,32 @@ class ShardStream:
                 if self.shuffle:
                     blocks = [blocks[i] for i in rng.permutation(len(blocks))]
                 for k, start, stop in blocks:
-                    raw = _read_block(opened[k], self.columns, start, stop)
-                    if self.row_filter is not None:
-                        keep = self.row_filter(raw[SOURCE_ID])
-                        if not keep.all():
-                            raw = {c: v[keep] for c, v in raw.items()}
-                    if len(raw[SOURCE_ID]):
-                        yield opened[k].path, raw
+                    path = opened[k].path
+                    arrays = self.cache.get(path, start) if self.cache is not None else None
+                    if arrays is None:
+                        arrays = self._read_chunk(opened[k], start, stop)
+                        if self.cache is not None:
+                            self.cache.put(path, start, arrays)
+                    if len(arrays[SOURCE_ID]):
+                        yield arrays
             finally:
                 for shard in opened:
                     shard.close()
 
-    def _as_arrays(self, path: Path, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _read_chunk(self, shard: Shard, start: int, stop: int) -> dict[str, np.ndarray]:
+        raw = _read_block(shard, self.columns, start, stop)
+        joined: dict[str, np.ndarray] = {}
+        if self.row_filter is not None:
+            keep = self.row_filter(raw[SOURCE_ID])
+            if not keep.all():
+                raw = {c: v[keep] for c, v in raw.items()}
+        if self.row_join is not None:
+            keep, joined = self.row_join(raw)
+            raw = {c: v[keep] for c, v in raw.items()}
+        return self._as_arrays(shard.path, raw, joined)
+
+    def _as_arrays(self, path: Path, raw: dict[str, np.ndarray], joined: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
         try:
             x, err = self.transform(raw)
         except Exception as error:
@@ -196,6 +267,8 @@ class ShardStream:
                SOURCE_ID: raw[SOURCE_ID]}
         for c in self.extra_columns:
             out["extra:" + c] = raw[c].astype(np.float32, copy=False)
+        for c, values in joined.items():
+            out["extra:" + c] = np.ascontiguousarray(values, dtype=np.float32)
         return out
 
     def _make_batch(self, arrays: dict[str, np.ndarray], idx: np.ndarray) -> Batch:
@@ -238,8 +311,7 @@ class ShardStream:
                 pending = [{k: v[rest] for k, v in merged.items()}]
                 n_pending = len(rest)
 
-        for path, raw in self._chunks(rng):
-            arrays = self._as_arrays(path, raw)
+        for arrays in self._chunks(rng):
             pending.append(arrays)
             n_pending += len(arrays[SOURCE_ID])
             if n_pending >= self.buffer_rows:

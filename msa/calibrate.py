@@ -360,8 +360,8 @@ def run(args) -> int:
     from msa.emulation import fit_error_relation
     from msa.ensemble import Ensemble
     from msa.features import G_MAG
-    from msa.labels import LabelSource, label_set, load_labelled
-    from msa.splits import split_mask, split_seed
+    from msa.labels import LabelSource, label_set, load_split_samples
+    from msa.splits import split_seed
     from msa.store import atomic_path, check_out_path
 
     import torch
@@ -376,10 +376,13 @@ def run(args) -> int:
                                "pass the members fine-tuned for this label set")
     cfg = config["calibrate"]
     faint = cfg["faint_copies"]
+    # faint copies are made from the raw store columns of the calibration stars
     raw_columns = [G_MAG, *ensemble.transform.store_columns] if faint["enabled"] else [G_MAG]
-    stars = load_labelled(args.shards, ensemble.transform, LabelSource(config["labels"], names),
-                          list(dict.fromkeys(raw_columns)))
     seed = split_seed(config)
+    # bounded seeded samples: a label set of every star of the sky must not be read whole
+    samples = load_split_samples(args.shards, ensemble.transform, LabelSource(config["labels"], names),
+                                 config["splits"], seed, ("calibration", "test"), cfg["max_rows"],
+                                 list(dict.fromkeys(raw_columns)))
     edges = list(cfg["g_mag_bins"])
     relation = fit_error_relation(args.shards, ensemble.layout, faint["max_rows_per_shard"]) \
         if faint["enabled"] else None
@@ -388,7 +391,7 @@ def run(args) -> int:
     result = None
     reports = {"with_xp": {}, "without_xp": {}}
     for split in ("calibration", "test"):
-        part = stars.subset(split_mask(stars.source_id, config["splits"], seed, split))
+        part = samples[split]
         batch = config["predict"]["batch_size"]
         q = ensemble.predict(part.x, batch_size=batch)
         # the same stars as photometry-only stars: every XP column hidden

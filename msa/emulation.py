@@ -269,21 +269,3 @@ def shift_weights(x_copies: np.ndarray, groups_copies: np.ndarray, x_sky: np.nda
         weights[copies] = w / w.mean()
     return weights
 
-
-def append_faint_copies(stars, transform, shard_paths: Sequence[str | Path], config: Mapping, seed: int,
-                        parallax_labels: Sequence[int] = ()):
-    """``stars`` (``LabelledStars`` whose ``extra`` holds the raw store columns of ``transform``)
-    followed by their faint copies: the training rows of ``finetune.faint_copies``. The relation is
-    fitted on ``shard_paths``; bins and limit are the calibration's (``calibrate.g_mag_bins``,
-    ``calibrate.faint_copies.faintest_g``)."""
-    from msa.labels import LabelledStars
-
-    cal = config["calibrate"]
-    relation = fit_error_relation(shard_paths, transform.layout, cal["faint_copies"]["max_rows_per_shard"])
-    copies = emulate_faint_stars(stars, transform, relation, cal["g_mag_bins"], cal["faint_copies"]["faintest_g"],
-                                 np.random.default_rng([seed, 13]), parallax_labels)
-    log.info("fine-tuning on %d stars and %d faint copies of them", len(stars), len(copies))
-    return LabelledStars(np.concatenate([stars.source_id, copies.source_id]), np.concatenate([stars.x, copies.x]),
-                         np.concatenate([stars.err, copies.err]), np.concatenate([stars.y, copies.y]),
-                         np.concatenate([stars.y_err, copies.y_err]),
-                         {c: np.concatenate([v, copies.extra[c]]) for c, v in stars.extra.items()})

@@ -38,8 +38,8 @@ from msa.baseline import GradientBoostingBaseline
 from msa.baseline_mlp import PlainMLPBaseline
 from msa.calibrate import apply_calibration, interval_coverage, load_calibration, star_groups
 from msa.config import load_config
-from msa.labels import LabelSource, label_set, load_labelled
-from msa.splits import assign_splits, split_seed
+from msa.labels import LabelSource, label_set, load_split_samples
+from msa.splits import split_seed
 from msa.store import atomic_path
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,11 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     ecfg = config["evaluate"]
     # faint copies of the test stars are made from their raw store columns
     raw_columns = [G_MAG, *(ensemble.transform.store_columns if calibration.get("emulation") else [])]
-    stars = load_labelled(shards, ensemble.transform, LabelSource(config["labels"], names),
-                          list(dict.fromkeys(raw_columns)))
-    split = assign_splits(stars.source_id, config["splits"], split_seed(config))
-    test, train = stars.subset(split == "test"), stars.subset(split == "train")
+    # bounded seeded samples: a label set of every star of the sky must not be read whole
+    samples = load_split_samples(shards, ensemble.transform, LabelSource(config["labels"], names), config["splits"],
+                                 split_seed(config), ("train", "validation", "test"), ecfg["max_rows"],
+                                 list(dict.fromkeys(raw_columns)))
+    test, train = samples["test"], samples["train"]
     if len(test) == 0:
         raise ValueError("the test split holds no labelled star; raise splits.test")
     batch = config["predict"]["batch_size"]
@@ -188,7 +189,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     if ecfg["baseline"]:
         pred_base = _add_tree_baselines(metrics, ensemble, names, train, test, int(config["seed"]))
     if ecfg["baseline_mlp"]:
-        val = stars.subset(split == "validation")
+        val = samples["validation"]
         _add_mlp_baselines(metrics, ensemble, names, train, val, test, int(config["seed"]), ecfg["mlp_grid"])
     if scratch_members:
         scratch = Ensemble.load(scratch_members, device=ensemble.device)

@@ -8,6 +8,7 @@ where its value and error come from::
       columns:
         teff: {value: teff, error: teff_err}             # catalogue columns
         parallax: {store: parallax, error: parallax_error}  # columns of the shard store
+        # (+ zero_point: lindegren2021 subtracts Gaia DR3's parallax zero-point: msa.parallax_zero_point)
 
 A label missing for a star is NaN (the fine-tuning losses mask it); a ``source_id`` that appears
 twice in the catalogue is an error. Labels are standard-scaled per label with statistics fitted on
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from msa.errors import InputError
+from msa.parallax_zero_point import METHODS, ZERO_POINT_COLUMNS, zero_point
 from msa.source_ids import SOURCE_ID, parse_source_ids
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class LabelColumn:
     value: str | None = None
     store: str | None = None
     error: str | None = None
+    zero_point: str | None = None  # a parallax zero-point subtracted from a store value (msa.parallax_zero_point)
 
 
 def label_set(config: Mapping, name: str) -> list[str]:
@@ -70,8 +73,20 @@ def label_columns(labels_cfg: Mapping, names: Sequence[str]) -> list[LabelColumn
                 f"labels.columns.{name}: give exactly one of 'value' (a catalogue column) or "
                 f"'store' (a shard-store column), got {sorted(entry)}"
             )
-        out.append(LabelColumn(name, entry.get("value"), entry.get("store"), entry.get("error")))
+        zp = entry.get("zero_point")
+        if zp is not None and (entry.get("store") is None or zp not in METHODS):
+            raise LabelError(f"labels.columns.{name}.zero_point = {zp!r}: a zero-point applies to a parallax taken "
+                             f"from the store ('store' key) and is one of {list(METHODS)}")
+        out.append(LabelColumn(name, entry.get("value"), entry.get("store"), entry.get("error"), zp))
     return out
+
+
+def store_label_columns(config: Mapping) -> list[str]:
+    """The store columns that a label set of ``config`` takes a label's value from (e.g. the Gaia
+    ``parallax`` of a ``parallax`` label set): inputs that are also the target some stage scores."""
+    labels_cfg = config.get("labels") or {}
+    names = dict.fromkeys(n for members in (config.get("label_sets") or {}).values() for n in members)
+    return list(dict.fromkeys(c.store for c in label_columns(labels_cfg, list(names)) if c.store is not None))
 
 
 def read_table(path: str | Path, columns: Sequence[str], id_column: str | None = None) -> pd.DataFrame:
@@ -152,6 +167,8 @@ class LabelSource:
                 cols.append(c.store)
                 if c.error:
                     cols.append(c.error)
+                if c.zero_point:
+                    cols.extend(ZERO_POINT_COLUMNS)
         return list(dict.fromkeys(cols))
 
     @property
@@ -182,6 +199,8 @@ class LabelSource:
                     raise LabelError(f"label {c.name!r} comes from store column {c.store!r}; "
                                      "pass that column in store_raw")
                 y[:, j] = store_raw[c.store]
+                if c.zero_point:
+                    y[:, j] -= zero_point(store_raw)
                 if c.error:
                     y_err[:, j] = store_raw[c.error]
         return y, y_err
@@ -223,14 +242,22 @@ class LabelScaler:
         y_train = cls(tuple(names), np.zeros(len(names)), np.ones(len(names)), tuple(log_labels)).to_fitted_space(
             y_train)
         n = np.sum(np.isfinite(y_train), axis=0)
+        with np.errstate(invalid="ignore"):
+            return cls.from_moments(names, n, np.nanmean(y_train, axis=0), np.nanvar(y_train, axis=0), log_labels)
+
+    @classmethod
+    def from_moments(cls, names: Sequence[str], n: np.ndarray, mean: np.ndarray, variance: np.ndarray,
+                     log_labels: Sequence[str] = ()) -> "LabelScaler":
+        """From per-label counts, means and (population) variances of the TRAIN split in the fitted
+        space (log10 for ``log_labels``), e.g. accumulated chunk by chunk; a constant label keeps
+        scale 1."""
         few = [name for name, k in zip(names, n) if k < 2]
         if few:
             raise LabelError(f"labels {few}: fewer than 2 training stars with a value; "
                              "check the catalogue join and the splits fractions")
-        centre = np.nanmean(y_train, axis=0)
-        scale = np.nanstd(y_train, axis=0)
+        scale = np.sqrt(np.asarray(variance, dtype=np.float64))
         scale = np.where(scale > 0, scale, 1.0)
-        return cls(tuple(names), centre, scale, tuple(log_labels))
+        return cls(tuple(names), np.asarray(mean, dtype=np.float64), scale, tuple(log_labels))
 
     @classmethod
     def from_lists(cls, names, centre, scale, log_labels=()) -> "LabelScaler":
@@ -280,17 +307,55 @@ class LabelledStars:
 
 
 def _report_catalogue_join(source: LabelSource, parts: list[LabelledStars], n_shards: int) -> None:
-    """Log how many catalogue stars the shards hold; fewer than ``labels.min_match_fraction`` is an error."""
+    matched = int(sum(np.isin(p.source_id, source.catalogue_ids).sum() for p in parts))
+    check_catalogue_join(source, matched, n_shards)
+
+
+def check_catalogue_join(source: LabelSource, matched: int, n_shards: int) -> None:
+    """Log how many catalogue stars (``matched``) the shards hold; fewer than
+    ``labels.min_match_fraction`` is an error."""
     n_catalogue = len(source.catalogue_ids)
     if not n_catalogue:
         return
-    matched = int(sum(np.isin(p.source_id, source.catalogue_ids).sum() for p in parts))
     log.info("label catalogue %s: %d of its %d stars are in the %d shard(s); %d unmatched",
              source.catalogue_path, matched, n_catalogue, n_shards, n_catalogue - matched)
     if matched < source.min_match_fraction * n_catalogue:
         raise LabelError(f"label catalogue {source.catalogue_path}: only {matched} of its {n_catalogue} stars are in "
                          f"the store (below labels.min_match_fraction = {source.min_match_fraction}); check that "
                          "the catalogue's source_id column holds Gaia DR3 ids, or lower the fraction")
+
+
+def _labelled_rows(shard, source: LabelSource) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(source_id, rows with a label, y, y_err)`` of one open shard (``y`` for every row)."""
+    ids = shard.read([SOURCE_ID])[SOURCE_ID]
+    store_cols = source.store_columns
+    y, y_err = source.lookup(ids, shard.read(store_cols) if store_cols else {})
+    return ids, np.flatnonzero(np.any(np.isfinite(y), axis=1)), y, y_err
+
+
+def _read_labelled(shard, transform, ids, rows, y, y_err, extra_columns: Sequence[str]) -> LabelledStars:
+    present = [c for c in extra_columns if c in shard.columns]
+    raw = shard.read_rows(list(dict.fromkeys(list(transform.store_columns) + present)), rows)
+    x, err = transform(raw)
+    extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan)) for c in extra_columns}
+    return LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra)
+
+
+def _concatenate_sorted(parts: list[LabelledStars], extra_columns: Sequence[str]) -> LabelledStars:
+    """One table of the parts, sorted by ``source_id``; a star in two shards is an error."""
+    stars = LabelledStars(
+        np.concatenate([p.source_id for p in parts]), np.concatenate([p.x for p in parts]),
+        np.concatenate([p.err for p in parts]), np.concatenate([p.y for p in parts]),
+        np.concatenate([p.y_err for p in parts]),
+        {c: np.concatenate([p.extra[c] for p in parts]) for c in extra_columns},
+    )
+    order = np.argsort(stars.source_id, kind="stable")
+    ids = stars.source_id[order]
+    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
+        dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
+        raise LabelError(f"source_id(s) {dup[:3].tolist()} appear in more than one shard; "
+                         "each star must be in exactly one shard")
+    return stars.subset(order)
 
 
 def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSource,
@@ -306,33 +371,61 @@ def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSou
     parts = []
     for path in shard_paths:
         with Shard(path) as shard:
-            ids = shard.read([SOURCE_ID])[SOURCE_ID]
-            store_cols = source.store_columns
-            store_raw = shard.read(store_cols) if store_cols else {}
-            y, y_err = source.lookup(ids, store_raw)
-            rows = np.flatnonzero(np.any(np.isfinite(y), axis=1))
-            if not len(rows):
-                continue
-            present = [c for c in extra_columns if c in shard.columns]
-            raw = shard.read_rows(list(dict.fromkeys(list(transform.store_columns) + present)), rows)
-            x, err = transform(raw)
-            extra = {c: (raw[c].astype(np.float64) if c in raw else np.full(len(rows), np.nan))
-                     for c in extra_columns}
-            parts.append(LabelledStars(ids[rows], x, err, y[rows], y_err[rows], extra))
+            ids, rows, y, y_err = _labelled_rows(shard, source)
+            if len(rows):
+                parts.append(_read_labelled(shard, transform, ids, rows, y, y_err, extra_columns))
     _report_catalogue_join(source, parts, len(shard_paths))
     if not parts:
         raise LabelError(f"no star in the {len(shard_paths)} shard(s) has a label of {source.names}; "
                          "check labels.catalogue and that the shards hold the catalogue's stars")
-    stars = LabelledStars(
-        np.concatenate([p.source_id for p in parts]), np.concatenate([p.x for p in parts]),
-        np.concatenate([p.err for p in parts]), np.concatenate([p.y for p in parts]),
-        np.concatenate([p.y_err for p in parts]),
-        {c: np.concatenate([p.extra[c] for p in parts]) for c in extra_columns},
-    )
-    order = np.argsort(stars.source_id, kind="stable")
-    ids = stars.source_id[order]
-    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
-        dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
-        raise LabelError(f"source_id(s) {dup[:3].tolist()} appear in more than one shard; "
-                         "each star must be in exactly one shard")
-    return stars.subset(order)
+    return _concatenate_sorted(parts, extra_columns)
+
+
+SAMPLE_SALT = 0x5A3D1E  # the sample hash differs from the split hash of the same seed
+
+
+def load_split_samples(shard_paths: Sequence[str | Path], transform, source: LabelSource, splits_cfg: Mapping,
+                       seed: int, split_names: Sequence[str], max_rows: int | None,
+                       extra_columns: Sequence[str] = ()) -> dict[str, LabelledStars]:
+    """The labelled stars of each named split, at most ``max_rows`` per split (None: all).
+
+    The sample of a split is its ``max_rows`` stars with the smallest hash of ``source_id`` (seeded
+    by ``seed``): uniform, fixed whatever the file or row order, and every star when the split
+    holds fewer. Memory grows with ``max_rows``, not with the store: a first pass reads only
+    ``source_id`` and the labels' store columns, a second the sampled rows' inputs. Splits come
+    from :func:`msa.splits.assign_splits` with ``seed``; a split without a star is empty.
+    """
+    from msa.splits import assign_splits, unit_hash
+    from msa.store import Shard
+
+    limit = np.inf if max_rows is None else int(max_rows)
+    # per split: (hash, shard index, row) of the smallest hashes seen so far
+    chosen = {name: (np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64)) for name in split_names}
+    for k, path in enumerate(shard_paths):
+        with Shard(path) as shard:
+            ids, rows, _, _ = _labelled_rows(shard, source)
+        split = assign_splits(ids[rows], splits_cfg, seed)
+        h = unit_hash(ids[rows], seed ^ SAMPLE_SALT)
+        for name in split_names:
+            mine = split == name
+            hashes, shards, picked = (np.concatenate(pair) for pair in zip(
+                chosen[name], (h[mine], np.full(int(mine.sum()), k), rows[mine])))
+            if len(hashes) > limit:
+                keep = np.argpartition(hashes, int(limit) - 1)[:int(limit)]
+                hashes, shards, picked = hashes[keep], shards[keep], picked[keep]
+            chosen[name] = (hashes, shards, picked)
+    parts: dict[str, list[LabelledStars]] = {name: [] for name in split_names}
+    for k, path in enumerate(shard_paths):
+        wanted = {name: np.sort(chosen[name][2][chosen[name][1] == k]) for name in split_names}
+        if not any(len(r) for r in wanted.values()):
+            continue
+        with Shard(path) as shard:
+            ids, _, y, y_err = _labelled_rows(shard, source)
+            for name, rows in wanted.items():
+                if len(rows):
+                    parts[name].append(_read_labelled(shard, transform, ids, rows, y, y_err, extra_columns))
+    empty = LabelledStars(np.empty(0, np.int64), np.empty((0, transform.layout.n_features), np.float32),
+                          np.empty((0, transform.layout.n_features), np.float32),
+                          np.empty((0, len(source.names))), np.empty((0, len(source.names))),
+                          {c: np.empty(0) for c in extra_columns})
+    return {name: _concatenate_sorted(p, extra_columns) if p else empty for name, p in parts.items()}

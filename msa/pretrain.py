@@ -11,6 +11,12 @@ and writes ``out-dir/segment-K.pt``, ``segment-K.metrics.jsonl`` (every epoch so
 ``segment-K.loss.png``. An in-progress checkpoint goes to ``out-dir/work/segment-K.pt`` every
 ``checkpoint_every`` steps, at every epoch end, and on SIGTERM (then the job exits with 143).
 
+With ``pretrain.exclude_label_splits``, the calibration and test stars that carry a label taken
+from the store (a label set whose label is a store column, e.g. Gaia's ``parallax``) are left out
+of pretraining, training and validation alike: a value that calibration and evaluation score on
+those stars was never a reconstruction target for them (training stars keep theirs: fine-tuning
+fits them anyway).
+
 Exact resume: the batch stream is a pure function of (seed, epoch, rank), so a resumed epoch skips
 the batches already done; the masking/perturbation generator is reseeded from (seed, rank, step)
 at every step, so its state is a function of the step and identical on resume for every rank.
@@ -40,13 +46,15 @@ from msa.checkpoint import (CheckpointError, check_layout, load_checkpoint, rest
                             save_checkpoint, set_aside_if_corrupt)
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
+from msa.labels import store_label_columns
 from msa.layout import GROUP_ORDER, Layout
 from msa.losses import per_group_sums, reconstruction_objective, reconstruction_sums
 from msa.masking import MaskSpec, draw_mask, fixed_validation_mask
 from msa.model import MaskedAutoencoder
 from msa.plots import plot_loss_curves
 from msa.scaling import Scaler
-from msa.store import atomic_path
+from msa.splits import assign_splits, split_seed
+from msa.store import SOURCE_ID, atomic_path
 from msa.training import (DistributedContext, GracefulStop, NonFiniteLossError, autocast_context,
                           make_optimizer, make_scheduler)
 
@@ -60,6 +68,34 @@ class PretrainError(RuntimeError):
 # --- small pure pieces ----------------------------------------------------------------------------
 # the settings an in-progress checkpoint must share with the current run to be resumed
 SETTINGS_SECTIONS = ["seed", "features", "model", "pretrain"]
+HELD_OUT_SPLITS = ("calibration", "test")  # what exclude_label_splits keeps out of pretraining
+
+
+def settings_sections(config: dict) -> list[str]:
+    """Config sections that decide a segment's result (with exclude_label_splits, also the splits
+    and the labels: they decide which stars are left out)."""
+    extra = ["splits", "labels", "label_sets"] if config["pretrain"]["exclude_label_splits"] else []
+    return SETTINGS_SECTIONS + extra
+
+
+def held_out_labelled_stars(config: dict):
+    """``(row_join, columns)`` of :class:`~msa.batches.ShardStream` that drops the calibration
+    and test stars with a label from the store (``exclude_label_splits``); ``(None, [])`` when off
+    or when no label comes from the store."""
+    columns = store_label_columns(config) if config["pretrain"]["exclude_label_splits"] else []
+    if not columns:
+        return None, []
+    splits_cfg, seed = config["splits"], split_seed(config)
+
+    def join(raw: dict) -> tuple[np.ndarray, dict]:
+        labelled = np.zeros(len(raw[SOURCE_ID]), dtype=bool)
+        for c in columns:
+            labelled |= np.isfinite(raw[c])
+        keep = np.ones_like(labelled)
+        keep[labelled] = ~np.isin(assign_splits(raw[SOURCE_ID][labelled], splits_cfg, seed), HELD_OUT_SPLITS)
+        return keep, {}
+
+    return join, columns
 
 
 def segment_epochs(section: dict, segment: int) -> tuple[int, int]:
@@ -218,7 +254,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     pos = _Position(epoch=start_epoch)
     metrics: list[dict] = []
 
-    settings_hash = config_hash(config, SETTINGS_SECTIONS)
+    settings_hash = config_hash(config, settings_sections(config))
     resume_from = out_dir / f"segment-{segment - 1}.pt" if segment > 0 else None
     set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
     if work_path.exists():
@@ -257,9 +293,11 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
             log.info("starting from the weights of %s", section["presaved"])
 
     train_paths, val_paths, train_filter, val_filter = _split_shards(shard_paths, section, seed)
+    held_out, held_out_columns = held_out_labelled_stars(config)
     stream_kw = dict(chunk_rows=section["chunk_rows"], buffer_rows=section["buffer_rows"],
                      batch_size=section["batch_size"], seed=seed, rank=ctx.rank, world_size=ctx.world_size,
-                     prefetch_batches=6 if section["num_workers"] > 0 else 0)
+                     prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=held_out,
+                     join_columns=held_out_columns)
     probe = ShardStream(train_paths, transform, row_filter=train_filter, **stream_kw)
     local_batches = probe.n_batches(probe.count_rows())
     # DDP ranks must take the same number of steps; a rank's surplus batches wait for the next epoch
@@ -357,7 +395,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
             pos.train_wall += time.perf_counter() - tick
             val_tick = time.perf_counter()
             val_loss, val_groups = validate(forward, model, transform, val_paths, val_filter, spec, recon_idx,
-                                            groups, section, seed, ctx, amp)
+                                            groups, section, seed, ctx, amp, (held_out, held_out_columns))
             train_loss = float(ctx.all_reduce_mean(pos.loss_sum / max(pos.batches, 1)).item())
             rows = int(ctx.all_reduce_sum(float(pos.rows)).item())
             record = {"epoch": epoch, "step": pos.step, "train_loss": train_loss, "val_loss": val_loss,
@@ -390,7 +428,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
 
 @torch.no_grad()
 def validate(forward, model, transform, val_paths, val_filter, spec, recon_idx, groups, section, seed,
-             ctx: DistributedContext, amp: bool) -> tuple[float | None, dict[str, float]]:
+             ctx: DistributedContext, amp: bool, held_out=(None, [])) -> tuple[float | None, dict[str, float]]:
     """Validation loss (and per group) with the FIXED per-star mask, summed over every rank's
     share of the validation shards; ``(None, {})`` without validation data."""
     if not val_paths:
@@ -402,7 +440,8 @@ def validate(forward, model, transform, val_paths, val_filter, spec, recon_idx, 
     if mine:
         stream = ShardStream(mine, transform, chunk_rows=section["chunk_rows"], buffer_rows=section["chunk_rows"],
                              batch_size=section["batch_size"], seed=seed, shuffle=False, row_filter=val_filter,
-                             prefetch_batches=6 if section["num_workers"] > 0 else 0)
+                             prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=held_out[0],
+                             join_columns=held_out[1])
         for batch in stream:
             batch = batch.to(ctx.device)
             hidden = fixed_validation_mask(spec, batch.source_id, seed, ctx.device)

@@ -160,3 +160,50 @@ def test_load_rows_keeps_only_wanted_stars(tmp_path):
     assert x.shape == (len(sid), transform.layout.n_features) and err.shape == x.shape
     x0, _, sid0 = load_rows(paths, transform, np.array([999], dtype=np.int64))
     assert x0.shape == (0, transform.layout.n_features) and len(sid0) == 0
+
+
+def test_row_join_keeps_its_rows_and_attaches_their_values(tmp_path):
+    """The join sees each chunk's raw columns (its own included), drops the rows it rejects, and
+    its per-row values travel with their stars through the shuffle."""
+    paths = make_store(tmp_path, n_shards=2, rows=300, missing=0.0)
+
+    def a_third_with_g(raw):
+        keep = raw["source_id"] % 3 == 0
+        return keep, {"label": raw["source_id"][keep] % 1000, "g": raw["phot_g_mean_mag"][keep]}
+
+    kw = dict(chunk_rows=64, buffer_rows=128, batch_size=50, seed=3, row_join=a_third_with_g,
+              join_columns=["phot_g_mean_mag"])
+    stream = ShardStream(paths, identity_transform(), **kw)
+    batches, sid = collect(stream)
+    assert len(sid) == stream.count_rows() and np.all(sid % 3 == 0) and 150 < len(sid) < 250
+    for b in batches:
+        np.testing.assert_array_equal(b.extra["label"].numpy(), (b.source_id % 1000).astype(np.float32))
+        # the attached value belongs to the row's own star: G is also input column x[:, G]
+        np.testing.assert_allclose(b.extra["g"].numpy(), b.x[:, identity_transform().layout.index(
+            "phot_g_mean_mag")].numpy(), rtol=1e-6)
+
+
+def test_cached_epochs_are_the_read_epochs_and_read_no_file(tmp_path, monkeypatch):
+    import msa.batches as batches_module
+
+    paths = make_store(tmp_path, n_shards=2, rows=300)
+    kw = dict(chunk_rows=64, buffer_rows=128, batch_size=50, seed=4, row_join=lambda raw: (
+        raw["source_id"] % 3 != 0, {}))
+    cache = batches_module.ChunkCache(enabled=True)
+    first, _ = collect(ShardStream(paths, identity_transform(), epoch=0, cache=cache, **kw))
+    assert len(cache) == sum(len(b) for b in first)
+    reads = []
+    real_read = batches_module._read_block
+    monkeypatch.setattr(batches_module, "_read_block", lambda *a: reads.append(a) or real_read(*a))
+    for epoch in (0, 1):  # from the cache: the same batches as reading the files, not one read
+        cached, sid_cached = collect(ShardStream(paths, identity_transform(), epoch=epoch, cache=cache, **kw))
+        assert not reads
+        monkeypatch.setattr(batches_module, "_read_block", real_read)
+        read, sid_read = collect(ShardStream(paths, identity_transform(), epoch=epoch, **kw))
+        monkeypatch.setattr(batches_module, "_read_block", lambda *a: reads.append(a) or real_read(*a))
+        np.testing.assert_array_equal(sid_cached, sid_read)
+        for a, b in zip(cached, read):
+            torch.testing.assert_close(a.x, b.x, equal_nan=True)
+    off = batches_module.ChunkCache(enabled=False)
+    collect(ShardStream(paths, identity_transform(), epoch=0, cache=off, **kw))
+    assert len(off) == 0 and reads  # a disabled cache keeps nothing and reads every chunk

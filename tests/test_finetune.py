@@ -1,6 +1,5 @@
 """Fine-tuning: pinball loss, the parallax masked pass on a synthetic sky, kill-and-resume, freezing."""
 
-import logging
 import shutil
 import signal
 
@@ -12,8 +11,8 @@ import torch
 from msa.config import validate
 from msa.ensemble import Ensemble
 from msa.features import xp_normalises
-from msa.finetune import (EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member, photometry_member_config,
-                          inverse_variance_weights)
+from msa.finetune import EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member, photometry_member_config
+from msa.finetune_data import inverse_variance_weights
 from msa.splits import split_seed
 from msa.fit_scaler import fit_scaler
 from msa.ingest import ingest_shard
@@ -238,12 +237,19 @@ def test_photometry_only_member_never_sees_xp_and_takes_its_overrides(pipeline, 
         photometry_member_config(bad)
 
 
-def test_faint_copies_join_the_training_rows(pipeline, tmp_path, caplog):
-    config = validate({**pipeline["config"], "finetune": {**pipeline["config"]["finetune"], "faint_copies": True,
-                                                          "epochs": 1}})
-    with caplog.at_level(logging.INFO, logger="msa.emulation"):
-        assert finetune_member(member_job(pipeline, "mixed", tmp_path / "faint", config)) == 0
-    line = next(r.getMessage() for r in caplog.records if "faint copies of them" in r.getMessage())
-    n_real, n_copies = (int(w) for w in line.split() if w.isdigit())
-    assert n_copies > n_real > 100  # most training stars are bright: several fainter bins each
-    assert (tmp_path / "faint" / "model.pt").exists()
+def test_an_epoch_of_max_train_rows_and_the_cache_change_nothing_else(pipeline, tmp_path):
+    """max_train_rows caps an epoch at whole batches; a run that keeps its small train split in
+    memory trains exactly the model of one that reads the shard every epoch."""
+    base = pipeline["config"]
+    capped = validate({**base, "finetune": {**base["finetune"], "epochs": 2, "max_train_rows": 300}})
+    steps = []
+    assert finetune_member(member_job(pipeline, "mixed", tmp_path / "cached", capped), steps.append) == 0
+    assert steps == list(range(1, 11))  # ⌈300 / 64⌉ = 5 batches an epoch, not the split's 17
+    cached = torch.load(tmp_path / "cached" / "model.pt", weights_only=True)
+    assert [m["rows"] for m in cached["metrics"]] == [320, 320]
+    uncached = validate({**capped, "finetune": {**capped["finetune"], "cache_rows": 0}})
+    assert finetune_member(member_job(pipeline, "mixed", tmp_path / "read", uncached)) == 0
+    read = torch.load(tmp_path / "read" / "model.pt", weights_only=True)
+    for part in ("model", "head"):
+        for key in cached[part]:
+            torch.testing.assert_close(cached[part][key], read[part][key], msg=f"{part}.{key}")

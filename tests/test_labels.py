@@ -85,3 +85,62 @@ def test_label_scaler_fits_log_labels_in_log10_and_inverts_to_linear():
     np.testing.assert_allclose(scaler.inverse(ys)[:3], y[:3])
     with pytest.raises(LabelError, match="log_labels"):
         LabelScaler.fit(["teff"], y[:, 1:], log_labels=["age"])
+
+
+def test_split_samples_are_bounded_seeded_and_order_free(tmp_path):
+    """At most max_rows stars per split, the same ones whatever the shard order, each with its own
+    inputs and label; every star of the split when it holds fewer (as load_labelled gives them)."""
+    from test_batches import identity_transform, make_store
+
+    from msa.labels import load_labelled, load_split_samples
+    from msa.splits import assign_splits
+
+    paths = make_store(tmp_path, n_shards=3, rows=400)  # G is NaN for 5 % of the stars: unlabelled
+    source = LabelSource({"columns": {"g": {"store": "phot_g_mean_mag"}}}, ["g"])
+    transform = identity_transform()
+    splits = {"train": 0.7, "validation": 0.1, "calibration": 0.1, "test": 0.1}
+    everything = load_labelled(paths, transform, source)
+    split = assign_splits(everything.source_id, splits, 5)
+    full = load_split_samples(paths, transform, source, splits, 5, ["train", "test"], None, ["phot_g_mean_mag"])
+    for name in ("train", "test"):
+        np.testing.assert_array_equal(full[name].source_id, everything.source_id[split == name])
+        np.testing.assert_array_equal(full[name].x, everything.x[split == name])
+
+    small = load_split_samples(paths, transform, source, splits, 5, ["train", "test"], 40, ["phot_g_mean_mag"])
+    again = load_split_samples(paths[::-1], transform, source, splits, 5, ["train", "test"], 40)
+    other_seed = load_split_samples(paths, transform, source, splits, 6, ["train"], 40)
+    for name in ("train", "test"):
+        part = small[name]
+        assert len(part) == 40 and np.all(np.diff(part.source_id) > 0)
+        np.testing.assert_array_equal(part.source_id, again[name].source_id)
+        rows = np.searchsorted(everything.source_id, part.source_id)
+        np.testing.assert_array_equal(split[rows], name)
+        np.testing.assert_array_equal(part.x, everything.x[rows])
+        np.testing.assert_array_equal(part.y[:, 0], part.extra["phot_g_mean_mag"])
+    assert not np.array_equal(small["train"].source_id, other_seed["train"].source_id)
+
+
+def test_parallax_label_minus_the_lindegren_zero_point():
+    """zero_point: lindegren2021 subtracts the published Gaia DR3 fit (the package's own numbers),
+    and a star outside it (a 2-parameter solution, a missing colour) has no label."""
+    from zero_point import zpt
+
+    zpt.load_tables()
+    raw = {"parallax": np.array([1.0, 2.0, 0.5, 3.0]), "parallax_error": np.full(4, 0.1),
+           "phot_g_mean_mag": np.array([15.0, 18.0, 12.0, 15.0]),
+           "nu_eff_used_in_astrometry": np.array([1.5, 1.6, np.nan, np.nan]),
+           "pseudocolour": np.array([np.nan, np.nan, 1.45, 1.5]), "ecl_lat": np.array([10.0, -40.0, 60.0, 0.0]),
+           "astrometric_params_solved": np.array([31, 31, 95, 3], dtype=np.float32)}
+    columns = {"plx": {"store": "parallax", "error": "parallax_error", "zero_point": "lindegren2021"}}
+    source = LabelSource({"columns": columns}, ["plx"])
+    assert "pseudocolour" in source.store_columns
+    y, y_err = source.lookup(np.arange(4), raw)
+    expected = raw["parallax"][:3] - zpt.get_zpt(raw["phot_g_mean_mag"][:3], raw["nu_eff_used_in_astrometry"][:3],
+                                                  raw["pseudocolour"][:3], raw["ecl_lat"][:3],
+                                                  np.array([31, 31, 95]), _warnings=False)
+    np.testing.assert_allclose(y[:3, 0], expected)
+    assert np.all(np.abs(y[:3, 0] - raw["parallax"][:3]) > 0.005)  # tens of µas
+    assert np.isnan(y[3, 0]) and y_err[3, 0] == 0.1
+    with pytest.raises(LabelError, match="zero_point"):
+        LabelSource({"columns": {"plx": {"value": "parallax", "zero_point": "lindegren2021"}}, "catalogue": "x.csv"},
+                    ["plx"])

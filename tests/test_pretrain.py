@@ -205,3 +205,29 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
     assert "missing_embedding" in no_decay_names and any("bias" in n for n in no_decay_names)
     assert any(n.endswith("body.1.weight") for n in no_decay_names)  # LayerNorm weight
     assert no_decay["weight_decay"] == 0.0
+
+
+def test_labelled_calibration_and_test_stars_are_left_out(store, tmp_path):
+    """exclude_label_splits: a star of the calibration or test split whose label comes from the
+    store is no pretraining row; the same split's unlabelled stars and every train star are."""
+    from msa.features import FeatureTransform
+    from msa.labels import LabelSource, load_labelled
+    from msa.scaling import Scaler
+    from msa.splits import assign_splits
+    from msa.store import shard_rows
+
+    paths, scaler_path = store
+    labels = {"labels": {"columns": {"bp": {"store": "phot_bp_mean_mag"}}}, "label_sets": {"bp": ["bp"]},
+              "splits": {"train": 0.5, "validation": 0.1, "calibration": 0.2, "test": 0.2}}
+    transform = FeatureTransform(Layout.from_config(small_features()), Scaler.load(scaler_path), True)
+    labelled = load_labelled(paths, transform, LabelSource(labels["labels"], ["bp"]))
+    held_out = np.isin(assign_splits(labelled.source_id, labels["splits"], 7), ["calibration", "test"]).sum()
+    n_rows = sum(shard_rows(p) for p in paths)
+    rows = {}
+    for exclude in (False, True):
+        config = validate({**make_config(epochs=1, epochs_per_job=1, validation_fraction=0.0,
+                                         exclude_label_splits=exclude), **labels})
+        result = pretrain_segment(config, paths, scaler_path, tmp_path / str(exclude), 0)
+        rows[exclude] = result.metrics[-1]["rows"]
+    assert rows[False] == n_rows
+    assert rows[True] == n_rows - held_out and 300 < held_out < len(labelled)

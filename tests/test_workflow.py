@@ -91,7 +91,7 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     resources = {}
     rule = None
     for line in out.splitlines():
-        if header := JOB_HEADER.match(line):
+        if header := JOB_HEADER.match(line.strip()):  # a grouped job's lines are indented
             rule = header.group(1)
         elif rule and line.strip().startswith("resources:"):
             resources[rule] = line
@@ -103,6 +103,8 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
         assert "slurm_partition=CHANGE_ME_cpu_partition" in resources[cpu_rule]
     # pretraining wall time grows with each retry
     assert "runtime=480" in resources["pretrain_segment"]
+    # prediction: one submission for the shards' jobs, run one after another on one GPU
+    assert out.count("Group job predict") == 1 and "predict_slot=1" in resources["predict"]
 
 
 def test_pretraining_on_several_gpus_runs_under_torchrun(workflow_dir):
@@ -289,6 +291,34 @@ def test_two_runs_from_scratch_give_identical_catalogues(finished_run, tmp_path,
     assert len(first) == 600
     assert first.columns.tolist() == again.columns.tolist()
     assert first.equals(again), "same seed, same data: the catalogues must be identical"
+
+
+def test_a_label_from_the_store_runs_from_ingest_to_catalogue(tmp_path, tiny_config):
+    """The full-sky `parallax` label set in miniature: Gaia's parallax from the store is the label
+    (every star with a parallax is labelled), its calibration and test stars are left out of
+    pretraining, and the workflow runs to the catalogue."""
+    import pyarrow.dataset as ds
+
+    config = merge(tiny_config, {"pretrain": {"exclude_label_splits": True},
+                                 "finetune": {"max_train_rows": 200, "max_validation_rows": 40},
+                                 "calibrate": {"max_rows": 100}, "evaluate": {"max_rows": 100,
+                                                                              "from_scratch": False},
+                                 "catalog": {"sky_map_label": "parallax", "keep_shard_predictions": False}})
+    config["labels"]["columns"]["parallax"] = {"store": "parallax", "error": "parallax_error"}
+    config["label_sets"] = {"parallax": ["parallax"]}
+    run = WorkflowDir(tmp_path / "run", config)
+    run.snakemake("--cores", "2")
+    results = run.path / "results"
+    catalogue = ds.dataset(results / "catalog" / "parallax", format="parquet", partitioning="hive").to_table()
+    assert catalogue.num_rows == 600 and "parallax_q50" in catalogue.column_names
+    assert not (results / "predict" / "parallax").exists() or not any((results / "predict" / "parallax").iterdir())
+    metrics = json.loads((results / "evaluate" / "parallax" / "metrics.json").read_text())
+    assert metrics["n_test"] <= 100 and metrics["labels"] == ["parallax"]
+    first_epoch = json.loads((results / "pretrain" / "segment-0.metrics.jsonl").read_text().splitlines()[0])
+    rows = first_epoch["rows"]
+    # without the exclusion ~570 rows (all but the 5 % validation); 20 % of them are calibration or test
+    assert 300 < rows < 600 * 0.95 * 0.9
+    assert (results / "finetune" / "parallax" / "member-0" / "model.pt").stat().st_mode & 0o222 == 0  # protected
 
 
 # --- preemption: a pretraining job killed mid-segment resumes when Snakemake retries ------------

@@ -120,6 +120,16 @@ def label_set_settings(label_set):
     }
 
 
+def held_out_label_settings():
+    """What decides the stars that pretrain.exclude_label_splits leaves out (nothing when off)."""
+    if not config["pretrain"]["exclude_label_splits"]:
+        return None
+    return {
+        "splits": config["splits"],
+        "labels": {n: label_set_settings(n) for n in LABEL_SETS},
+    }
+
+
 def segment_path(k, suffix=".pt"):
     return f"{RESULTS}/pretrain/segment-{k}{suffix}"
 
@@ -156,6 +166,11 @@ def scratch_member_models(wildcards):
     if not config["evaluate"]["from_scratch"]:
         return []
     return ensemble_members("finetune_scratch", wildcards.label_set)
+
+
+def shard_predictions(path):
+    """A shard's predictions: kept, or temp() when the catalogue is their only reader."""
+    return path if config["catalog"]["keep_shard_predictions"] else temp(path)
 
 
 def attempt_scaled(minutes):

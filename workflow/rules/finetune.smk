@@ -4,9 +4,10 @@
 # yardstick that measures what pretraining adds. With finetune.photometry_members, the
 # `*_photometry` rules train as many members that never see XP (photometry-<k>/), which serve
 # the stars without XP on their own schedule (finetune.photometry_overrides).
-
-# what a member with XP does not depend on: adding members or photometry-only members leaves it be
-XP_MEMBER_IGNORES = ("members", "photometry_members", "photometry_overrides")
+# `cache_rows` only decides whether the train split stays in memory (the model is the same).
+NOT_RESULT_SETTINGS = ("members", "cache_rows", "photometry_members")
+# and a member with XP does not depend on the photometry-only members' settings
+XP_MEMBER_IGNORES = NOT_RESULT_SETTINGS + ("photometry_overrides",)
 
 
 rule finetune:
@@ -16,7 +17,8 @@ rule finetune:
         scaler=f"{RESULTS}/scaler.json",
         labels=label_inputs(),
     output:
-        model=f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/model.pt",
+        # protected: a trained member is not overwritten by accident; to retrain, delete it
+        model=protected(f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/model.pt"),
         metrics=f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/metrics.jsonl",
         loss=report(
             f"{RESULTS}/finetune/{{label_set}}/member-{{member}}/loss.png",
@@ -84,7 +86,7 @@ use rule finetune as finetune_scratch with:
 
 use rule finetune as finetune_photometry with:
     output:
-        model=f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/model.pt",
+        model=protected(f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/model.pt"),
         metrics=f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/metrics.jsonl",
         loss=f"{RESULTS}/finetune/{{label_set}}/photometry-{{member}}/loss.png",
     log:
@@ -97,7 +99,7 @@ use rule finetune as finetune_photometry with:
         start=lambda wildcards, input: ["--pretrained", input.pretrained, "--photometry-only"],
         settings=lambda wildcards: settings(
             seed=config["seed"],
-            finetune=section("finetune", drop=("members", "photometry_members")),
+            finetune=section("finetune", drop=NOT_RESULT_SETTINGS),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
         ),
@@ -118,7 +120,7 @@ use rule finetune_scratch as finetune_scratch_photometry with:
         start=["--from-scratch", "--photometry-only"],
         settings=lambda wildcards: settings(
             seed=config["seed"],
-            finetune=section("finetune", drop=("members", "photometry_members")),
+            finetune=section("finetune", drop=NOT_RESULT_SETTINGS),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
             model=config["model"],

@@ -1,4 +1,7 @@
 # Full-sky prediction: one job per shard and label set, calibrated quantiles into Parquet.
+# The catalogue holds the same rows: with `catalog.keep_shard_predictions: false` these files are
+# temp() and go once their catalogue is written. On SLURM the jobs run in groups (one GPU, one
+# job after another; profiles/slurm), not as thousands of one-minute submissions.
 
 
 rule predict:
@@ -7,7 +10,7 @@ rule predict:
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
         shard=f"{RESULTS}/store/{{shard}}.h5",
     output:
-        predictions=f"{RESULTS}/predict/{{label_set}}/{{shard}}.parquet",
+        predictions=shard_predictions(f"{RESULTS}/predict/{{label_set}}/{{shard}}.parquet"),
     log:
         f"{LOGS}/predict/{{label_set}}/{{shard}}.log",
     benchmark:

@@ -36,6 +36,7 @@ rule pretrain_segment:
             pretrain=config["pretrain"],
             model=config["model"],
             features=config["features"],
+            held_out=held_out_label_settings(),
         ),
     shell:
         "{params.launcher} pretrain --config {params.config:q} --shards {input.shards:q} "
@@ -49,7 +50,8 @@ rule pretrain_model:
         metrics=segment_path(N_SEGMENTS - 1, ".metrics.jsonl"),
         loss=segment_path(N_SEGMENTS - 1, ".loss.png"),
     output:
-        model=f"{RESULTS}/pretrain/model.pt",
+        # protected: hours of GPU time; to retrain, delete it (Snakemake refuses to overwrite it)
+        model=protected(f"{RESULTS}/pretrain/model.pt"),
         metrics=f"{RESULTS}/pretrain/metrics.jsonl",
         loss=report(
             f"{RESULTS}/pretrain/loss.png",
