@@ -47,8 +47,6 @@ rule finetune:
             finetune=section("finetune", drop=XP_MEMBER_IGNORES),
             splits=config["splits"],
             label_set=label_set_settings(wildcards.label_set),
-            # faint copies are made with the calibration's bins and limit
-            **({"calibrate": config["calibrate"]} if config["finetune"]["faint_copies"] else {}),
         ),
     shell:
         "msa finetune --config {params.config:q} --label-set {wildcards.label_set:q} "
