@@ -16,8 +16,8 @@ from slurm.local_cluster import LocalSlurm, missing_requirements
 pytestmark = pytest.mark.slurm
 
 GPU_RULES = {"pretrain_segment", "finetune", "finetune_scratch", "finetune_photometry", "finetune_scratch_photometry",
-             "predict"}
-CPU_RULES = {"ingest", "fit_scaler", "calibrate", "evaluate", "catalog"}
+             "predict", "reconstruct", "embed"}
+CPU_RULES = {"ingest", "fit_scaler", "calibrate", "evaluate", "catalog", "evaluate_reconstruction"}
 # one thread per job in both runs, so CPU floating-point reductions happen in the same order
 ONE_THREAD = ["--set-threads", *(f"{r}=1" for r in sorted(GPU_RULES | CPU_RULES))]
 
