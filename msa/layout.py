@@ -179,6 +179,14 @@ class Layout:
             groups.setdefault(self.features[idx].group, []).append(pos)
         return groups
 
+    def require_same(self, trained: "Layout", what: str) -> None:
+        """Refuse to run ``what`` (e.g. "the members") on a config whose features (``self``) differ
+        from the layout they were trained with."""
+        difference = self.diff(trained)
+        if difference:
+            raise LayoutError(f"the config's features differ from the layout of {what}: {difference}. "
+                              "Use the config they were trained with")
+
     def diff(self, other: "Layout") -> str:
         """Human-readable difference between two layouts ('' when equal)."""
         if self == other:

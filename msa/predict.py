@@ -30,13 +30,12 @@ import dataclasses
 
 import json
 import logging
-import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -55,8 +54,8 @@ from msa.labels import LabelSource, label_set
 from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
 from msa.splits import assign_splits, split_seed
-from msa.store import SOURCE_ID, Shard, atomic_path, check_out_path
-from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
+from msa.store import SOURCE_ID, atomic_path, check_out_path
+from msa.star_sources import StarSource, open_shard, open_table
 
 log = logging.getLogger(__name__)
 
@@ -338,57 +337,28 @@ def verify_source_ids(parquet_path: Path, expected: Iterable[np.ndarray], out) -
                               f"(agreed on the first {n}); the file was not written")
 
 
-def strictly_increasing_ids(chunks: Iterable[np.ndarray], source: str) -> Iterator[np.ndarray]:
-    """Pass id chunks through, raising if an id repeats (a shard is sorted, so repeats are adjacent)."""
-    last = None
-    for ids in chunks:
-        if len(ids) and ((last is not None and ids[0] <= last) or np.any(np.diff(ids) <= 0)):
-            raise PredictionError(f"{source}: source_ids are not strictly increasing (a duplicate or an "
-                                  "unsorted shard); re-ingest it with `msa ingest`")
-        if len(ids):
-            last = ids[-1]
-        yield ids
-
-
 def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict | None, out: str | Path,
                   *, chunk_rows: int, batch_size: int, min_inputs: int, **kwargs) -> PredictSummary:
     """Predict every row of one shard, in order; see :func:`predict_chunks` for the other arguments."""
-    shard_path = Path(shard_path)
-    columns = [SOURCE_ID, *input_transform(ensemble).store_columns]
-    with Shard(shard_path) as shard:
-        present = set(shard.columns)
-        missing = [c for c in columns if c not in present]
-        if missing:
-            raise PredictionError(f"shard {shard_path} lacks column(s) {missing[:8]} that the model reads; "
-                                  "ingest it with the config the model was trained with")
-        n_rows = shard.n_rows
     # G and store labels where the shard has them (a missing G falls back to the coarse group)
-    columns += [c for c in extra_read_columns(kwargs.get("training")) if c in present and c not in columns]
-
-    def chunks():
-        with Shard(shard_path) as s:  # its own handle: read in the prefetch thread
-            yield from s.iter_chunks(columns, chunk_rows)
-
-    def expected_ids():
-        with Shard(shard_path) as s:
-            yield from strictly_increasing_ids((c[SOURCE_ID] for c in s.iter_chunks([SOURCE_ID], 1 << 20)),
-                                               str(shard_path))
-
-    return predict_chunks(chunks(), expected_ids, ensemble, calibration, out, batch_size=batch_size,
-                          min_inputs=min_inputs, n_chunks=math.ceil(n_rows / chunk_rows), **kwargs)
+    source = open_shard(shard_path, input_transform(ensemble).store_columns, chunk_rows,
+                        optional=extra_read_columns(kwargs.get("training")))
+    return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
 
 
 def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict | None, out: str | Path,
                   *, chunk_rows: int, batch_size: int, min_inputs: int, allow_missing: bool = False,
                   **kwargs) -> PredictSummary:
     """Predict a user's CSV/ECSV/FITS/Parquet table (store column names), keeping its row order."""
-    ids = read_table_source_ids(table_path)  # refuses repeated source_ids before any work
-    columns = list(input_transform(ensemble).store_columns)
-    present = set(table_columns(table_path))
-    columns += [c for c in extra_read_columns(kwargs.get("training")) if c in present and c not in columns]
-    chunks = iter_table_chunks(table_path, columns, chunk_rows, allow_missing)
-    return predict_chunks(chunks, lambda: iter([ids]), ensemble, calibration, out, batch_size=batch_size,
-                          min_inputs=min_inputs, n_chunks=math.ceil(len(ids) / chunk_rows), **kwargs)
+    source = open_table(table_path, input_transform(ensemble).store_columns, chunk_rows, allow_missing,
+                        optional=extra_read_columns(kwargs.get("training")))
+    return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
+
+
+def predict_source(source: StarSource, ensemble: Ensemble, calibration: dict | None, out: str | Path,
+                   **kwargs) -> PredictSummary:
+    return predict_chunks(source.chunks(), source.expected_ids, ensemble, calibration, out,
+                          n_chunks=source.n_chunks, **kwargs)
 
 
 # --- metadata and command line -------------------------------------------------------------------
@@ -447,10 +417,7 @@ def check_config_fits(config: dict, label_set: str, ensemble: Ensemble) -> None:
     if list(label_sets[label_set]) != ensemble.labels:
         raise PredictionError(f"label_sets.{label_set} is {label_sets[label_set]} in the config but the members "
                               f"were trained for {ensemble.labels}; pass that label set's members")
-    difference = Layout.from_config(config["features"]).diff(ensemble.layout)
-    if difference:
-        raise PredictionError(f"the config's features differ from the members' layout: {difference}. "
-                              "Predict with the config the members were trained with")
+    Layout.from_config(config["features"]).require_same(ensemble.layout, "the members")
 
 
 def add_arguments(parser) -> None:

@@ -164,13 +164,6 @@ def reconstruct_file(source, is_shard: bool, aes: Autoencoders, out, *, hide_xp:
                              allow_missing=allow_missing)
 
 
-def check_config_fits(config: dict, aes: Autoencoders) -> None:
-    difference = Layout.from_config(config["features"]).diff(aes.layout)
-    if difference:
-        raise ReconstructionError(f"the config's features differ from the models' layout: {difference}. "
-                                  "Use the config the models were trained with")
-
-
 # --- command line --------------------------------------------------------------------------------
 def add_source_arguments(parser) -> None:
     """The options ``msa reconstruct`` and ``msa embed`` share."""
@@ -191,7 +184,7 @@ def load_for_command(args) -> tuple[dict, Autoencoders]:
     config = load_config(args.config)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     aes = Autoencoders.load(args.models, device=device)
-    check_config_fits(config, aes)
+    Layout.from_config(config["features"]).require_same(aes.layout, "the models")
     return config, aes
 
 

@@ -33,8 +33,9 @@ from msa.autoencoders import Autoencoders
 from msa.config import load_config
 from msa.features import G_MAG
 from msa.knn_baseline import fit_knn_spectra
+from msa.layout import Layout
 from msa.pretrain import held_out_of_pretraining
-from msa.reconstruct import check_config_fits, read_columns, reconstruct_xp, scaled_xp_to_archive
+from msa.reconstruct import read_columns, reconstruct_xp, scaled_xp_to_archive
 from msa.spectra import relative_flux_error, sample_flux
 from msa.spectra_plots import plot_error_by_g, plot_spectra
 from msa.store import SOURCE_ID, Shard, atomic_path
@@ -189,7 +190,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     config = load_config(args.config)
     aes = Autoencoders.load(args.models)
-    check_config_fits(config, aes)
+    Layout.from_config(config["features"]).require_same(aes.layout, "the models")
     metrics = evaluate_reconstruction(config, aes, args.shards, args.out_dir)
     overall = metrics["overall"]["relative_flux_error"]
     log.info("%d held-out stars, XP hidden: median relative flux error %.4f (model) vs %.4f (kNN, k=%d): "

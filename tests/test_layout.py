@@ -89,6 +89,14 @@ def test_diff_names_what_differs():
     assert "reconstruct" in a.diff(other_recon) and "['xp']" in a.diff(other_recon)
 
 
+def test_require_same_refuses_a_config_the_models_were_not_trained_with():
+    trained = Layout.from_config(BASE)
+    Layout.from_config(dict(BASE)).require_same(trained, "the members")
+    with pytest.raises(LayoutError, match=r"layout of the members: features only in the first layout: \['K'\]"):
+        Layout.from_config({**BASE, "survey_photometry": {"J": "J_err", "K": "K_err"}}).require_same(
+            trained, "the members")
+
+
 def test_index_of_unknown_feature_names_it():
     with pytest.raises(LayoutError, match=r"feature 'G' is not in the layout"):
         Layout.from_config(BASE).index("G")

@@ -17,8 +17,8 @@ from msa.checkpoint import file_sha256
 from msa.cli import main
 from msa.ensemble import Ensemble, combine_members
 from msa.layout import GROUP_ORDER
-from msa.predict import (PredictionError, predict_shard, predict_table, strictly_increasing_ids,
-                         verify_source_ids)
+from msa.predict import PredictionError, predict_shard, predict_table, verify_source_ids
+from msa.star_sources import SourceError, strictly_increasing_ids
 from msa.store import write_shard
 from msa.tables import TableError
 from test_ensemble import FEATURES_CFG, LABELS, small_layout, unit_scaler, write_member
@@ -200,7 +200,7 @@ def test_source_id_checks_refuse_mismatches(tmp_path):
         verify_source_ids(path, [np.array([5, 7, 9, 11])], "x")
     with pytest.raises(PredictionError, match="more rows"):
         verify_source_ids(path, [np.array([5, 7])], "x")
-    with pytest.raises(PredictionError, match="strictly increasing"):
+    with pytest.raises(SourceError, match="strictly increasing"):
         list(strictly_increasing_ids([np.array([1, 2]), np.array([2, 3])], "shard.h5"))
 
 

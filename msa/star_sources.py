@@ -1,0 +1,101 @@
+"""Where the per-star commands (``msa predict``, ``reconstruct``, ``embed``) read their stars.
+
+A source is a shard of the store or a user's CSV/ECSV/FITS/Parquet table, read chunk by chunk in
+file order (``source_id`` plus the requested columns), and able to re-read its ``source_id``s for
+the check every writer makes before renaming its output into place: same ids, same order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from msa.errors import InputError
+from msa.store import SOURCE_ID, Shard
+from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
+
+
+class SourceError(InputError, RuntimeError):
+    """A shard or table that cannot be read as the model needs: missing columns, repeated ids."""
+
+
+@dataclass
+class StarSource:
+    path: Path
+    n_rows: int
+    chunk_rows: int
+    _chunks: Callable[[], Iterator[dict[str, np.ndarray]]]
+    _expected_ids: Callable[[], Iterable[np.ndarray]]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_rows / self.chunk_rows)
+
+    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive row blocks: ``source_id`` and the requested columns, in file order."""
+        return self._chunks()
+
+    def expected_ids(self) -> Iterable[np.ndarray]:
+        """The input's source_ids again, chunk by chunk, for the final check of a written file."""
+        return self._expected_ids()
+
+
+def strictly_increasing_ids(chunks: Iterable[np.ndarray], source: str) -> Iterator[np.ndarray]:
+    """Pass id chunks through, raising if an id repeats (a shard is sorted, so repeats are adjacent)."""
+    last = None
+    for ids in chunks:
+        if len(ids) and ((last is not None and ids[0] <= last) or np.any(np.diff(ids) <= 0)):
+            raise SourceError(f"{source}: source_ids are not strictly increasing (a duplicate or an "
+                              "unsorted shard); re-ingest it with `msa ingest`")
+        if len(ids):
+            last = ids[-1]
+        yield ids
+
+
+def open_shard(path: str | Path, columns: Sequence[str], chunk_rows: int,
+               optional: Sequence[str] = ()) -> StarSource:
+    """A shard read for ``columns`` (each required) and ``optional`` columns (read where present)."""
+    path = Path(path)
+    wanted = [SOURCE_ID, *(c for c in columns if c != SOURCE_ID)]
+    with Shard(path) as shard:
+        present = set(shard.columns)
+        n_rows = shard.n_rows
+    missing = [c for c in wanted if c not in present]
+    if missing:
+        raise SourceError(f"shard {path} lacks column(s) {missing[:8]} that the model reads; "
+                          "ingest it with the config the model was trained with")
+    wanted += [c for c in optional if c in present and c not in wanted]
+
+    def chunks():
+        with Shard(path) as s:  # its own handle: callers read it in a prefetch thread
+            yield from s.iter_chunks(wanted, chunk_rows)
+
+    def expected_ids():
+        with Shard(path) as s:
+            yield from strictly_increasing_ids((c[SOURCE_ID] for c in s.iter_chunks([SOURCE_ID], 1 << 20)),
+                                               str(path))
+
+    return StarSource(path, n_rows, chunk_rows, chunks, expected_ids)
+
+
+def open_table(path: str | Path, columns: Sequence[str], chunk_rows: int, allow_missing: bool = False,
+               optional: Sequence[str] = ()) -> StarSource:
+    """A user's table: ``columns`` required (or all-NaN with ``allow_missing``), ``optional`` where present."""
+    path = Path(path)
+    ids = read_table_source_ids(path)  # refuses repeated source_ids before any work
+    wanted = [c for c in columns if c != SOURCE_ID]
+    present = set(table_columns(path))
+    wanted += [c for c in optional if c in present and c not in wanted]
+    return StarSource(path, len(ids), chunk_rows, lambda: iter_table_chunks(path, wanted, chunk_rows, allow_missing),
+                      lambda: iter([ids]))
+
+
+def open_source(path: str | Path, is_shard: bool, columns: Sequence[str], chunk_rows: int, *,
+                allow_missing: bool = False, optional: Sequence[str] = ()) -> StarSource:
+    if is_shard:
+        return open_shard(path, columns, chunk_rows, optional)
+    return open_table(path, columns, chunk_rows, allow_missing, optional)
