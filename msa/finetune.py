@@ -74,9 +74,9 @@ from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state,
                             save_checkpoint)
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
-from msa.finetune_data import LabelJoin, summarise_train_split, to_tensors
+from msa.finetune_data import LabelJoin, TrainSplit, summarise_train_split, to_tensors
 from msa.finetune_engine import train_one_epoch, validation_loss
-from msa.finetune_model import FinetuneError, build_objective, parallax_setup
+from msa.finetune_model import FinetuneError, ParallaxSetup, build_objective, parallax_setup
 from msa.labels import LabelSource, label_set, load_split_samples
 from msa.layout import Layout
 from msa.scaling import Scaler
@@ -116,31 +116,34 @@ def batches_per_epoch(train_rows: int, cfg: dict, ctx: DistributedContext) -> in
     return int(ctx.all_reduce_min(float(local)).item())
 
 
-def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None = None,
-                    ctx: DistributedContext | None = None) -> int:
-    """Train one member; returns 0 when ``model.pt`` is written, 143 after SIGTERM (state saved),
-    :data:`EXIT_MORE_EPOCHS` when ``epochs_per_job`` epochs ran and more remain (state saved).
+@dataclass
+class MemberData:
+    """The labelled stars of one member: the train split summarised for streaming (row counts per
+    shard, label scaler), the validation split in memory, and how they are joined to the store."""
+    layout: Layout
+    scaler: Scaler
+    transform: FeatureTransform
+    names: list[str]
+    plx: ParallaxSetup
+    shards: list[Path]
+    train_join: LabelJoin
+    train: TrainSplit
+    val_stars: object
+    n_batches: int
 
-    ``step_callback(step)`` is called after every optimiser step (progress hooks, tests).
-    """
-    ctx = ctx or DistributedContext(device=job.device or select_device())
+
+def load_member_data(job: MemberRun, ctx: DistributedContext) -> MemberData:
     config, cfg = job.config, job.config["finetune"]
-    seed = int(config["seed"]) + int(job.member)
-    device = ctx.device
-    out_dir = Path(job.out_dir)
-    work_path = out_dir / WORK_STATE
-    chash = config_hash(config, list(CONFIG_SECTIONS))
-
     layout = Layout.from_config(config["features"])
     scaler = Scaler.load(job.scaler_path)
     transform = FeatureTransform(layout, scaler, xp_normalises(config["features"]))
     names = label_set(config, job.label_set)
     plx = parallax_setup(cfg, names, layout)
-    plx_columns = (plx.gaia_column, plx.gaia_error_column)
     source = LabelSource(config["labels"], names)
     shards = sorted(Path(p) for p in job.shards)  # every rank must see the same order
     mle_zero_point = cfg["parallax_mle_zero_point"] and cfg["parallax_mle_weight"] > 0
-    train_join = LabelJoin(source, config["splits"], split_seed(config), "train", plx_columns, mle_zero_point)
+    train_join = LabelJoin(source, config["splits"], split_seed(config), "train",
+                           (plx.gaia_column, plx.gaia_error_column), mle_zero_point)
     train = summarise_train_split(shards, train_join, names, cfg["chunk_rows"],
                                   [n for n in cfg["log_labels"] if n in names])
     val_stars = load_split_samples(shards, transform, source, config["splits"], split_seed(config),
@@ -150,24 +153,12 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
                             "both must be non-empty (check splits fractions and the catalogue join)")
     my_shards = assign_shards(shards, ctx.rank, ctx.world_size)
     n_batches = batches_per_epoch(sum(train.rows_per_shard[p] for p in my_shards), cfg, ctx)
-    if ctx.is_main:
-        log.info("label set %s %s: %d train stars (%d batches an epoch) / %d validation stars; member %d, seed %d, "
-                 "device %s", job.label_set, names, train.n_rows, n_batches, len(val_stars), job.member, seed, device)
+    return MemberData(layout, scaler, transform, names, plx, shards, train_join, train, val_stars, n_batches)
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    objective, mask_spec = build_objective(config, layout, names, plx, train.label_scaler, job.pretrained, scaler,
-                                           job.scaler_path, device)
-    model, head = objective.model, objective.head
-    optimizer = torch.optim.AdamW(objective.parameter_groups())
-    scheduler = make_scheduler(optimizer, restart_epochs=cfg["epochs"], min_lr=0.0)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
-    val_t = to_tensors(val_stars, train_join, train.label_scaler, False, train.err_reference, device)
-    del val_stars
-    row_join = train_join.scaled(train.label_scaler, train.err_reference, cfg["inverse_variance"])
-    # a small train split stays in memory after its first epoch; a large one is read every epoch
-    cache = ChunkCache(enabled=train.n_rows <= cfg["cache_rows"])
 
+def initial_state(work_path: Path, chash: str, model, head, optimizer, scheduler, generator, n_batches: int,
+                  ctx: DistributedContext) -> dict:
+    """A fresh run's state, or that of this member's in-progress checkpoint made with the same settings."""
     state = {"epoch": 0, "batch": 0, "step": 0, "rows": 0, "metrics": [], "best_val": float("inf"),
              "bad_epochs": 0, "best": None, "sums": {}}
     set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
@@ -179,6 +170,71 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
         state = _resume(work_path, model, head, optimizer, scheduler, generator, n_batches, ctx.world_size)
         log.info("resuming %s at epoch %d, batch %d (step %d)", work_path, state["epoch"], state["batch"],
                  state["step"])
+    return state
+
+
+def epoch_row(epoch: int, state: dict, val: dict, names, optimizer, ctx: DistributedContext, started: float,
+              train_seconds: float) -> dict:
+    """The epoch's line of ``metrics.jsonl``: train loss terms, validation pinball (overall, with
+    and without XP, per label), learning rate, rows and time."""
+    return {"epoch": epoch, "step": state["step"],
+            **{f"train_{k}": s[0] / max(s[1], 1) for k, s in state["sums"].items()},
+            "val_pinball": val["pinball"],
+            **({"val_pinball_with_xp": val["pinball_with_xp"], "val_pinball_no_xp": val["pinball_no_xp"]}
+               if "pinball_no_xp" in val else {}),
+            **{f"val_pinball_{n}": v for n, v in zip(names, val["per_label"])},
+            "lr_head": optimizer.param_groups[0]["lr"], "rows": state["rows"] * ctx.world_size,
+            "train_seconds": train_seconds, "seconds": time.time() - started}
+
+
+def keep_if_best(state: dict, val_pinball: float, model, head, epoch: int) -> bool:
+    """Early stopping's bookkeeping: keep a CPU copy of the weights when validation improved."""
+    improved = val_pinball < state["best_val"]
+    if improved:
+        state["best_val"] = val_pinball
+        state["bad_epochs"] = 0
+        state["best"] = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                         "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+                         "epoch": epoch}
+    else:
+        state["bad_epochs"] += 1
+    return improved
+
+
+def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None = None,
+                    ctx: DistributedContext | None = None) -> int:
+    """Train one member; returns 0 when ``model.pt`` is written, 143 after SIGTERM (state saved),
+    :data:`EXIT_MORE_EPOCHS` when ``epochs_per_job`` epochs ran and more remain (state saved).
+
+    ``step_callback(step)`` is called after every optimiser step (progress hooks, tests).
+    """
+    ctx = ctx or DistributedContext(device=job.device or select_device())
+    config, cfg = job.config, job.config["finetune"]
+    seed = int(config["seed"]) + int(job.member)
+    device = ctx.device
+    work_path = Path(job.out_dir) / WORK_STATE
+    chash = config_hash(config, list(CONFIG_SECTIONS))
+    data = load_member_data(job, ctx)
+    train, n_batches = data.train, data.n_batches
+    if ctx.is_main:
+        log.info("label set %s %s: %d train stars (%d batches an epoch) / %d validation stars; member %d, seed %d, "
+                 "device %s", job.label_set, data.names, train.n_rows, n_batches, len(data.val_stars), job.member,
+                 seed, device)
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    objective, mask_spec = build_objective(config, data.layout, data.names, data.plx, train.label_scaler,
+                                           job.pretrained, data.scaler, job.scaler_path, device)
+    model, head = objective.model, objective.head
+    optimizer = torch.optim.AdamW(objective.parameter_groups())
+    scheduler = make_scheduler(optimizer, restart_epochs=cfg["epochs"], min_lr=0.0)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
+    val_t = to_tensors(data.val_stars, data.train_join, train.label_scaler, False, train.err_reference, device)
+    data.val_stars = None  # only the tensors are kept
+    row_join = data.train_join.scaled(train.label_scaler, train.err_reference, cfg["inverse_variance"])
+    # a small train split stays in memory after its first epoch; a large one is read every epoch
+    cache = ChunkCache(enabled=train.n_rows <= cfg["cache_rows"])
+    state = initial_state(work_path, chash, model, head, optimizer, scheduler, generator, n_batches, ctx)
 
     def save_work() -> None:
         if ctx.is_main:
@@ -197,11 +253,11 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
                 save_work()
                 log.info("stopped after %d epoch(s) (finetune.epochs_per_job); rerun to continue", epochs_this_job)
                 return EXIT_MORE_EPOCHS
-            stream = ShardStream(shards, transform, chunk_rows=cfg["chunk_rows"], buffer_rows=cfg["buffer_rows"],
-                                 batch_size=cfg["batch_size"], seed=seed, epoch=epoch, rank=ctx.rank,
-                                 world_size=ctx.world_size, prefetch_batches=PREFETCH_BATCHES,
+            stream = ShardStream(data.shards, data.transform, chunk_rows=cfg["chunk_rows"],
+                                 buffer_rows=cfg["buffer_rows"], batch_size=cfg["batch_size"], seed=seed, epoch=epoch,
+                                 rank=ctx.rank, world_size=ctx.world_size, prefetch_batches=PREFETCH_BATCHES,
                                  skip_batches=state["batch"], max_batches=n_batches, row_join=row_join,
-                                 join_columns=train_join.columns, cache=cache)
+                                 join_columns=data.train_join.columns, cache=cache)
             started = time.time()
             bar = tqdm(stream, total=n_batches, initial=state["batch"], unit="batch", leave=False,
                        desc=f"finetune {job.label_set}/{job.member} ep {epoch}", disable=not ctx.is_main or None)
@@ -212,24 +268,8 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
                 return GracefulStop.EXIT_CODE
             train_seconds = time.time() - started
             val = validation_loss(objective, val_t, cfg["batch_size"] * 4, amp)
-            row = {"epoch": epoch, "step": state["step"],
-                   **{f"train_{k}": s[0] / max(s[1], 1) for k, s in state["sums"].items()},
-                   "val_pinball": val["pinball"],
-                   **({"val_pinball_with_xp": val["pinball_with_xp"], "val_pinball_no_xp": val["pinball_no_xp"]}
-                      if "pinball_no_xp" in val else {}),
-                   **{f"val_pinball_{n}": v for n, v in zip(names, val["per_label"])},
-                   "lr_head": optimizer.param_groups[0]["lr"], "rows": state["rows"] * ctx.world_size,
-                   "train_seconds": train_seconds, "seconds": time.time() - started}
-            improved = val["pinball"] < state["best_val"]
-            row["best"] = improved
-            if improved:
-                state["best_val"] = val["pinball"]
-                state["bad_epochs"] = 0
-                state["best"] = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                                 "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
-                                 "epoch": epoch}
-            else:
-                state["bad_epochs"] += 1
+            row = epoch_row(epoch, state, val, data.names, optimizer, ctx, started, train_seconds)
+            row["best"] = improved = keep_if_best(state, val["pinball"], model, head, epoch)
             state["metrics"].append(row)
             if ctx.is_main:
                 log.info("epoch %d: train %.4f, val pinball %.4f%s, %.0f rows/s", epoch, row["train_total"],
@@ -243,9 +283,9 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     model.load_state_dict(best["model"])
     head.load_state_dict(best["head"])
     if ctx.is_main:
-        _write_outputs(job, model, head, names, train.label_scaler, layout, scaler, mask_spec, plx, seed, chash,
-                       state["metrics"], best["epoch"])
-        shutil.rmtree(out_dir / "work", ignore_errors=True)
+        _write_outputs(job, model, head, data.names, train.label_scaler, data.layout, data.scaler, mask_spec,
+                       data.plx, seed, chash, state["metrics"], best["epoch"])
+        shutil.rmtree(Path(job.out_dir) / "work", ignore_errors=True)
     ctx.barrier()
     return 0
 

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from msa.checkpoint import load_checkpoint
 from msa.labels import LabelScaler
-from msa.layout import GROUP_ORDER, Layout
+from msa.layout import Layout
 from msa.losses import pinball_loss, reconstruction_objective
 from msa.masking import MaskSpec, draw_mask
 from msa.model import QuantileHead
+from msa.perturbation import perturb, perturbed_columns
 from msa.scaling import Scaler
 from msa.training import parameter_groups
 
@@ -32,20 +32,6 @@ log = logging.getLogger(__name__)
 
 class FinetuneError(RuntimeError):
     """Inconsistent fine-tuning inputs (labels, layout, pretrained model, in-progress state)."""
-
-
-def feature_indices(layout: Layout, names_or_groups: Sequence[str]) -> np.ndarray:
-    """Layout positions of the named features and of every feature in the named groups."""
-    idx: list[int] = []
-    for item in names_or_groups:
-        if item in GROUP_ORDER:
-            idx.extend(layout.group_indices(item).tolist())
-        elif item in layout.names:
-            idx.append(layout.index(item))
-        else:
-            raise FinetuneError(f"finetune.pert_features: {item!r} is neither a feature nor a group "
-                                f"({list(GROUP_ORDER)})")
-    return np.array(sorted(set(idx)), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -102,8 +88,8 @@ class Objective:
         # a photometry-only member's every pass is already XP-free
         self.no_xp_weight = float(cfg["no_xp_weight"]) if len(layout.xp_indices) and not cfg["photometry_only"] \
             else 0.0
-        self.pert_idx = torch.as_tensor(feature_indices(layout, cfg["pert_features"]), dtype=torch.long,
-                                        device=device)
+        self.pert_idx = torch.as_tensor(perturbed_columns(layout, cfg["pert_features"], "finetune.pert_features"),
+                                        dtype=torch.long, device=device)
         weights = [float(cfg["label_weights"].get(n, 1.0)) for n in label_scaler.names]
         unknown = sorted(set(cfg["label_weights"]) - set(label_scaler.names))
         if unknown:
@@ -152,12 +138,7 @@ class Objective:
                      ) -> dict[str, torch.Tensor]:
         """Loss terms of one training batch (scaled inputs/labels; Gaia parallax in mas)."""
         cfg = self.cfg
-        if len(self.pert_idx) and cfg["pert_scale"] > 0:
-            # one Gaussian draw per entry (never one per batch); missing errors add nothing
-            noise = torch.randn(x[:, self.pert_idx].shape, generator=generator, device=x.device)
-            e = torch.nan_to_num(err[:, self.pert_idx], nan=0.0)
-            x = x.clone()
-            x[:, self.pert_idx] = x[:, self.pert_idx] + cfg["pert_scale"] * e * noise
+        x = perturb(x, err, self.pert_idx, cfg["pert_scale"], generator)
         if cfg["pert_labels"]:
             noise = torch.randn(y.shape, generator=generator, device=y.device)
             y = y + torch.nan_to_num(y_err, nan=0.0) * noise

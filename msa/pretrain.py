@@ -47,16 +47,16 @@ from msa.checkpoint import (CheckpointError, check_layout, load_checkpoint, rest
 from msa.config import config_hash, load_config
 from msa.features import FeatureTransform, xp_normalises
 from msa.labels import store_label_columns
-from msa.layout import GROUP_ORDER, Layout
-from msa.losses import per_group_sums, reconstruction_objective, reconstruction_sums
-from msa.masking import MaskSpec, draw_mask, fixed_validation_mask
+from msa.layout import Layout
+from msa.masking import MaskSpec
 from msa.model import MaskedAutoencoder
+from msa.perturbation import perturbed_columns
+from msa.pretrain_engine import EpochPosition, PretrainState, train_one_epoch, validate
 from msa.plots import plot_loss_curves
 from msa.scaling import Scaler
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, atomic_path
-from msa.training import (DistributedContext, GracefulStop, NonFiniteLossError, autocast_context,
-                          make_optimizer, make_scheduler)
+from msa.training import DistributedContext, GracefulStop, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -109,38 +109,6 @@ def segment_epochs(section: dict, segment: int) -> tuple[int, int]:
     return start, stop
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The masking generator's seed at a step: a function of (seed, rank, step) only."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def perturbed_columns(layout: Layout, names: Sequence[str]) -> np.ndarray:
-    """Layout positions of ``pert_features`` entries (group names or feature names)."""
-    cols: list[int] = []
-    for name in names:
-        if name in GROUP_ORDER:
-            cols += layout.group_indices(name).tolist()
-        elif name in layout.names:
-            cols.append(layout.index(name))
-        else:
-            raise PretrainError(f"pretrain.pert_features: {name!r} is neither a group {list(GROUP_ORDER)} "
-                                "nor a feature of the layout")
-    return np.unique(np.asarray(cols, dtype=np.int64))
-
-
-def perturb(x: torch.Tensor, err: torch.Tensor, columns: torch.Tensor, scale: float,
-            generator: torch.Generator) -> torch.Tensor:
-    """x + scale·σ·N(0, 1), one independent draw per element, on the given columns only
-    (an element without an error is left as it is)."""
-    if not len(columns) or scale == 0:
-        return x
-    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
-    sigma = torch.nan_to_num(err[:, columns], nan=0.0)
-    out = x.clone()
-    out[:, columns] = x[:, columns] + scale * sigma * noise[:, columns]
-    return out
-
-
 def load_pretrained(path: str | Path, layout: Layout, map_location="cpu") -> tuple[MaskedAutoencoder, dict]:
     """The pretrained autoencoder of a checkpoint (built from its ``model_hparams``) and the
     checkpoint; refuses a checkpoint made for another feature layout, naming the difference."""
@@ -162,21 +130,6 @@ class SegmentResult:
     metrics: list[dict] = field(default_factory=list)
     exit_code: int = 0
     checkpoint: Path | None = None
-
-
-@dataclass
-class _Position:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    loss_sum: float = 0.0
-    batches: int = 0
-    rows: int = 0
-    train_wall: float = 0.0
-
-    def partial(self) -> dict:
-        return {"loss_sum": self.loss_sum, "batches": self.batches, "rows": self.rows,
-                "train_wall": self.train_wall}
 
 
 def _split_shards(shard_paths: Sequence[str | Path], section: dict, seed: int):
@@ -228,6 +181,98 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
+def _build_state(config: dict, layout: Layout, ctx: DistributedContext) -> PretrainState:
+    """A fresh model (the same initial weights on every rank), its optimiser and schedule, the masks."""
+    section, seed = config["pretrain"], int(config["seed"])
+    torch.manual_seed(seed)
+    recon_idx = torch.as_tensor(layout.reconstruct_indices)
+    model = MaskedAutoencoder(layout.n_features, len(recon_idx), **config["model"])
+    optimizer = make_optimizer(model, section["lr"], section["weight_decay"])
+    scheduler = make_scheduler(optimizer, section["restart_epochs"], section["restart_mult"], section["min_lr"])
+    pert_cols = torch.as_tensor(perturbed_columns(layout, section["pert_features"], "pretrain.pert_features"))
+    return PretrainState(model=model, forward=model, optimizer=optimizer, scheduler=scheduler,
+                         spec=MaskSpec.from_config(layout, section), recon_idx=recon_idx,
+                         groups=layout.reconstruct_groups_positions(), pert_cols=pert_cols, section=section,
+                         seed=seed, ctx=ctx, generator=torch.Generator(device=ctx.device), amp=bool(section["amp"]))
+
+
+def _resume_from(out_dir: Path, work_path: Path, segment: int, settings_hash: str, ctx) -> Path | None:
+    """The checkpoint this segment continues: its own in-progress one (same settings), else the
+    previous segment's final state; None for a first segment started afresh."""
+    resume_from = out_dir / f"segment-{segment - 1}.pt" if segment > 0 else None
+    set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
+    if work_path.exists():
+        if load_checkpoint(work_path).get("config_hash") == settings_hash:
+            return work_path
+        if ctx.is_main:  # a killed run with other settings: its state must not leak into this one
+            log.warning("ignoring %s: it was made with other pretraining settings; segment %d starts afresh",
+                        work_path, segment)
+    if resume_from is not None and not resume_from.exists():
+        raise PretrainError(f"segment {segment} starts from {resume_from}, which does not exist; "
+                            f"run --segment {segment - 1} first")
+    return resume_from
+
+
+def _restore(state: PretrainState, path: Path, layout: Layout, scaler: Scaler, segment: int,
+             epochs: tuple[int, int]) -> tuple[EpochPosition, list[dict], dict]:
+    """Load model, optimiser, schedule and RNG state from ``path``; (position, metrics, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    _check_resume(ckpt, path, layout, scaler, state.model.hparams)
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    restore_rng_state(ckpt["rng"])
+    pos = EpochPosition(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
+                        **ckpt["epoch_partial"])
+    world_size = state.ctx.world_size
+    if pos.batch_in_epoch and ckpt.get("world_size", 1) != world_size:
+        raise PretrainError(f"{path} stopped mid-epoch with {ckpt.get('world_size')} process(es); "
+                            f"resume it with the same number, not {world_size}")
+    if not epochs[0] <= pos.epoch <= epochs[1]:
+        raise PretrainError(f"{path} is at epoch {pos.epoch}, outside segment {segment} "
+                            f"(epochs {epochs[0]}..{epochs[1] - 1})")
+    if state.ctx.is_main:
+        log.info("resuming from %s at epoch %d, batch %d, step %d", path, pos.epoch, pos.batch_in_epoch, pos.step)
+    return pos, list(ckpt["metrics"]), ckpt
+
+
+def _start_from_presaved(state: PretrainState, path: str, layout: Layout) -> None:
+    ckpt = load_checkpoint(path)
+    check_layout(ckpt, layout, path)
+    state.model.load_state_dict(ckpt["model"])
+    if state.ctx.is_main:
+        log.info("starting from the weights of %s", path)
+
+
+def _to_device(state: PretrainState) -> None:
+    """Model and optimiser state onto the run's device; DDP and torch.compile wrapped as configured."""
+    device, model = state.ctx.device, state.model
+    model.to(device)
+    for opt_state in state.optimizer.state.values():
+        for k, v in opt_state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                opt_state[k] = v.to(device)
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if state.ctx.distributed else model
+    state.forward = torch.compile(net) if state.section["compile"] else net
+
+
+def _common_batches(probe: ShardStream, ctx: DistributedContext) -> int:
+    """Batches per epoch, the same on every rank (DDP ranks must take the same number of steps; a
+    rank's surplus batches wait for the next epoch)."""
+    local_batches = probe.n_batches(probe.count_rows())
+    n_batches = int(ctx.all_reduce_min(float(local_batches)).item())
+    if n_batches < 1:
+        raise PretrainError(f"pretraining has no training rows on some rank ({local_batches} batches here); "
+                            "add shards or lower validation_fraction")
+    return n_batches
+
+
+def _save_epoch_outputs(out_dir: Path, segment: int, metrics: list[dict]) -> None:
+    _write_metrics(out_dir / f"segment-{segment}.metrics.jsonl", metrics)
+    plot_loss_curves(metrics, out_dir / f"segment-{segment}.loss.png")
+
+
 def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Scaler | str | Path,
                      out_dir: str | Path, segment: int, ctx: DistributedContext | None = None) -> SegmentResult:
     """Run one segment of pretraining (see the module docstring); returns the trained model."""
@@ -241,93 +286,35 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     layout = Layout.from_config(config["features"])
     scaler = scaler if isinstance(scaler, Scaler) else Scaler.load(scaler)
     transform = FeatureTransform(layout, scaler, xp_normalises(config["features"]))
-    spec = MaskSpec.from_config(layout, section)
-    recon_idx = torch.as_tensor(layout.reconstruct_indices)
-    groups = layout.reconstruct_groups_positions()
-    pert_cols = torch.as_tensor(perturbed_columns(layout, section["pert_features"]))
-    device = ctx.device
-
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = MaskedAutoencoder(layout.n_features, len(recon_idx), **config["model"])
-    optimizer = make_optimizer(model, section["lr"], section["weight_decay"])
-    scheduler = make_scheduler(optimizer, section["restart_epochs"], section["restart_mult"], section["min_lr"])
-    pos = _Position(epoch=start_epoch)
-    metrics: list[dict] = []
-
+    state = _build_state(config, layout, ctx)
+    pos, metrics, ckpt = EpochPosition(epoch=start_epoch), [], None
     settings_hash = config_hash(config, settings_sections(config))
-    resume_from = out_dir / f"segment-{segment - 1}.pt" if segment > 0 else None
-    set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
-    if work_path.exists():
-        if load_checkpoint(work_path).get("config_hash") == settings_hash:
-            resume_from = work_path
-        elif ctx.is_main:  # a killed run with other settings: its state must not leak into this one
-            log.warning("ignoring %s: it was made with other pretraining settings; segment %d starts afresh",
-                        work_path, segment)
+    resume_from = _resume_from(out_dir, work_path, segment, settings_hash, ctx)
     if resume_from is not None:
-        if not resume_from.exists():
-            raise PretrainError(f"segment {segment} starts from {resume_from}, which does not exist; "
-                                f"run --segment {segment - 1} first")
-        ckpt = load_checkpoint(resume_from)
-        _check_resume(ckpt, resume_from, layout, scaler, model.hparams)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        restore_rng_state(ckpt["rng"])
-        pos = _Position(step=ckpt["step"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"],
-                        **ckpt["epoch_partial"])
-        metrics = list(ckpt["metrics"])
-        if pos.batch_in_epoch and ckpt.get("world_size", 1) != ctx.world_size:
-            raise PretrainError(f"{resume_from} stopped mid-epoch with {ckpt.get('world_size')} process(es); "
-                                f"resume it with the same number, not {ctx.world_size}")
-        if not start_epoch <= pos.epoch <= stop_epoch:
-            raise PretrainError(f"{resume_from} is at epoch {pos.epoch}, outside segment {segment} "
-                                f"(epochs {start_epoch}..{stop_epoch - 1})")
-        if ctx.is_main:
-            log.info("resuming from %s at epoch %d, batch %d, step %d", resume_from, pos.epoch,
-                     pos.batch_in_epoch, pos.step)
+        pos, metrics, ckpt = _restore(state, resume_from, layout, scaler, segment, (start_epoch, stop_epoch))
     elif section["presaved"]:
-        ckpt = load_checkpoint(section["presaved"])
-        check_layout(ckpt, layout, section["presaved"])
-        model.load_state_dict(ckpt["model"])
-        if ctx.is_main:
-            log.info("starting from the weights of %s", section["presaved"])
+        _start_from_presaved(state, section["presaved"], layout)
 
     train_paths, val_paths, train_filter, val_filter = _split_shards(shard_paths, section, seed)
-    held_out, held_out_columns = held_out_labelled_stars(config)
+    held_out = held_out_labelled_stars(config)
     stream_kw = dict(chunk_rows=section["chunk_rows"], buffer_rows=section["buffer_rows"],
                      batch_size=section["batch_size"], seed=seed, rank=ctx.rank, world_size=ctx.world_size,
-                     prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=held_out,
-                     join_columns=held_out_columns)
-    probe = ShardStream(train_paths, transform, row_filter=train_filter, **stream_kw)
-    local_batches = probe.n_batches(probe.count_rows())
-    # DDP ranks must take the same number of steps; a rank's surplus batches wait for the next epoch
-    n_batches = int(ctx.all_reduce_min(float(local_batches)).item())
-    if n_batches < 1:
-        raise PretrainError(f"pretraining has no training rows on some rank ({local_batches} batches here); "
-                            "add shards or lower validation_fraction")
-    if resume_from is not None and pos.batch_in_epoch and ckpt.get("n_batches_per_epoch") != n_batches:
+                     prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=held_out[0],
+                     join_columns=held_out[1])
+    n_batches = _common_batches(ShardStream(train_paths, transform, row_filter=train_filter, **stream_kw), ctx)
+    if ckpt is not None and pos.batch_in_epoch and ckpt.get("n_batches_per_epoch") != n_batches:
         raise PretrainError(f"{resume_from} was made with {ckpt.get('n_batches_per_epoch')} batches per epoch, "
                             f"the shards now give {n_batches}; the store changed under a running segment")
-
-    model.to(device)
-    for state in optimizer.state.values():  # optimizer state follows the model onto the device
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                state[k] = v.to(device)
-    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if ctx.distributed else model
-    forward = torch.compile(net) if section["compile"] else net
-    generator = torch.Generator(device=device)  # masks and noise drawn where the model runs
-    amp = bool(section["amp"])
+    _to_device(state)
 
     def payload(at_segment_end: bool = False) -> dict:
-        return {"kind": "pretrain", "model": model.state_dict(), "model_hparams": model.hparams,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": pos.step,
-                "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch, "epoch_partial": pos.partial(),
-                "segment": segment, "segment_complete": at_segment_end, "n_batches_per_epoch": n_batches,
-                "world_size": ctx.world_size, "rng": rng_state(), "config": config,
-                "config_hash": settings_hash,
-                "layout": layout.to_dict(), "scaler": scaler.to_dict(), "metrics": metrics}
+        return {"kind": "pretrain", "model": state.model.state_dict(), "model_hparams": state.model.hparams,
+                "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+                "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                "epoch_partial": pos.partial(), "segment": segment, "segment_complete": at_segment_end,
+                "n_batches_per_epoch": n_batches, "world_size": ctx.world_size, "rng": rng_state(),
+                "config": config, "config_hash": settings_hash, "layout": layout.to_dict(),
+                "scaler": scaler.to_dict(), "metrics": metrics}
 
     def save_work() -> None:
         if ctx.is_main:
@@ -337,87 +324,28 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     with GracefulStop() as stop:
         while pos.epoch < stop_epoch:
             epoch = pos.epoch
-            model.train()
             stream = ShardStream(train_paths, transform, row_filter=train_filter, epoch=epoch,
                                  skip_batches=pos.batch_in_epoch, max_batches=n_batches, **stream_kw)
-            bar = tqdm(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
-                       desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
-                       disable=not ctx.is_main or None, mininterval=2.0)
-            tick = time.perf_counter()
-            stopped = False
-            for batch in stream:
-                batch = batch.to(device)
-                generator.manual_seed(step_seed(seed, ctx.rank, pos.step))
-                hidden = draw_mask(spec, len(batch), generator, device)
-                x_in = perturb(batch.x, batch.err, pert_cols, section["pert_scale"], generator)
-                with autocast_context(device, amp):
-                    recon, latent = forward(x_in, hidden)
-                loss = reconstruction_objective(recon.float(), batch.x[:, recon_idx], batch.err[:, recon_idx],
-                                                hidden[:, recon_idx], section["loss"], groups,
-                                                section["loss_balance"], section["min_error"])
-                if section["latent_l1"]:
-                    loss = loss + section["latent_l1"] * latent.float().abs().mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # after DDP's all-reduce the gradient norm is the same on every rank, so all stop together
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), section["grad_clip"] or float("inf"))
-                value = float(loss.item())
-                if not (np.isfinite(value) and torch.isfinite(grad_norm)):
-                    raise NonFiniteLossError(
-                        f"loss {value} (gradient norm {float(grad_norm)}) at step {pos.step} of epoch {epoch + 1}; "
-                        "stopping. Check the inputs and scaler, lower pretrain.lr or set pretrain.grad_clip")
-                optimizer.step()
-                scheduler.step(epoch + (pos.batch_in_epoch + 1) / n_batches)
-                pos.step += 1
-                pos.batch_in_epoch += 1
-                pos.loss_sum += value
-                pos.batches += 1
-                pos.rows += len(batch)
-                bar.update(len(batch))
-                stop_now = stop.requested
-                if ctx.distributed:
-                    stop_now = bool(ctx.all_reduce_sum(float(stop.requested)).item() > 0)
-                if stop_now:
-                    pos.train_wall += time.perf_counter() - tick
-                    save_work()
-                    stopped = True
-                    break
-                if pos.step % section["checkpoint_every"] == 0 and pos.batch_in_epoch < n_batches:
-                    pos.train_wall += time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    save_work()
-            bar.close()
+            with tqdm(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
+                      desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
+                      disable=not ctx.is_main or None, mininterval=2.0) as bar:
+                stopped = train_one_epoch(state, stream, pos, n_batches, stop, save_work, bar)
             if stopped:
                 exit_code = GracefulStop.EXIT_CODE
                 if ctx.is_main:
                     log.warning("stopped by signal at step %d; resume by rerunning the same command", pos.step)
                 break
-            pos.train_wall += time.perf_counter() - tick
-            val_tick = time.perf_counter()
-            val_loss, val_groups = validate(forward, model, transform, val_paths, val_filter, spec, recon_idx,
-                                            groups, section, seed, ctx, amp, (held_out, held_out_columns))
-            train_loss = float(ctx.all_reduce_mean(pos.loss_sum / max(pos.batches, 1)).item())
-            rows = int(ctx.all_reduce_sum(float(pos.rows)).item())
-            record = {"epoch": epoch, "step": pos.step, "train_loss": train_loss, "val_loss": val_loss,
-                      "val_loss_groups": val_groups, "lr": scheduler.get_last_lr()[0],
-                      "rows": rows, "rows_per_s": rows / max(pos.train_wall, 1e-9),
-                      "wall_s": pos.train_wall + time.perf_counter() - val_tick}
-            metrics.append(record)
+            metrics.append(_epoch_record(state, pos, transform, val_paths, val_filter, held_out))
+            pos = EpochPosition(step=pos.step, epoch=epoch + 1)
             if ctx.is_main:
-                log.info("epoch %d: train %.5g, validation %s, %.0f rows/s", epoch + 1, train_loss,
-                         "—" if val_loss is None else f"{val_loss:.5g}", record["rows_per_s"])
-            pos = _Position(step=pos.step, epoch=epoch + 1)
-            if ctx.is_main:
-                _write_metrics(out_dir / f"segment-{segment}.metrics.jsonl", metrics)
-                plot_loss_curves(metrics, out_dir / f"segment-{segment}.loss.png")
+                _save_epoch_outputs(out_dir, segment, metrics)
             if pos.epoch < stop_epoch:
                 save_work()
 
-    result = SegmentResult(model, pos.step, pos.epoch, metrics, exit_code)
+    result = SegmentResult(state.model, pos.step, pos.epoch, metrics, exit_code)
     if exit_code == 0 and ctx.is_main:
         save_checkpoint(final_path, payload(at_segment_end=True))
-        _write_metrics(out_dir / f"segment-{segment}.metrics.jsonl", metrics)
-        plot_loss_curves(metrics, out_dir / f"segment-{segment}.loss.png")
+        _save_epoch_outputs(out_dir, segment, metrics)
         work_path.unlink(missing_ok=True)
         result.checkpoint = final_path
         log.info("segment %d done: epochs %d..%d, %d steps → %s", segment, start_epoch + 1, stop_epoch,
@@ -426,42 +354,21 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     return result
 
 
-@torch.no_grad()
-def validate(forward, model, transform, val_paths, val_filter, spec, recon_idx, groups, section, seed,
-             ctx: DistributedContext, amp: bool, held_out=(None, [])) -> tuple[float | None, dict[str, float]]:
-    """Validation loss (and per group) with the FIXED per-star mask, summed over every rank's
-    share of the validation shards; ``(None, {})`` without validation data."""
-    if not val_paths:
-        return None, {}
-    model.eval()
-    names = list(groups)
-    sums = np.zeros(2 + 2 * len(names))
-    mine = [p for i, p in enumerate(val_paths) if i % ctx.world_size == ctx.rank]
-    if mine:
-        stream = ShardStream(mine, transform, chunk_rows=section["chunk_rows"], buffer_rows=section["chunk_rows"],
-                             batch_size=section["batch_size"], seed=seed, shuffle=False, row_filter=val_filter,
-                             prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=held_out[0],
-                             join_columns=held_out[1])
-        for batch in stream:
-            batch = batch.to(ctx.device)
-            hidden = fixed_validation_mask(spec, batch.source_id, seed, ctx.device)
-            with autocast_context(ctx.device, amp):
-                # the plain module: no DDP gradient sync needed, and ranks may have unequal batches
-                recon, _ = model(batch.x, hidden)
-            args = (recon.float(), batch.x[:, recon_idx], batch.err[:, recon_idx], hidden[:, recon_idx],
-                    section["loss"])
-            total, weight = reconstruction_sums(*args, min_error=section["min_error"])
-            per = per_group_sums(*args, groups, min_error=section["min_error"])
-            sums += np.array([total.item(), weight.item()]
-                             + [v.item() for n in names for v in per[n]])
-    sums = ctx.all_reduce_sum(sums.tolist()).numpy()
-    model.train()
-    if sums[1] <= 0:
-        return None, {}
-    per_group = {n: float(sums[2 + 2 * i] / sums[3 + 2 * i]) for i, n in enumerate(names) if sums[3 + 2 * i] > 0}
-    if section["loss_balance"] == "groups":  # the same definition as the training objective
-        return float(np.mean(list(per_group.values()))), per_group
-    return float(sums[0] / sums[1]), per_group
+def _epoch_record(state: PretrainState, pos: EpochPosition, transform, val_paths, val_filter, held_out) -> dict:
+    """The epoch's line of ``segment-K.metrics.jsonl``: losses averaged over ranks, rows and speed."""
+    ctx = state.ctx
+    val_tick = time.perf_counter()
+    val_loss, val_groups = validate(state, transform, val_paths, val_filter, held_out)
+    train_loss = float(ctx.all_reduce_mean(pos.loss_sum / max(pos.batches, 1)).item())
+    rows = int(ctx.all_reduce_sum(float(pos.rows)).item())
+    record = {"epoch": pos.epoch, "step": pos.step, "train_loss": train_loss, "val_loss": val_loss,
+              "val_loss_groups": val_groups, "lr": state.scheduler.get_last_lr()[0],
+              "rows": rows, "rows_per_s": rows / max(pos.train_wall, 1e-9),
+              "wall_s": pos.train_wall + time.perf_counter() - val_tick}
+    if ctx.is_main:
+        log.info("epoch %d: train %.5g, validation %s, %.0f rows/s", pos.epoch + 1, train_loss,
+                 "—" if val_loss is None else f"{val_loss:.5g}", record["rows_per_s"])
+    return record
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from msa.config import validate
 from msa.fit_scaler import fit_scaler
 from msa.layout import Layout
 from msa.model import MaskedAutoencoder
-from msa.pretrain import PretrainError, load_pretrained, perturb, pretrain_segment
+from msa.perturbation import perturb
+from msa.pretrain import PretrainError, load_pretrained, pretrain_segment
 from msa.store import StoreError, write_shard
 from msa.training import NonFiniteLossError, parameter_groups
 
