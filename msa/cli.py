@@ -39,7 +39,9 @@ COMMANDS = {
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msa", description="Masked Stellar Autoencoder pipeline")
+    # `--shards @list.txt` reads the shard paths from a file, one a line (the workflow's shard list)
+    parser = argparse.ArgumentParser(prog="msa", description="Masked Stellar Autoencoder pipeline",
+                                     fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"msa {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -44,7 +44,7 @@ def label_set_jobs(label_set: str, members: range, shards=("s000", "s001")) -> s
             | {f"predict[label_set={label_set},shard={s}]" for s in shards})
 
 
-UPSTREAM = {"ingest[shard=s000]", "ingest[shard=s001]", "fit_scaler", "pretrain_segment[segment=0]",
+UPSTREAM = {"ingest[shard=s000]", "ingest[shard=s001]", "shard_list", "fit_scaler", "pretrain_segment[segment=0]",
             "pretrain_segment[segment=1]", "pretrain_model"}
 
 

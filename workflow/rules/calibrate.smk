@@ -4,7 +4,7 @@
 rule calibrate:
     input:
         members=member_models,
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
         labels=label_inputs(),
     output:
         calibration=report(
@@ -32,5 +32,5 @@ rule calibrate:
         ),
     shell:
         "msa calibrate --config {params.config:q} --label-set {wildcards.label_set:q} "
-        "--members {input.members:q} --shards {input.shards:q} --out {output.calibration:q} "
+        "--members {input.members:q} --shards @{input.shards:q} --out {output.calibration:q} "
         "> {log:q} 2>&1"

@@ -1,6 +1,7 @@
 # Shared helpers: the resolved config, shard discovery, label sets and members, the per-rule
 # settings that decide what reruns, and the targets of `rule all`.
 
+import functools
 import json
 import math
 import os
@@ -72,6 +73,18 @@ LABEL_SETS = list(config["label_sets"])
 MEMBERS = list(range(config["finetune"]["members"]))
 N_SEGMENTS = math.ceil(config["pretrain"]["epochs"] / config["pretrain"]["epochs_per_job"])
 SHARD_FILES = expand(f"{RESULTS}/store/{{shard}}.h5", shard=SHARDS)
+# The rules that read the whole store take this one file (one shard path a line, passed to `msa`
+# as `--shards @file`) instead of every shard: on the full sky's 3,386 shards the plan then has one
+# edge per shard instead of one per shard and whole-store job, and plans several times faster.
+# A re-made shard re-makes the list, so everything downstream still reruns.
+SHARD_LIST = f"{RESULTS}/store/shards.txt"
+
+
+def write_shard_list(shards, path, log_path):
+    """One shard path a line, as argparse reads `@file` arguments."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{shard}\n" for shard in shards))
+    Path(log_path).write_text(f"{len(shards)} shards listed in {path}\n")
 
 
 def shard_path(pattern, shard):
@@ -151,9 +164,18 @@ def launcher(wildcards, resources):
 def ensemble_members(folder, label_set):
     """An ensemble's member files: the members with XP and, with finetune.photometry_members,
     as many photometry-only members, which serve the stars without XP."""
+    return list(_ensemble_members(folder, label_set))
+
+
+@functools.lru_cache(maxsize=None)  # asked once per predict job: 10,158 of them on the full sky
+def _ensemble_members(folder, label_set):
     kinds = ["member", "photometry"] if config["finetune"]["photometry_members"] else ["member"]
-    return expand(
-        f"{RESULTS}/{folder}/{label_set}/{{kind}}-{{member}}/model.pt", kind=kinds, member=MEMBERS
+    return tuple(
+        expand(
+            f"{RESULTS}/{folder}/{label_set}/{{kind}}-{{member}}/model.pt",
+            kind=kinds,
+            member=MEMBERS,
+        )
     )
 
 

@@ -6,7 +6,7 @@ rule evaluate:
         members=member_models,
         scratch=scratch_member_models,
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
         labels=label_inputs(),
     output:
         evaluation=report(
@@ -38,5 +38,5 @@ rule evaluate:
     shell:
         "msa evaluate --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--members {input.members:q} --scratch-members {input.scratch:q} "
-        "--calibration {input.calibration:q} --shards {input.shards:q} "
+        "--calibration {input.calibration:q} --shards @{input.shards:q} "
         "--out-dir {output.evaluation:q} > {log:q} 2>&1"

@@ -13,7 +13,7 @@ XP_MEMBER_IGNORES = NOT_RESULT_SETTINGS + ("photometry_overrides",)
 rule finetune:
     input:
         pretrained=f"{RESULTS}/pretrain/model.pt",
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
         scaler=f"{RESULTS}/scaler.json",
         labels=label_inputs(),
     output:
@@ -50,13 +50,13 @@ rule finetune:
         ),
     shell:
         "msa finetune --config {params.config:q} --label-set {wildcards.label_set:q} "
-        "--member {wildcards.member:q} {params.start:q} --shards {input.shards:q} "
+        "--member {wildcards.member:q} {params.start:q} --shards @{input.shards:q} "
         "--scaler {input.scaler:q} --out-dir {params.out_dir:q} >> {log:q} 2>&1"
 
 
 use rule finetune as finetune_scratch with:
     input:
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
         scaler=f"{RESULTS}/scaler.json",
         labels=label_inputs(),
     output:

@@ -22,3 +22,18 @@ rule ingest:
     shell:
         "msa ingest --config {params.config:q} --shard {wildcards.shard:q} --out {output.shard:q} "
         "> {log:q} 2>&1"
+
+
+localrules:
+    shard_list,
+
+
+rule shard_list:
+    input:
+        shards=SHARD_FILES,
+    output:
+        shard_list=SHARD_LIST,
+    log:
+        f"{LOGS}/shard_list.log",
+    run:
+        write_shard_list(input.shards, output.shard_list, log[0])

@@ -9,7 +9,7 @@
 
 rule pretrain_segment:
     input:
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
         scaler=f"{RESULTS}/scaler.json",
         previous=previous_segment,
     output:
@@ -39,7 +39,7 @@ rule pretrain_segment:
             held_out=held_out_label_settings(),
         ),
     shell:
-        "{params.launcher} pretrain --config {params.config:q} --shards {input.shards:q} "
+        "{params.launcher} pretrain --config {params.config:q} --shards @{input.shards:q} "
         "--scaler {input.scaler:q} --out-dir {params.out_dir:q} --segment {wildcards.segment:q} "
         ">> {log:q} 2>&1"
 

@@ -32,7 +32,7 @@ rule reconstruct:
 rule evaluate_reconstruction:
     input:
         models=autoencoder_models("reconstruct"),
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
     output:
         evaluation=report(
             directory(f"{RESULTS}/reconstruct/evaluation"),
@@ -63,7 +63,7 @@ rule evaluate_reconstruction:
         ),
     shell:
         "msa evaluate-reconstruction --config {params.config:q} --models {input.models:q} "
-        "--shards {input.shards:q} --out-dir {output.evaluation:q} > {log:q} 2>&1"
+        "--shards @{input.shards:q} --out-dir {output.evaluation:q} > {log:q} 2>&1"
 
 
 rule embed:

@@ -3,7 +3,7 @@
 
 rule fit_scaler:
     input:
-        shards=SHARD_FILES,
+        shards=SHARD_LIST,
     output:
         scaler=f"{RESULTS}/scaler.json",
     log:
@@ -20,5 +20,5 @@ rule fit_scaler:
         config=MSA_CONFIG,
         settings=settings(seed=config["seed"], scaler=config["scaler"], features=config["features"]),
     shell:
-        "msa fit-scaler --config {params.config:q} --shards {input.shards:q} --out {output.scaler:q} "
+        "msa fit-scaler --config {params.config:q} --shards @{input.shards:q} --out {output.scaler:q} "
         "> {log:q} 2>&1"
