@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import BIN_PATH, REPO, SNAKEFILE, WorkflowDir, merge
 
@@ -131,21 +132,41 @@ def test_config_readme_documents_every_schema_key():
     assert not missing, f"config/README.md does not document: {missing}"
 
 
-def test_full_sky_config_plans_the_cluster_run(tmp_path):
-    """config/gaia_dr3.yaml against three (empty) bulk-file triples named like Gaia DR3's."""
-    import yaml
+FULL_SKY_SHARDS = ["000000-003111", "003112-005263", "005264-006601"]
 
+
+def full_sky_layout(folder: Path) -> WorkflowDir:
+    """config/gaia_dr3.yaml in `folder`, with three (empty) bulk-file triples named like Gaia
+    DR3's and an empty label catalogue: enough for a dry run."""
     config = yaml.safe_load((REPO / "config" / "gaia_dr3.yaml").read_text())
-    shards = ["000000-003111", "003112-005263", "005264-006601"]
-    for shard in shards:
+    placeholders = [config["labels"]["catalogue"]]
+    for shard in FULL_SKY_SHARDS:
         for pattern in (config["ingest"]["xp"], config["ingest"]["source"],
                         *(s["path"] for s in config["ingest"]["surveys"].values())):
-            path = tmp_path / "sky" / pattern.replace("{shard}", shard)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-    (tmp_path / "sky" / config["labels"]["catalogue"]).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "sky" / config["labels"]["catalogue"]).touch()
-    run = WorkflowDir(tmp_path / "sky", config)
+            placeholders.append(pattern.replace("{shard}", shard))
+    for name in placeholders:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).touch()
+    return WorkflowDir(folder, config)
+
+
+def test_full_sky_config_resolves_to_the_file_plus_schema_defaults_only(tmp_path):
+    """The demo config (the Snakefile's `configfile:`) must not leak into a --configfile run:
+    its file is present here, as in a checkout, and sets values gaia_dr3.yaml leaves out."""
+    from msa.config import validate
+
+    run = full_sky_layout(tmp_path / "sky")
+    (run.path / "config").mkdir()
+    shutil.copy(REPO / "config" / "config.yaml", run.path / "config" / "config.yaml")
+    run.snakemake("--dry-run")
+    resolved = yaml.safe_load((run.path / "results" / ".msa" / "config.yaml").read_text())
+    assert resolved == validate(run.config)
+
+
+def test_full_sky_config_plans_the_cluster_run(tmp_path):
+    """config/gaia_dr3.yaml against three (empty) bulk-file triples named like Gaia DR3's."""
+    run = full_sky_layout(tmp_path / "sky")
+    config = run.config
     planned = planned_jobs(run)
     count = lambda rule: sum(j.split("[")[0] == rule for j in planned)  # noqa: E731
     n_sets, members = len(config["label_sets"]), config["finetune"]["members"]
