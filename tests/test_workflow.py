@@ -61,12 +61,6 @@ def test_dry_run_plans_every_stage_for_every_shard_label_set_and_member(workflow
         UPSTREAM | label_set_jobs("spectro", range(2)) | label_set_jobs("age", range(2)))
 
 
-def test_lint_is_clean(workflow_dir):
-    done = workflow_dir.snakemake("--lint")
-    out = done.stdout + done.stderr
-    assert "Congratulations, your workflow is in a good condition!" in out, out
-
-
 def test_resolved_config_is_written_once_with_every_default(workflow_dir):
     workflow_dir.snakemake("--dry-run")
     resolved = workflow_dir.path / "results" / ".msa" / "config.yaml"
@@ -77,6 +71,20 @@ def test_resolved_config_is_written_once_with_every_default(workflow_dir):
     time.sleep(0.05)
     workflow_dir.snakemake("--dry-run")
     assert resolved.stat().st_mtime_ns == mtime, "unchanged config must not be rewritten"
+
+
+def test_conda_env_installs_this_checkout_by_absolute_path(workflow_dir):
+    """Snakemake builds a rule's environment from a copy of its file under .snakemake/conda/:
+    the package must come from an absolute path to this checkout, on top of workflow/envs/msa.yaml."""
+    workflow_dir.snakemake("--dry-run")
+    env = yaml.safe_load((workflow_dir.path / "results" / ".msa" / "conda-env.yaml").read_text())
+    base = yaml.safe_load((REPO / "workflow" / "envs" / "msa.yaml").read_text())
+    *pip_deps, package = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    flag, path = package.split(maxsplit=1)
+    assert flag == "-e" and Path(path).is_absolute() and Path(path) == REPO.resolve()
+    assert {**env, "dependencies": [d for d in env["dependencies"] if not isinstance(d, dict)]} == {
+        **base, "dependencies": [d for d in base["dependencies"] if not isinstance(d, dict)]}
+    assert pip_deps == next(d["pip"] for d in base["dependencies"] if isinstance(d, dict))
 
 
 def test_no_matching_input_files_is_an_error_naming_the_key(workflow_dir):
