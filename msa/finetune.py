@@ -82,7 +82,8 @@ from msa.layout import Layout
 from msa.scaling import Scaler
 from msa.splits import split_seed
 from msa.store import atomic_path
-from msa.training import DistributedContext, GracefulStop, autocast_context, make_scheduler, select_device
+from msa.training import (DistributedContext, GracefulStop, add_device_argument, autocast_context,
+                          make_scheduler, select_device)
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shards", nargs="+", required=True, help="shard store files")
     parser.add_argument("--scaler", required=True, help="the pipeline's feature scaler JSON")
     parser.add_argument("--out-dir", required=True, help="member folder: model.pt, metrics.jsonl, loss.png")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--photometry-only", action="store_true",
                         help="a member that never sees XP (finetune.photometry_overrides applied): it serves "
                              "the stars without XP")
@@ -329,10 +330,8 @@ def run(args) -> int:
     job = MemberRun(config, args.label_set, args.member,
                     None if args.from_scratch else Path(args.pretrained),
                     [Path(s) for s in args.shards], Path(args.scaler), Path(args.out_dir),
-                    torch.device(args.device) if args.device else None)
-    ctx = DistributedContext.from_env()
-    if job.device is not None:
-        ctx.device = job.device
+                    None)
+    ctx = DistributedContext.from_env(args.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

@@ -57,6 +57,7 @@ from msa.prefetch import prefetch
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, Shard, atomic_path, check_out_path
 from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
+from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +463,7 @@ def add_arguments(parser) -> None:
     source.add_argument("--shard", help="one shard of the store (HDF5)")
     source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
     parser.add_argument("--out", required=True, help="Parquet file to write")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    add_device_argument(parser)
     parser.add_argument("--allow-missing-columns", action="store_true",
                         help="--table only: treat absent feature columns as missing for every star")
 
@@ -472,8 +473,7 @@ def run(args) -> int:
                    (".parquet", ".pq"))
     config = load_config(args.config)
     pcfg = config["predict"]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ensemble = Ensemble.load(args.members, device=device, amp=pcfg["amp"])
+    ensemble = Ensemble.load(args.members, device=resolve_device(args.device), amp=pcfg["amp"])
     check_config_fits(config, args.label_set, ensemble)
     calibration = load_calibration(args.calibration)
     units = pcfg["label_units"]

@@ -55,8 +55,8 @@ from msa.plots import plot_loss_curves
 from msa.scaling import Scaler
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, atomic_path
-from msa.training import (DistributedContext, GracefulStop, NonFiniteLossError, autocast_context,
-                          make_optimizer, make_scheduler)
+from msa.training import (DistributedContext, GracefulStop, NonFiniteLossError, add_device_argument,
+                          autocast_context, make_optimizer, make_scheduler)
 
 log = logging.getLogger(__name__)
 
@@ -471,11 +471,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaler", required=True, help="scaler JSON from `msa fit-scaler`")
     parser.add_argument("--out-dir", required=True, help="e.g. results/pretrain")
     parser.add_argument("--segment", type=int, default=0, help="which block of epochs_per_job epochs to train")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    ctx = DistributedContext.from_env()
+    ctx = DistributedContext.from_env(args.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

@@ -38,6 +38,7 @@ from msa.reconstruct import check_config_fits, read_columns, reconstruct_xp, sca
 from msa.spectra import relative_flux_error, sample_flux
 from msa.spectra_plots import plot_error_by_g, plot_spectra
 from msa.store import SOURCE_ID, Shard, atomic_path
+from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +185,12 @@ def add_arguments(parser) -> None:
                         help="results/pretrain/model.pt and/or fine-tuned member model.pt files (same run)")
     parser.add_argument("--shards", nargs="+", required=True, help="the store's shards (HDF5)")
     parser.add_argument("--out-dir", required=True, help="folder for metrics.json and the figures")
+    add_device_argument(parser)
 
 
 def run(args) -> int:
     config = load_config(args.config)
-    aes = Autoencoders.load(args.models)
+    aes = Autoencoders.load(args.models, device=resolve_device(args.device))
     check_config_fits(config, aes)
     metrics = evaluate_reconstruction(config, aes, args.shards, args.out_dir)
     overall = metrics["overall"]["relative_flux_error"]
