@@ -67,7 +67,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from msa.batches import ChunkCache, ShardStream, assign_shards
 from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state, rng_state, set_aside_if_corrupt,
@@ -79,6 +78,7 @@ from msa.finetune_engine import train_one_epoch, validation_loss
 from msa.finetune_model import FinetuneError, build_objective, parallax_setup
 from msa.labels import LabelSource, label_set, load_split_samples
 from msa.layout import Layout
+from msa.progress import progress
 from msa.scaling import Scaler
 from msa.splits import split_seed
 from msa.store import atomic_path
@@ -204,8 +204,8 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
                                  skip_batches=state["batch"], max_batches=n_batches, row_join=row_join,
                                  join_columns=train_join.columns, cache=cache)
             started = time.time()
-            bar = tqdm(stream, total=n_batches, initial=state["batch"], unit="batch", leave=False,
-                       desc=f"finetune {job.label_set}/{job.member} ep {epoch}", disable=not ctx.is_main or None)
+            bar = progress(stream, total=n_batches, initial=state["batch"], unit="batch", leave=False,
+                           desc=f"finetune {job.label_set}/{job.member} ep {epoch}", enabled=ctx.is_main)
             if train_one_epoch(objective, optimizer, scheduler, bar, epoch, n_batches, state, cfg, amp, generator,
                                ctx, stop, save_work, step_callback):
                 log.warning("stopped by signal at epoch %d batch %d; state saved to %s", epoch, state["batch"],

@@ -18,11 +18,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from msa.errors import InputError
 from msa.predict import BackgroundParquetWriter, strictly_increasing_ids, verify_source_ids
 from msa.prefetch import prefetch
+from msa.progress import progress
 from msa.store import SOURCE_ID, Shard, atomic_path
 from msa.tables import iter_table_chunks, read_table_source_ids
 
@@ -74,8 +74,8 @@ def stream_to_parquet(source: str | Path, is_shard: bool, columns: Sequence[str]
     with atomic_path(out) as tmp:
         writer = BackgroundParquetWriter(tmp, schema)
         try:
-            for raw in tqdm(prefetch(chunks()), total=math.ceil(n_rows / chunk_rows), desc=Path(out).name,
-                            unit="chunk", disable=None):
+            for raw in progress(prefetch(chunks()), total=math.ceil(n_rows / chunk_rows), desc=Path(out).name,
+                                unit="chunk"):
                 writer.put(chunk_table(raw))
         finally:
             writer.close()

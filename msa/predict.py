@@ -42,7 +42,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from msa import __version__
 from msa.errors import InputError
@@ -54,6 +53,7 @@ from msa.features import G_MAG, FeatureTransform
 from msa.labels import LabelSource, label_set
 from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
+from msa.progress import progress
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, Shard, atomic_path, check_out_path
 from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
@@ -269,8 +269,7 @@ def predict_chunks(
             prepared = prefetch((prepare_chunk(raw, ensemble, transform, pin, calibration, training)
                                  for raw in chunks),
                                 depth=prefetch_depth)
-            for chunk in tqdm(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk",
-                              disable=None):
+            for chunk in progress(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk"):
                 result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
                 member_q, latent = result if save_latent else (result, None)
                 q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)

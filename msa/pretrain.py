@@ -39,7 +39,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from msa.batches import ShardStream, hash_fraction
 from msa.checkpoint import (CheckpointError, check_layout, load_checkpoint, restore_rng_state, rng_state,
@@ -52,6 +51,7 @@ from msa.losses import per_group_sums, reconstruction_objective, reconstruction_
 from msa.masking import MaskSpec, draw_mask, fixed_validation_mask
 from msa.model import MaskedAutoencoder
 from msa.plots import plot_loss_curves
+from msa.progress import progress
 from msa.scaling import Scaler
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, atomic_path
@@ -340,9 +340,9 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
             model.train()
             stream = ShardStream(train_paths, transform, row_filter=train_filter, epoch=epoch,
                                  skip_batches=pos.batch_in_epoch, max_batches=n_batches, **stream_kw)
-            bar = tqdm(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
-                       desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
-                       disable=not ctx.is_main or None, mininterval=2.0)
+            bar = progress(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
+                           desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
+                           enabled=ctx.is_main, mininterval=2.0)
             tick = time.perf_counter()
             stopped = False
             for batch in stream:

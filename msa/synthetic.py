@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm import tqdm
 
 from msa.healpix import pixel_centres, source_id_to_pixel
+from msa.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def write_sky(out_dir: str | Path, n_stars: int, n_shards: int = 1, seed: int = 
     file_rng = np.random.default_rng([seed, 1])
     sky = SyntheticSky(out_dir, [], [], [], [], out_dir / "labels.csv", n_stars, int(has_xp.sum()))
     blocks = np.array_split(np.arange(n_stars), n_shards)
-    for k, block in enumerate(tqdm(blocks, desc="synthetic shards", unit="shard", disable=n_shards < 2)):
+    for k, block in enumerate(progress(blocks, desc="synthetic shards", unit="shard", enabled=n_shards >= 2)):
         shard = SHARD_FORMAT.format(k)
         xp_path = out_dir / f"XpContinuousMeanSpectrum_{shard}.csv.gz"
         source_path = out_dir / f"GaiaSource_{shard}.csv.gz"
