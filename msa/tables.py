@@ -89,7 +89,8 @@ def read_frame(path: str | Path, columns: Sequence[str], id_column: str | None =
     if not path.exists():
         raise TableError(f"{path}: file not found")
     fmt = table_format(path)
-    available = table_columns(path)
+    table = _read_astropy(path, fmt) if fmt in ("ecsv", "fits") else None  # read once, header and rows
+    available = list(table.colnames) if table is not None else table_columns(path)
     missing = [c for c in columns if c not in available]
     if missing:
         raise TableError(f"{path}: missing column(s) {missing}; it has {available[:10]}"
@@ -100,7 +101,7 @@ def read_frame(path: str | Path, columns: Sequence[str], id_column: str | None =
     elif fmt == "parquet":
         raw = _read_parquet_columns(path, columns, id_column)
     else:
-        raw = _astropy_columns(_read_astropy(path, fmt), columns, id_column)
+        raw = _astropy_columns(table, columns, id_column)
     if id_column is not None:
         raw[id_column] = parse_source_ids(raw[id_column], path, id_column)
     return pd.DataFrame(raw, columns=columns)
