@@ -346,12 +346,14 @@ def parallax_label_columns(ensemble) -> list[int]:
 
 
 def add_arguments(parser) -> None:
+    from msa.training import add_device_argument  # torch: kept out of the numpy-only math above
+
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
     parser.add_argument("--members", nargs="+", required=True, help="fine-tuned member model.pt files")
     parser.add_argument("--shards", nargs="+", required=True, help="shard store files holding the labelled stars")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser)
 
 
 def run(args) -> int:
@@ -363,14 +365,12 @@ def run(args) -> int:
     from msa.labels import LabelSource, label_set, load_split_samples
     from msa.splits import split_seed
     from msa.store import atomic_path, check_out_path
-
-    import torch
+    from msa.training import resolve_device
 
     check_out_path(args.out, [args.config, *args.members, *args.shards], (".json",))
     config = load_config(args.config)
     names = label_set(config, args.label_set)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ensemble = Ensemble.load(args.members, device=device)
+    ensemble = Ensemble.load(args.members, device=resolve_device(args.device))
     if ensemble.labels != names:
         raise CalibrationError(f"members predict {ensemble.labels}, label set {args.label_set!r} is {names}; "
                                "pass the members fine-tuned for this label set")

@@ -38,6 +38,18 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default; not for required options and flags, whose
+    "default: None/False" would say nothing, nor where the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        says_nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.required or says_nothing or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     # `--shards @list.txt` reads the shard paths from a file, one a line (the workflow's shard list)
     parser = argparse.ArgumentParser(prog="msa", description="Masked Stellar Autoencoder pipeline",
@@ -47,7 +59,8 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=DefaultsHelpFormatter)
         if name == load:
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -41,6 +41,7 @@ from msa.config import load_config
 from msa.labels import LabelSource, label_set, load_split_samples
 from msa.splits import split_seed
 from msa.store import atomic_path
+from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +135,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", required=True, help="folder for metrics.json and the figures")
     parser.add_argument("--scratch-members", nargs="*", default=[],
                         help="members of `msa finetune --from-scratch` (the no-pretraining yardstick)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser)
 
 
 def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], calibration_path: str | Path,
-             shards: Sequence[str | Path], out_dir: str | Path, device: str | None = None,
+             shards: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
              scratch_members: Sequence[str | Path] = ()) -> dict:
     """Score the ensemble and the yardsticks on the test split; write metrics.json + figures."""
-    import torch
 
     from msa.ensemble import Ensemble
     from msa.plots import plot_coverage, plot_coverage_vs_g, plot_predicted_vs_true, plot_residuals_vs_g
 
     names = label_set(config, label_set_name)
-    ensemble = Ensemble.load(members, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ensemble = Ensemble.load(members, device=resolve_device(device))
     if ensemble.labels != names:
         raise ValueError(f"members predict {ensemble.labels}, label set {label_set_name!r} is {names}; "
                          "pass the members fine-tuned for this label set")

@@ -67,7 +67,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from msa.batches import ChunkCache, ShardStream, assign_shards
 from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state, rng_state, set_aside_if_corrupt,
@@ -79,10 +78,12 @@ from msa.finetune_engine import train_one_epoch, validation_loss
 from msa.finetune_model import FinetuneError, ParallaxSetup, build_objective, parallax_setup
 from msa.labels import LabelSource, label_set, load_split_samples
 from msa.layout import Layout
+from msa.progress import progress
 from msa.scaling import Scaler
 from msa.splits import split_seed
 from msa.store import atomic_path
-from msa.training import DistributedContext, GracefulStop, autocast_context, make_scheduler, select_device
+from msa.training import (DistributedContext, GracefulStop, add_device_argument, autocast_context,
+                          make_scheduler, select_device)
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,8 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
                                  skip_batches=state["batch"], max_batches=n_batches, row_join=row_join,
                                  join_columns=data.train_join.columns, cache=cache)
             started = time.time()
-            bar = tqdm(stream, total=n_batches, initial=state["batch"], unit="batch", leave=False,
-                       desc=f"finetune {job.label_set}/{job.member} ep {epoch}", disable=not ctx.is_main or None)
+            bar = progress(stream, total=n_batches, initial=state["batch"], unit="batch", leave=False,
+                           desc=f"finetune {job.label_set}/{job.member} ep {epoch}", enabled=ctx.is_main)
             if train_one_epoch(objective, optimizer, scheduler, bar, epoch, n_batches, state, cfg, amp, generator,
                                ctx, stop, save_work, step_callback):
                 log.warning("stopped by signal at epoch %d batch %d; state saved to %s", epoch, state["batch"],
@@ -344,7 +345,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shards", nargs="+", required=True, help="shard store files")
     parser.add_argument("--scaler", required=True, help="the pipeline's feature scaler JSON")
     parser.add_argument("--out-dir", required=True, help="member folder: model.pt, metrics.jsonl, loss.png")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--photometry-only", action="store_true",
                         help="a member that never sees XP (finetune.photometry_overrides applied): it serves "
                              "the stars without XP")
@@ -369,10 +370,8 @@ def run(args) -> int:
     job = MemberRun(config, args.label_set, args.member,
                     None if args.from_scratch else Path(args.pretrained),
                     [Path(s) for s in args.shards], Path(args.scaler), Path(args.out_dir),
-                    torch.device(args.device) if args.device else None)
-    ctx = DistributedContext.from_env()
-    if job.device is not None:
-        ctx.device = job.device
+                    None)
+    ctx = DistributedContext.from_env(args.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

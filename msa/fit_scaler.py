@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from msa import __version__
 from msa.config import config_hash, load_config
 from msa.features import derive, store_columns, xp_normalises
 from msa.layout import Layout
+from msa.progress import progress
 from msa.scaling import Scaler
 from msa.store import Shard, StoreError, check_out_path
 
@@ -69,7 +69,7 @@ def sample_derived(shard_paths: Sequence[Path], layout: Layout, normalise_xp: bo
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     columns = store_columns(layout, normalise_xp)
     parts = []
-    with tqdm(total=len(take), desc="fit-scaler rows", unit="row", disable=None) as bar:
+    with progress(total=len(take), desc="fit-scaler rows", unit="row") as bar:
         for k, path in enumerate(shard_paths):
             local = take[(take >= offsets[k]) & (take < offsets[k + 1])] - offsets[k]
             with Shard(path) as shard:

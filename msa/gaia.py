@@ -1,7 +1,10 @@
 """Readers for Gaia Archive tables: XP continuous spectra and gaia_source columns.
 
 Formats: CSV (plain or ``.gz``), ECSV (``# %ECSV 1.0`` YAML header), FITS binary tables, and for
-gaia_source tables also Parquet. XP list columns are accepted in both Archive spellings,
+gaia_source tables also Parquet; which one a file is, :func:`msa.tables.table_format` decides.
+gaia_source ECSV is read by astropy (:func:`msa.tables.read_frame`: declared types, delimiter,
+nulls); XP files, CSV or ECSV, are streamed as text (below), because their list columns are
+declared as strings in ECSV anyway and astropy would parse the 1485-value correlation columns too. XP list columns are accepted in both Archive spellings,
 ``"(v1, v2, ...)"`` (CSV) and ``"[v1,v2,...]"`` (ECSV).
 
 Speed: text files are streamed through pyarrow's CSV reader reading only the needed columns (the
@@ -30,15 +33,13 @@ import pyarrow.csv as pcsv
 
 from msa.errors import InputError
 from msa.source_ids import parse_source_ids
+from msa.tables import TableError, read_frame, table_format
 
 log = logging.getLogger(__name__)
 
 SOURCE_ID = "source_id"
 N_XP_COEFFICIENTS = 55
 XP_LIST_COLUMNS = ("bp_coefficients", "bp_coefficient_errors", "rp_coefficients", "rp_coefficient_errors")
-TEXT_SUFFIXES = (".csv", ".csv.gz", ".ecsv", ".ecsv.gz", ".txt", ".txt.gz")
-FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 # bytes per pyarrow CSV block: a few hundred XP rows with correlations, bounded memory
 BLOCK_BYTES = 1 << 24
 _COMMA, _SPACE = ord(","), ord(" ")
@@ -53,16 +54,16 @@ class ArchiveFormatError(InputError, ValueError):
 # --- file kinds and text-file headers -------------------------------------------------------------
 
 def file_kind(path: str | Path) -> str:
-    """'text', 'fits' or 'parquet' from the file name; an error for anything else."""
-    name = Path(path).name.lower()
-    if name.endswith(TEXT_SUFFIXES):
-        return "text"
-    if name.endswith(FITS_SUFFIXES):
-        return "fits"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    raise ArchiveFormatError(
-        f"{path}: unknown table format; use one of {TEXT_SUFFIXES + FITS_SUFFIXES + PARQUET_SUFFIXES}")
+    """'text' (CSV or ECSV: both streamed as delimited text), 'fits' or 'parquet', by
+    :func:`msa.tables.table_format`, the package's one format decision."""
+    try:
+        fmt = table_format(path)
+    except TableError as err:
+        raise ArchiveFormatError(str(err)) from None
+    if Path(path).name.lower().endswith((".bz2", ".xz")):  # the streaming reader decompresses gzip only
+        raise ArchiveFormatError(f"{path}: bz2/xz-compressed Archive files are not streamed; "
+                                 "recompress it with gzip (.csv.gz) or decompress it")
+    return "text" if fmt in ("csv", "ecsv") else fmt
 
 
 def _open_text(path: Path):
@@ -79,6 +80,8 @@ def text_header(path: str | Path) -> tuple[list[str], int, str]:
                 line = f.readline()
                 if not line.startswith(b"#"):
                     break
+                if n_comment == 0 and line.startswith(b"# %ECSV"):
+                    delimiter = " "  # ECSV's default when the header names none
                 n_comment += 1
                 m = re.match(rb"#\s*delimiter:\s*'(.)'", line)
                 if m:
@@ -384,6 +387,8 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
     _require(path, available, [SOURCE_ID, *columns])
     wanted = list(dict.fromkeys([*columns, *(c for c in optional if c in available)]))
     wanted = [c for c in wanted if c != SOURCE_ID]
+    if table_format(path) == "ecsv":
+        return _read_ecsv_table(path, wanted)
     if kind == "text":
         types = {SOURCE_ID: pa.string(), **{c: pa.float64() for c in wanted}}
         batches = list(_text_batches(path, [SOURCE_ID, *wanted], types, block_bytes))
@@ -410,6 +415,21 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
             return out
     except (OSError, TypeError, zlib.error) as err:
         raise ArchiveFormatError(f"{path}: cannot read this FITS file ({err}); is it complete?") from err
+
+
+def _read_ecsv_table(path: Path, wanted: list[str]) -> dict[str, np.ndarray]:
+    """A gaia_source ECSV through astropy (msa.tables): its declared types, delimiter and nulls."""
+    try:
+        frame = read_frame(path, [SOURCE_ID, *wanted])
+    except TableError as err:
+        raise ArchiveFormatError(str(err)) from err
+    out = {SOURCE_ID: frame[SOURCE_ID].to_numpy(dtype=np.int64)}
+    for c in wanted:
+        if frame[c].dtype.kind not in "iuf":
+            raise ArchiveFormatError(f"{path}: column {c!r} is {frame[c].dtype}, not numeric; "
+                                     "export it as a number column")
+        out[c] = frame[c].to_numpy(dtype=np.float64)
+    return out
 
 
 def _arrow_to_numpy(table: pa.Table | None, path: Path, wanted: list[str]) -> dict[str, np.ndarray]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from msa import __version__
 from msa.errors import InputError
@@ -31,6 +30,7 @@ from msa.config import config_hash, load_config, validate
 from msa.gaia import (N_XP_COEFFICIENTS, SOURCE_ID, check_unique_ids, concat_blocks,
                       file_kind, iter_xp, read_table, table_columns)
 from msa.layout import xp_coefficient_names, xp_error_names
+from msa.progress import progress
 from msa.store import CHUNK_ROWS, check_out_path, write_shard
 from msa.surveys import join_survey, read_survey
 
@@ -66,11 +66,11 @@ def file_fingerprint(path: str | Path) -> dict:
 
 def _read_xp_streaming(xp_path: Path, extra_columns: Sequence[str], show_progress: bool) -> dict[str, np.ndarray]:
     total = xp_path.stat().st_size
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"ingest {xp_path.name}",
-              disable=not show_progress or file_kind(xp_path) != "text") as bar:
-        def progress(done: int) -> None:
+    with progress(total=total, unit="B", unit_scale=True, desc=f"ingest {xp_path.name}",
+                  enabled=show_progress and file_kind(xp_path) == "text") as bar:
+        def bytes_read(done: int) -> None:
             bar.update(max(done - bar.n, 0))
-        blocks = list(iter_xp(xp_path, extra_columns, progress=progress))
+        blocks = list(iter_xp(xp_path, extra_columns, progress=bytes_read))
     if not blocks:  # a header-only file: an empty, valid block
         blocks = [{SOURCE_ID: np.empty(0, np.int64),
                    **{c: np.empty((0, N_XP_COEFFICIENTS), np.float32) for c in _XP_STORE_NAMES},

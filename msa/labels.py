@@ -28,7 +28,8 @@ import pandas as pd
 
 from msa.errors import InputError
 from msa.parallax_zero_point import METHODS, ZERO_POINT_COLUMNS, zero_point
-from msa.source_ids import SOURCE_ID, parse_source_ids
+from msa.source_ids import SOURCE_ID
+from msa.tables import TableError, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -90,34 +91,13 @@ def store_label_columns(config: Mapping) -> list[str]:
 
 
 def read_table(path: str | Path, columns: Sequence[str], id_column: str | None = None) -> pd.DataFrame:
-    """Read the named columns of a CSV (optionally gzipped), FITS or Parquet table; ``id_column``
-    (one of ``columns``) is read as exact int64 source_ids (:func:`msa.source_ids.parse_source_ids`)."""
-    path = Path(path)
-    suffixes = "".join(path.suffixes).lower()
+    """The named columns of a label catalogue (any format of :func:`msa.tables.table_format`);
+    ``id_column`` (one of ``columns``) read as exact int64 source_ids."""
     try:
-        if suffixes.endswith((".parquet", ".pq")):
-            df = pd.read_parquet(path, columns=list(columns))
-        elif suffixes.endswith((".fits", ".fit", ".fits.gz")):
-            from astropy.table import Table
-
-            table = Table.read(path)
-            missing = [c for c in columns if c not in table.colnames]
-            if missing:
-                raise KeyError(missing)
-            df = table[list(columns)].to_pandas()
-        else:
-            # ids as text, parsed exactly below: pandas would round float text such as "…504.0"
-            df = pd.read_csv(path, usecols=list(columns), dtype={id_column: str} if id_column else None)
-        if id_column is not None:
-            df[id_column] = parse_source_ids(df[id_column], path, id_column)
-    except InputError:
-        raise
-    except (KeyError, ValueError) as err:
+        return read_frame(path, columns, id_column)
+    except TableError as err:
         raise LabelError(f"label catalogue {path}: cannot read column(s) {list(columns)} ({err}); "
-                         "fix labels.columns or labels.source_id_column") from err
-    except OSError as err:
-        raise LabelError(f"cannot read label catalogue {path}: {err}; check labels.catalogue") from err
-    return df
+                         "fix labels.catalogue, labels.columns or labels.source_id_column") from err
 
 
 class LabelSource:

@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from msa.predict import BackgroundParquetWriter, verify_source_ids
 from msa.prefetch import prefetch
+from msa.progress import progress
 from msa.star_sources import open_source
 from msa.store import atomic_path
 
@@ -45,8 +45,8 @@ def stream_to_parquet(source: str | Path, is_shard: bool, columns: Sequence[str]
     with atomic_path(out) as tmp:
         writer = BackgroundParquetWriter(tmp, schema)
         try:
-            for raw in tqdm(prefetch(source.chunks()), total=source.n_chunks, desc=Path(out).name,
-                            unit="chunk", disable=None):
+            for raw in progress(prefetch(source.chunks()), total=source.n_chunks, desc=Path(out).name,
+                                unit="chunk"):
                 writer.put(chunk_table(raw))
         finally:
             writer.close()

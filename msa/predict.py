@@ -41,7 +41,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from msa import __version__
 from msa.errors import InputError
@@ -53,9 +52,11 @@ from msa.features import G_MAG, FeatureTransform
 from msa.labels import LabelSource, label_set
 from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
+from msa.progress import progress
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, atomic_path, check_out_path
 from msa.star_sources import StarSource, open_shard, open_table
+from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,7 @@ def predict_chunks(
             prepared = prefetch((prepare_chunk(raw, ensemble, transform, pin, calibration, training)
                                  for raw in chunks),
                                 depth=prefetch_depth)
-            for chunk in tqdm(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk",
-                              disable=None):
+            for chunk in progress(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk"):
                 result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
                 member_q, latent = result if save_latent else (result, None)
                 q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
@@ -429,7 +429,7 @@ def add_arguments(parser) -> None:
     source.add_argument("--shard", help="one shard of the store (HDF5)")
     source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
     parser.add_argument("--out", required=True, help="Parquet file to write")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    add_device_argument(parser)
     parser.add_argument("--allow-missing-columns", action="store_true",
                         help="--table only: treat absent feature columns as missing for every star")
 
@@ -439,8 +439,7 @@ def run(args) -> int:
                    (".parquet", ".pq"))
     config = load_config(args.config)
     pcfg = config["predict"]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ensemble = Ensemble.load(args.members, device=device, amp=pcfg["amp"])
+    ensemble = Ensemble.load(args.members, device=resolve_device(args.device), amp=pcfg["amp"])
     check_config_fits(config, args.label_set, ensemble)
     calibration = load_calibration(args.calibration)
     units = pcfg["label_units"]

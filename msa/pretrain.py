@@ -39,7 +39,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from msa.batches import ShardStream, hash_fraction
 from msa.checkpoint import (CheckpointError, check_layout, load_checkpoint, restore_rng_state, rng_state,
@@ -53,10 +52,11 @@ from msa.model import MaskedAutoencoder
 from msa.perturbation import perturbed_columns
 from msa.pretrain_engine import EpochPosition, PretrainState, train_one_epoch, validate
 from msa.plots import plot_loss_curves
+from msa.progress import progress
 from msa.scaling import Scaler
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, atomic_path
-from msa.training import DistributedContext, GracefulStop, make_optimizer, make_scheduler
+from msa.training import DistributedContext, GracefulStop, add_device_argument, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -326,10 +326,11 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
             epoch = pos.epoch
             stream = ShardStream(train_paths, transform, row_filter=train_filter, epoch=epoch,
                                  skip_batches=pos.batch_in_epoch, max_batches=n_batches, **stream_kw)
-            with tqdm(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
-                      desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
-                      disable=not ctx.is_main or None, mininterval=2.0) as bar:
-                stopped = train_one_epoch(state, stream, pos, n_batches, stop, save_work, bar)
+            bar = progress(total=n_batches * section["batch_size"], initial=pos.batch_in_epoch * section["batch_size"],
+                           desc=f"pretrain epoch {epoch + 1}/{section['epochs']}", unit="row", unit_scale=True,
+                           enabled=ctx.is_main, mininterval=2.0)
+            stopped = train_one_epoch(state, stream, pos, n_batches, stop, save_work, bar)
+            bar.close()
             if stopped:
                 exit_code = GracefulStop.EXIT_CODE
                 if ctx.is_main:
@@ -378,11 +379,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaler", required=True, help="scaler JSON from `msa fit-scaler`")
     parser.add_argument("--out-dir", required=True, help="e.g. results/pretrain")
     parser.add_argument("--segment", type=int, default=0, help="which block of epochs_per_job epochs to train")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    ctx = DistributedContext.from_env()
+    ctx = DistributedContext.from_env(args.device)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:

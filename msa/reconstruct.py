@@ -25,7 +25,6 @@ from typing import Mapping
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from msa import __version__
 from msa.autoencoders import Autoencoders
@@ -35,6 +34,7 @@ from msa.features import G_MAG, xp_to_archive_units
 from msa.layout import Layout
 from msa.parquet_stream import stream_to_parquet
 from msa.store import SOURCE_ID, check_out_path
+from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def add_source_arguments(parser) -> None:
     source.add_argument("--shard", help="one shard of the store (HDF5)")
     source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
     parser.add_argument("--out", required=True, help="Parquet file to write")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    add_device_argument(parser)
     parser.add_argument("--allow-missing-columns", action="store_true",
                         help="--table only: treat absent feature columns as missing for every star")
 
@@ -182,8 +182,7 @@ def add_source_arguments(parser) -> None:
 def load_for_command(args) -> tuple[dict, Autoencoders]:
     check_out_path(args.out, [args.config, args.shard, args.table, *args.models], (".parquet", ".pq"))
     config = load_config(args.config)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    aes = Autoencoders.load(args.models, device=device)
+    aes = Autoencoders.load(args.models, device=resolve_device(args.device))
     Layout.from_config(config["features"]).require_same(aes.layout, "the models")
     return config, aes
 

@@ -39,6 +39,7 @@ from msa.reconstruct import read_columns, reconstruct_xp, scaled_xp_to_archive
 from msa.spectra import relative_flux_error, sample_flux
 from msa.spectra_plots import plot_error_by_g, plot_spectra
 from msa.store import SOURCE_ID, Shard, atomic_path
+from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,12 @@ def add_arguments(parser) -> None:
                         help="results/pretrain/model.pt and/or fine-tuned member model.pt files (same run)")
     parser.add_argument("--shards", nargs="+", required=True, help="the store's shards (HDF5)")
     parser.add_argument("--out-dir", required=True, help="folder for metrics.json and the figures")
+    add_device_argument(parser)
 
 
 def run(args) -> int:
     config = load_config(args.config)
-    aes = Autoencoders.load(args.models)
+    aes = Autoencoders.load(args.models, device=resolve_device(args.device))
     Layout.from_config(config["features"]).require_same(aes.layout, "the models")
     metrics = evaluate_reconstruction(config, aes, args.shards, args.out_dir)
     overall = metrics["overall"]["relative_flux_error"]

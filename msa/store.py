@@ -5,7 +5,8 @@ all of one length, rows sorted by ``source_id``, chunked and compressed. Provena
 the root attributes (``msa_version``, ``n_rows``, ``created``, ``inputs`` as JSON, ...).
 Reading a subset of columns over a row range touches only those columns' chunks.
 
-It is also the package's one atomic writer (:func:`atomic_path`, :func:`make_temp_dir`) and the
+It is also the package's one atomic writer (:func:`atomic_path` for a file, :func:`atomic_dir`
+for a folder, :func:`make_temp_dir` beneath them) and the
 check that an output does not overwrite an input (:func:`check_out_path`).
 
 This module is a leaf: it imports nothing from the package but the version and the error base.
@@ -135,6 +136,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; put it at ``path`` only if the block succeeds.
+
+    An existing ``path`` is moved aside first and removed after, so readers see the old folder or
+    the new one, never a mix; the temporary is removed on any failure."""
+    path = Path(path)
+    tmp = make_temp_dir(path)  # sweeps the folders of killed writers first
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = make_temp_dir(path)
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def check_out_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],

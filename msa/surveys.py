@@ -4,12 +4,11 @@ A survey is configured as ``{path, columns: {survey_column: store_name}, errors:
 {survey_error_column: store_name}}``; :func:`read_survey` returns ``source_id`` (int64) and the
 renamed columns (float64, NaN = missing), and :func:`join_survey` lines them up with a shard's
 sorted source_ids. Survey tables are small next to XP files, so they are read whole
-(CSV/CSV.gz/ECSV via pandas, FITS via astropy, Parquet via pyarrow).
+by :func:`msa.tables.read_frame` (ECSV with its declared types and delimiter).
 """
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -17,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from msa.errors import InputError
-from msa.source_ids import SOURCE_ID, SourceIdError, parse_source_ids
+from msa.source_ids import SOURCE_ID
+from msa.tables import TableError, read_frame
 
 
 class SurveyError(InputError, ValueError):
@@ -25,43 +25,11 @@ class SurveyError(InputError, ValueError):
 
 
 def _read_frame(path: Path, columns: list[str]) -> pd.DataFrame:
-    name = path.name.lower()
     try:
-        if name.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq
-            available = pq.ParquetFile(path).schema_arrow.names
-            _require(path, available, columns)
-            table = pq.read_table(path, columns=columns)
-            ids = parse_source_ids(table[SOURCE_ID], path)
-            return table.drop([SOURCE_ID]).to_pandas().assign(**{SOURCE_ID: ids})
-        if name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
-            from astropy.table import Table
-            table = Table.read(path)
-            _require(path, table.colnames, columns)
-            ids = parse_source_ids(table[SOURCE_ID], path)
-            return pd.DataFrame({SOURCE_ID: ids, **{c: np.ma.filled(np.ma.asarray(table[c]).astype(np.float64),
-                                                                  np.nan) for c in columns if c != SOURCE_ID}})
-        if name.endswith((".csv", ".csv.gz", ".ecsv", ".ecsv.gz", ".txt", ".txt.gz")):
-            header = pd.read_csv(path, comment="#", nrows=0)
-            _require(path, list(header.columns), columns)
-            # ids as text, parsed exactly: pandas would round float text such as "…504.0"
-            frame = pd.read_csv(path, comment="#", usecols=columns, dtype={SOURCE_ID: str}, low_memory=False)
-            frame[SOURCE_ID] = parse_source_ids(frame[SOURCE_ID], path)
-            return frame
-    except (SurveyError, SourceIdError):
-        raise
-    except FileNotFoundError:
-        raise SurveyError(f"survey table {path} not found; check ingest.surveys paths in the config") from None
-    except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise SurveyError(f"survey table {path}: cannot read it ({err})") from err
-    raise SurveyError(f"survey table {path}: unknown format; use CSV(.gz), ECSV, FITS or Parquet")
-
-
-def _require(path: Path, available, required) -> None:
-    missing = [c for c in required if c not in available]
-    if missing:
-        raise SurveyError(f"survey table {path}: missing column(s) {missing}; it has {list(available)[:10]}. "
-                          "Fix ingest.surveys.<name>.columns/errors in the config.")
+        return read_frame(path, columns)
+    except TableError as err:
+        raise SurveyError(f"survey table {err}; check ingest.surveys (path, columns, errors) in the "
+                          "config") from err
 
 
 def read_survey(path: str | Path, columns: Mapping[str, str],

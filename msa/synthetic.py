@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm import tqdm
 
 from msa.healpix import pixel_centres, source_id_to_pixel
+from msa.progress import progress
+from msa.store import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,13 @@ def _correlation_pool(rng: np.random.Generator, size: int = 16) -> list[str]:
     return _list_strings(pool.astype(np.float64), "%.8g")
 
 
+def write_csv(frame: pd.DataFrame, path: Path, float_format: str, compression=None) -> None:
+    """``frame`` as CSV at ``path``, atomically: a killed run leaves no complete-looking file.
+    The compression is explicit: pandas would infer none from the temporary's .tmp suffix."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format=float_format, compression=compression)
+
+
 def write_xp_csv(path: Path, stars: SimulatedStars, rows: np.ndarray, correlations: bool,
                  rng: np.random.Generator, compresslevel: int = 6, block_rows: int = 2000) -> None:
     """Write the XP rows ``rows`` (indices into ``stars``) as an Archive XP_CONTINUOUS CSV.gz."""
@@ -286,7 +294,7 @@ def write_xp_csv(path: Path, stars: SimulatedStars, rows: np.ndarray, correlatio
     n_meas_all = stars.n_measurements
     pools = {b: _correlation_pool(rng) for b in ("bp", "rp")} if correlations else {}
     sid = stars.table["source_id"].to_numpy()
-    with gzip.open(path, "wt", compresslevel=compresslevel, newline="\n") as out:
+    with atomic_path(path) as tmp, gzip.open(tmp, "wt", compresslevel=compresslevel, newline="\n") as out:
         out.write(",".join(xp_column_names(correlations)) + "\n")
         for start in range(0, len(rows), block_rows):
             idx = rows[start:start + block_rows]
@@ -329,25 +337,24 @@ def write_sky(out_dir: str | Path, n_stars: int, n_shards: int = 1, seed: int = 
     file_rng = np.random.default_rng([seed, 1])
     sky = SyntheticSky(out_dir, [], [], [], [], out_dir / "labels.csv", n_stars, int(has_xp.sum()))
     blocks = np.array_split(np.arange(n_stars), n_shards)
-    for k, block in enumerate(tqdm(blocks, desc="synthetic shards", unit="shard", disable=n_shards < 2)):
+    for k, block in enumerate(progress(blocks, desc="synthetic shards", unit="shard", enabled=n_shards >= 2)):
         shard = SHARD_FORMAT.format(k)
         xp_path = out_dir / f"XpContinuousMeanSpectrum_{shard}.csv.gz"
         source_path = out_dir / f"GaiaSource_{shard}.csv.gz"
         tmass_path = out_dir / f"tmass_{shard}.csv"
         write_xp_csv(xp_path, stars, block[has_xp[block]], correlations, file_rng, compresslevel)
         part = table.iloc[block]
-        part.loc[:, list(SOURCE_COLUMNS)].to_csv(
-            source_path, index=False, float_format="%.10g",
-            compression={"method": "gzip", "compresslevel": compresslevel})
+        write_csv(part.loc[:, list(SOURCE_COLUMNS)], source_path, float_format="%.10g",
+                  compression={"method": "gzip", "compresslevel": compresslevel})
         in_2mass = part["j_m"].to_numpy() < TMASS_J_LIMIT
-        part.loc[in_2mass, ["source_id", "j_m", "h_m", "ks_m", "j_msigcom", "h_msigcom", "ks_msigcom"]
-                 ].to_csv(tmass_path, index=False, float_format="%.3f")
+        write_csv(part.loc[in_2mass, ["source_id", "j_m", "h_m", "ks_m", "j_msigcom", "h_msigcom", "ks_msigcom"]],
+                  tmass_path, float_format="%.3f")
         sky.shards.append(shard)
         sky.xp_paths.append(xp_path)
         sky.source_paths.append(source_path)
         sky.tmass_paths.append(tmass_path)
         sky.shard_rows.append(len(block))
-    table.loc[:, list(LABEL_COLUMNS)].to_csv(sky.labels_path, index=False, float_format="%.8g")
+    write_csv(table.loc[:, list(LABEL_COLUMNS)], sky.labels_path, float_format="%.8g")
     log.info("synthetic sky: %d stars (%d with XP) in %d shard(s) under %s",
              n_stars, sky.n_with_xp, n_shards, out_dir)
     return sky
@@ -431,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write_config:
         cfg = synthetic_config(sky.out_dir.resolve(), args.results, seed=args.seed)
         path = Path(args.write_config)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
         print(f"wrote config {path}")
     return 0

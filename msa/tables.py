@@ -1,4 +1,12 @@
-"""A user's own table of stars (CSV / ECSV / FITS / Parquet) read as store-like columns.
+"""Reading tables of stars: the one home of table formats (CSV / ECSV / FITS / Parquet).
+
+:func:`table_format` decides a file's format from its name for every reader of the package
+(Gaia Archive files in :mod:`msa.gaia`, survey tables, label catalogues, a user's own table);
+:func:`read_frame` reads named columns of a whole table (survey tables, label catalogues), ECSV
+and FITS through astropy so the file's declared types, delimiter and masks are honoured (values
+are taken in the file's declared units); :func:`iter_table_chunks` streams a user's table.
+
+A user's own table of stars read as store-like columns:
 
 ``msa predict --table FILE`` predicts stars that are not in the shard store. The table must use
 the store's column names (``source_id``, ``bp_1`` … ``rp_55``, ``phot_g_mean_mag``, survey feature
@@ -24,7 +32,7 @@ from msa.source_ids import SOURCE_ID, parse_source_ids
 
 log = logging.getLogger(__name__)
 
-CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".txt")
+CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".txt", ".txt.gz")
 FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz")
 ECSV_SUFFIXES = (".ecsv", ".ecsv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -35,6 +43,7 @@ class TableError(InputError, ValueError):
 
 
 def table_format(path: str | Path) -> str:
+    """'csv', 'ecsv', 'fits' or 'parquet' from the file name; an error naming the suffixes."""
     name = Path(path).name.lower()
     for fmt, suffixes in (("csv", CSV_SUFFIXES), ("fits", FITS_SUFFIXES), ("ecsv", ECSV_SUFFIXES),
                           ("parquet", PARQUET_SUFFIXES)):
@@ -69,6 +78,63 @@ def _read_astropy(path: Path, fmt: str):
         return Table.read(path, format="ascii.ecsv")
     except Exception as err:  # astropy raises many types for unreadable files
         raise TableError(f"cannot read table {path}: {err}") from err
+
+
+def read_frame(path: str | Path, columns: Sequence[str], id_column: str | None = SOURCE_ID) -> pd.DataFrame:
+    """The named ``columns`` of a whole table; ``id_column`` (one of them) as exact int64
+    source_ids, numeric columns as float64 (masked/empty = NaN), other columns as they are.
+
+    Raises :class:`TableError` naming the file and the missing columns or the reading problem."""
+    path = Path(path)
+    if not path.exists():
+        raise TableError(f"{path}: file not found")
+    fmt = table_format(path)
+    table = _read_astropy(path, fmt) if fmt in ("ecsv", "fits") else None  # read once, header and rows
+    available = list(table.colnames) if table is not None else table_columns(path)
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {missing}; it has {available[:10]}"
+                         f"{' …' if len(available) > 10 else ''}")
+    columns = list(dict.fromkeys(columns))
+    if fmt == "csv":
+        raw = _read_csv_columns(path, columns, id_column)
+    elif fmt == "parquet":
+        raw = _read_parquet_columns(path, columns, id_column)
+    else:
+        raw = _astropy_columns(table, columns, id_column)
+    if id_column is not None:
+        raw[id_column] = parse_source_ids(raw[id_column], path, id_column)
+    return pd.DataFrame(raw, columns=columns)
+
+
+def _read_csv_columns(path: Path, columns: list[str], id_column: str | None) -> dict:
+    # ids as text, parsed exactly later: pandas would round float text such as "…504.0"
+    try:
+        frame = pd.read_csv(path, usecols=columns, dtype={id_column: str} if id_column else None,
+                            low_memory=False)
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        raise TableError(f"{path}: cannot read the table ({err}); is the file complete?") from err
+    return {c: frame[c] for c in columns}
+
+
+def _read_parquet_columns(path: Path, columns: list[str], id_column: str | None) -> dict:
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, ValueError) as err:
+        raise TableError(f"{path}: cannot read this Parquet file ({err}); is it complete?") from err
+    # the id column stays Arrow: parse_source_ids checks its type and nulls, naming them
+    return {c: table[c] if c == id_column else table[c].to_pandas() for c in columns}
+
+
+def _astropy_columns(table, columns: list[str], id_column: str | None) -> dict:
+    """Columns of an astropy Table: numbers as float64 with masked entries NaN."""
+    out = {}
+    for c in columns:
+        column = table[c]
+        if c != id_column and column.dtype.kind in "iuf":
+            column = np.ma.filled(np.ma.asarray(column).astype(np.float64), np.nan)
+        out[c] = column
+    return out
 
 
 def _as_columns(frame_like, names: Sequence[str], path: Path, first_row: int) -> dict[str, np.ndarray]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import argparse
 import math
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass
@@ -31,6 +33,30 @@ def select_device(local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+# --- the --device option of every command that runs a model -------------------------------------
+DEVICE_CHOICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+DEVICE_HELP = ("where the model runs: auto (a GPU if there is one, else the CPU; under torchrun "
+               "the process's own GPU), cpu, cuda, cuda:N or mps")
+
+
+def device_choice(text: str) -> str:
+    """argparse type of --device: one of auto, cpu, cuda, cuda:N, mps."""
+    if not DEVICE_CHOICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; use auto, cpu, cuda, cuda:N (N = GPU index) or mps")
+    return text
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """The one --device option: same choices and default on every command."""
+    parser.add_argument("--device", default="auto", type=device_choice, help=DEVICE_HELP)
+
+
+def resolve_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device of a --device value (``auto``: :func:`select_device`)."""
+    return select_device(local_rank) if choice == "auto" else torch.device(choice)
 
 
 def autocast_context(device: torch.device, enabled: bool = True):
@@ -59,12 +85,13 @@ class DistributedContext:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls) -> "DistributedContext":
-        """Read the torchrun environment; start the process group when ``WORLD_SIZE > 1``."""
+    def from_env(cls, device: str = "auto") -> "DistributedContext":
+        """Read the torchrun environment; start the process group when ``WORLD_SIZE > 1``.
+        `device` is a --device value: ``auto`` gives each process its local GPU."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-        device = select_device(local_rank)
+        device = resolve_device(device, local_rank)
         ctx = cls(rank, local_rank, world, device)
         if world > 1:
             if device.type == "cuda":

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msa.store import Shard, StoreError, write_shard
+from msa.store import Shard, StoreError, atomic_dir, atomic_path, write_shard
 
 
 @pytest.fixture
@@ -33,3 +33,34 @@ def test_duplicate_ids_leave_no_file(tmp_path):
     with pytest.raises(StoreError, match="duplicate source_id"):
         write_shard(tmp_path / "d.h5", {"source_id": np.array([4, 2, 4]), "x": np.zeros(3)})
     assert not list(tmp_path.iterdir())
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_path_writes_the_file_only_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and not leftovers(tmp_path)
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and not leftovers(tmp_path)
+
+
+def test_atomic_dir_swaps_a_whole_folder_or_nothing(tmp_path):
+    dest = tmp_path / "catalog" / "spectro"
+    dest.mkdir(parents=True)
+    (dest / "old.parquet").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "part-0.parquet").write_text("half")
+            raise RuntimeError("killed mid-build")
+    assert [p.name for p in dest.iterdir()] == ["old.parquet"] and not leftovers(dest.parent)
+    with atomic_dir(dest) as tmp:
+        (tmp / "part-0.parquet").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["part-0.parquet"] and not leftovers(dest.parent)

@@ -5,6 +5,7 @@ independently of the readers.
 """
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -158,3 +159,15 @@ def test_cli_writes_sky_and_config(tmp_path):
     cfg = load_config(tmp_path / "cfg.yaml")
     assert (tmp_path / "sky" / "GaiaSource_s001.csv.gz").exists()
     assert cfg["ingest"]["source"].endswith("GaiaSource_{shard}.csv.gz")
+
+
+def test_a_killed_synthesize_leaves_no_complete_looking_file(tmp_path, monkeypatch):
+    """Every file goes through msa.store.atomic_path: a write cut short leaves nothing at the name."""
+    def write_half_then_die(frame, path, *args, **kwargs):
+        Path(path).write_text("source_id\n1\n")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", write_half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        write_sky(tmp_path / "sky", n_stars=40, n_shards=1, seed=1)
+    assert not [p.name for p in (tmp_path / "sky").iterdir() if not p.name.startswith("XpContinuous")]

@@ -17,9 +17,6 @@ from msa.store import atomic_path
 config.update(resolve_config(config, source="the workflow config"))
 
 RESULTS = config["results"]
-# Software of all rules under `--sdm conda`: the repository's environment.yml, which also
-# installs this package from the checkout (path relative to this folder).
-MSA_ENV = "../../environment.yml"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
 
@@ -38,6 +35,33 @@ def write_if_changed(path, text):
 MSA_CONFIG = f"{RESULTS}/.msa/config.yaml"
 # key order kept: the order of features in the config is the model's input order
 write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+# The checkout this workflow runs from (workflow/ is the main Snakefile's folder).
+REPO_ROOT = Path(workflow.basedir).resolve().parent
+
+
+def conda_env_with_package(env_file, package_dir):
+    """The conda environment `env_file` plus this package, installed (editable) from
+    `package_dir` by absolute path."""
+    env = yaml.safe_load(Path(env_file).read_text())
+    pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    if not pip_sections:
+        raise WorkflowError(f"{env_file} has no `- pip:` section to add the msa package to")
+    pip_sections[0].append(f"-e {package_dir}")
+    return env
+
+
+# Software of all rules under `--sdm conda`: workflow/envs/msa.yaml plus the package from this
+# checkout. Snakemake creates the environment from a copy of the file under .snakemake/conda/,
+# so the package path must be absolute (a relative `-e .` would point into that folder).
+MSA_ENV = os.path.abspath(f"{RESULTS}/.msa/conda-env.yaml")
+write_if_changed(
+    MSA_ENV,
+    yaml.safe_dump(
+        conda_env_with_package(REPO_ROOT / "workflow" / "envs" / "msa.yaml", REPO_ROOT),
+        sort_keys=False,
+    ),
+)
 
 
 # Names that become paths (shards; label sets are checked by the schema): no slash, no '..', no spaces
