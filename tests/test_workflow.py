@@ -238,7 +238,7 @@ def test_reordering_features_reruns_everything_after_ingest(finished_run):
     finished_run.write_config(config, "reordered.yaml")
     # the feature order is the model's input order: not a cosmetic change
     assert planned_jobs(finished_run, "reordered.yaml") == (
-        UPSTREAM - {"ingest[shard=s000]", "ingest[shard=s001]"}) | label_set_jobs("spectro", range(1))
+        UPSTREAM - {"ingest[shard=s000]", "ingest[shard=s001]", "shard_list"}) | label_set_jobs("spectro", range(1))
 
 
 def test_adding_a_label_set_adds_only_its_jobs(finished_run):
