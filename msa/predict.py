@@ -55,8 +55,8 @@ from msa.prefetch import prefetch
 from msa.progress import progress
 from msa.splits import assign_splits, split_seed
 from msa.store import SOURCE_ID, atomic_path, check_out_path
-from msa.star_sources import StarSource, open_shard, open_table
-from msa.training import add_device_argument, resolve_device
+from msa.star_sources import StarSource, add_star_source_arguments, open_shard, open_table
+from msa.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -425,13 +425,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
     parser.add_argument("--members", nargs="+", required=True, help="fine-tuned member model.pt files")
     parser.add_argument("--calibration", required=True, help="calibration JSON from `msa calibrate`")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shard", help="one shard of the store (HDF5)")
-    source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
-    parser.add_argument("--out", required=True, help="Parquet file to write")
-    add_device_argument(parser)
-    parser.add_argument("--allow-missing-columns", action="store_true",
-                        help="--table only: treat absent feature columns as missing for every star")
+    add_star_source_arguments(parser)
 
 
 def run(args) -> int:

@@ -33,8 +33,9 @@ from msa.errors import InputError
 from msa.features import G_MAG, xp_to_archive_units
 from msa.layout import Layout
 from msa.parquet_stream import stream_to_parquet
+from msa.star_sources import add_star_source_arguments
 from msa.store import SOURCE_ID, check_out_path
-from msa.training import add_device_argument, resolve_device
+from msa.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +171,7 @@ def add_source_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--models", nargs="+", required=True,
                         help="results/pretrain/model.pt and/or fine-tuned member model.pt files (same run)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shard", help="one shard of the store (HDF5)")
-    source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
-    parser.add_argument("--out", required=True, help="Parquet file to write")
-    add_device_argument(parser)
-    parser.add_argument("--allow-missing-columns", action="store_true",
-                        help="--table only: treat absent feature columns as missing for every star")
+    add_star_source_arguments(parser)
 
 
 def load_for_command(args) -> tuple[dict, Autoencoders]:

@@ -17,6 +17,7 @@ import numpy as np
 from msa.errors import InputError
 from msa.store import SOURCE_ID, Shard
 from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
+from msa.training import add_device_argument
 
 
 class SourceError(InputError, RuntimeError):
@@ -99,3 +100,14 @@ def open_source(path: str | Path, is_shard: bool, columns: Sequence[str], chunk_
     if is_shard:
         return open_shard(path, columns, chunk_rows, optional)
     return open_table(path, columns, chunk_rows, allow_missing, optional)
+
+
+def add_star_source_arguments(parser) -> None:
+    """The options every per-star command shares: where the stars come from, the output, the device."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shard", help="one shard of the store (HDF5)")
+    source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
+    parser.add_argument("--out", required=True, help="Parquet file to write")
+    add_device_argument(parser)
+    parser.add_argument("--allow-missing-columns", action="store_true",
+                        help="--table only: treat absent feature columns as missing for every star")
