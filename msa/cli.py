@@ -30,7 +30,7 @@ COMMANDS = {
     "calibrate": ("msa.calibrate", "split-conformal calibration of a label set's ensemble"),
     "evaluate": ("msa.evaluate", "metrics and figures of a label set on the test split"),
     "predict": ("msa.predict", "predict one shard or table into a Parquet file"),
-    "catalog": ("msa.catalog", "gather prediction files into a HEALPix-partitioned catalogue"),
+    "catalog": ("msa.catalog", "gather prediction files into a HATS catalogue (lsdb.read_hats opens it)"),
     "reconstruct": ("msa.reconstruct", "the autoencoder's XP coefficients of a shard or table, in Archive units"),
     "evaluate-reconstruction": ("msa.reconstruct_eval",
                                 "XP reconstruction with XP hidden vs a photometry kNN, on held-out stars"),

@@ -3,7 +3,7 @@
 A Gaia DR3 ``source_id`` holds the level-12 nested HEALPix index of the source in its top bits:
 ``pixel_12 = source_id // 2**35``; the index at a coarser level L is ``source_id // (2**35 · 4**(12 − L))``.
 ``pixel_centres`` gives the (ra, dec) of nested pixel centres (Górski et al. 2005, ApJ 622, 759),
-used for sky maps of the catalogue.
+used to place the stars of synthetic skies (the catalogue's sky map uses healpy).
 
 This module is a leaf: it imports nothing from the package.
 """

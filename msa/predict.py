@@ -9,7 +9,8 @@ Three stages overlap, so the accelerator is never waiting on the disk:
    split-conformal calibration;
 3. a writer thread appends each chunk to the Parquet file as one row group.
 
-Output columns: ``source_id`` (int64, exactly the input's, in input order); per label
+Output columns: ``source_id`` (int64, exactly the input's, in input order); ``ra``, ``dec``
+(float64 degrees, copied from the input when it has both, for the catalogue's positions); per label
 ``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (float32, physical units, q16 ≤ q50 ≤ q84);
 ``has_xp`` (the prediction used an XP spectrum); ``n_inputs`` (features present and visible to the
 model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN);
@@ -54,7 +55,7 @@ from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
 from msa.progress import progress
 from msa.splits import assign_splits, split_seed
-from msa.store import SOURCE_ID, atomic_path, check_out_path
+from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_path, check_out_path
 from msa.star_sources import StarSource, add_star_source_arguments, open_shard, open_table
 from msa.training import resolve_device
 
@@ -115,6 +116,7 @@ class PreparedChunk:
     has_xp: np.ndarray  # bool (n,)
     calibration_group: np.ndarray  # object (n,): the group whose offsets the star takes ("" uncalibrated)
     in_training_sample: np.ndarray  # bool (n,)
+    positions: dict = field(default_factory=dict)  # ra, dec float64 (n,) when the input has them
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,9 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: Fea
             x, g_mag, calibration.get("g_mag_bins") or [], visible=visible))
     in_training = training.contains(source_id, raw) if training is not None else np.zeros(len(x), dtype=bool)
     tensor = torch.from_numpy(x)
+    positions = {c: np.asarray(raw[c], dtype=np.float64) for c in POSITION_COLUMNS if c in raw}
     return PreparedChunk(source_id, tensor.pin_memory() if pin else tensor, visible.sum(axis=1).astype(np.int16),
-                         has_xp, groups, in_training)
+                         has_xp, groups, in_training, positions)
 
 
 def extra_read_columns(training: TrainingSample | None) -> list[str]:
@@ -188,9 +191,15 @@ def extra_read_columns(training: TrainingSample | None) -> list[str]:
     return [G_MAG, *(training.store_columns if training is not None else [])]
 
 
+def position_columns(present) -> list[str]:
+    """``ra`` and ``dec`` when the input has both (the catalogue needs both or neither)."""
+    return list(POSITION_COLUMNS) if all(c in present for c in POSITION_COLUMNS) else []
+
+
 def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int | None,
-                  metadata: dict[str, str]) -> pa.Schema:
+                  metadata: dict[str, str], positions: Sequence[str] = ()) -> pa.Schema:
     fields = [pa.field(SOURCE_ID, pa.int64(), nullable=False)]
+    fields += [pa.field(c, pa.float64(), metadata={"unit": "deg"}) for c in positions]
     for label in labels:
         for suffix in QUANTILE_SUFFIXES:
             fields.append(pa.field(f"{label}_{suffix}", pa.float32(), metadata={"unit": units.get(label, "")}))
@@ -210,6 +219,7 @@ def latent_column(i: int) -> str:
 def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent: np.ndarray | None,
                 schema: pa.Schema, labels: Sequence[str]) -> pa.Table:
     columns = [pa.array(chunk.source_id, pa.int64())]
+    columns += [pa.array(chunk.positions[c], pa.float64()) for c in POSITION_COLUMNS if c in schema.names]
     for j in range(len(labels)):
         for k in range(3):
             columns.append(pa.array(q[:, j, k], pa.float32()))
@@ -249,16 +259,19 @@ def predict_chunks(
     n_chunks: int | None = None,
     prefetch_depth: int = 2,
     training: TrainingSample | None = None,
+    positions: Sequence[str] = (),
 ) -> PredictSummary:
     """Predict raw store-column chunks into the Parquet file ``out`` (atomically).
 
     ``expected_ids()`` re-reads the input's source_ids (chunk by chunk, in order) for the final
     check; ``calibration`` None leaves the ensemble quantiles uncalibrated; ``training`` None
-    writes ``in_training_sample`` False for every star.
+    writes ``in_training_sample`` False for every star; ``positions`` names the position columns
+    (``ra``, ``dec``) the chunks carry, copied to the output.
     """
     labels = ensemble.labels
     pin = ensemble.device.type == "cuda"
-    schema = output_schema(labels, units or {}, ensemble.latent_dim if save_latent else None, metadata or {})
+    schema = output_schema(labels, units or {}, ensemble.latent_dim if save_latent else None, metadata or {},
+                           positions)
     summary = PredictSummary()
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
@@ -341,8 +354,9 @@ def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict 
                   *, chunk_rows: int, batch_size: int, min_inputs: int, **kwargs) -> PredictSummary:
     """Predict every row of one shard, in order; see :func:`predict_chunks` for the other arguments."""
     # G and store labels where the shard has them (a missing G falls back to the coarse group)
+    # G and store labels where the shard has them (a missing G falls back to the coarse group)
     source = open_shard(shard_path, input_transform(ensemble).store_columns, chunk_rows,
-                        optional=extra_read_columns(kwargs.get("training")))
+                        optional=[*extra_read_columns(kwargs.get("training")), *POSITION_COLUMNS])
     return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
 
 
@@ -351,14 +365,14 @@ def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict 
                   **kwargs) -> PredictSummary:
     """Predict a user's CSV/ECSV/FITS/Parquet table (store column names), keeping its row order."""
     source = open_table(table_path, input_transform(ensemble).store_columns, chunk_rows, allow_missing,
-                        optional=extra_read_columns(kwargs.get("training")))
+                        optional=[*extra_read_columns(kwargs.get("training")), *POSITION_COLUMNS])
     return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
 
 
 def predict_source(source: StarSource, ensemble: Ensemble, calibration: dict | None, out: str | Path,
                    **kwargs) -> PredictSummary:
     return predict_chunks(source.chunks(), source.expected_ids, ensemble, calibration, out,
-                          n_chunks=source.n_chunks, **kwargs)
+                          n_chunks=source.n_chunks, positions=position_columns(source.present), **kwargs)
 
 
 # --- metadata and command line -------------------------------------------------------------------

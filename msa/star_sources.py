@@ -29,6 +29,7 @@ class StarSource:
     path: Path
     n_rows: int
     chunk_rows: int
+    present: frozenset[str]  # every column the input has
     _chunks: Callable[[], Iterator[dict[str, np.ndarray]]]
     _expected_ids: Callable[[], Iterable[np.ndarray]]
 
@@ -80,7 +81,7 @@ def open_shard(path: str | Path, columns: Sequence[str], chunk_rows: int,
             yield from strictly_increasing_ids((c[SOURCE_ID] for c in s.iter_chunks([SOURCE_ID], 1 << 20)),
                                                str(path))
 
-    return StarSource(path, n_rows, chunk_rows, chunks, expected_ids)
+    return StarSource(path, n_rows, chunk_rows, frozenset(present), chunks, expected_ids)
 
 
 def open_table(path: str | Path, columns: Sequence[str], chunk_rows: int, allow_missing: bool = False,
@@ -91,7 +92,7 @@ def open_table(path: str | Path, columns: Sequence[str], chunk_rows: int, allow_
     wanted = [c for c in columns if c != SOURCE_ID]
     present = set(table_columns(path))
     wanted += [c for c in optional if c in present and c not in wanted]
-    return StarSource(path, len(ids), chunk_rows, lambda: iter_table_chunks(path, wanted, chunk_rows, allow_missing),
+    return StarSource(path, len(ids), chunk_rows, frozenset(present), lambda: iter_table_chunks(path, wanted, chunk_rows, allow_missing),
                       lambda: iter([ids]))
 
 

@@ -1,6 +1,7 @@
 """The shard store: one columnar HDF5 file per input file pair.
 
-Each shard holds one 1-D dataset per column at the file's root (float32, ``source_id`` int64),
+Each shard holds one 1-D dataset per column at the file's root (float32; ``source_id`` int64;
+``ra``/``dec`` float64, since float32 degrees keep only ~0.1 arcsec, too coarse to cross-match),
 all of one length, rows sorted by ``source_id``, chunked and compressed. Provenance lives in
 the root attributes (``msa_version``, ``n_rows``, ``created``, ``inputs`` as JSON, ...).
 Reading a subset of columns over a row range touches only those columns' chunks.
@@ -32,6 +33,7 @@ from msa import __version__
 from msa.errors import InputError
 
 SOURCE_ID = "source_id"
+POSITION_COLUMNS = ("ra", "dec")  # degrees, ICRS; kept float64 (see the module docstring)
 CHUNK_ROWS = 16384
 SPAN_FACTOR = 16  # read_rows reads a contiguous span when it is at most this much larger than the rows
 CHUNK_CACHE_BYTES = 256 * 1024  # per dataset; h5py's default of 1 MiB × 450 columns costs ~0.5 GB a shard
@@ -191,7 +193,7 @@ def write_shard(
 ) -> None:
     """Write a shard atomically. ``columns`` must contain ``source_id``; rows are sorted by it.
 
-    Every non-``source_id`` column is stored as float32. ``attrs`` values that are not scalars or
+    Every column but ``source_id`` (int64) and ``ra``/``dec`` (float64) is stored as float32. ``attrs`` values that are not scalars or
     strings are stored as JSON strings.
     """
     if SOURCE_ID not in columns:
@@ -209,7 +211,7 @@ def write_shard(
                 values = np.asarray(values)
                 if len(values) != n:
                     raise StoreError(f"{path}: column {name!r} has {len(values)} rows, source_id has {n}")
-                dtype = np.int64 if name == SOURCE_ID else np.float32
+                dtype = np.int64 if name == SOURCE_ID else np.float64 if name in POSITION_COLUMNS else np.float32
                 data = values[order].astype(dtype, copy=False)
                 chunks = (min(chunk_rows, n),) if n else None
                 f.create_dataset(

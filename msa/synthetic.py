@@ -408,7 +408,7 @@ def synthetic_config(sky_dir: str | Path, results_dir: str | Path, seed: int = 4
         "finetune": {"members": 2, "epochs": 2, "batch_size": 64, "head_widths": [16],
                      "checkpoint_every": 50, "patience": 2},
         "predict": {"chunk_rows": 4096, "batch_size": 1024, "amp": False},
-        "catalog": {"healpix_level": 2, "sky_map_label": "fe_h"},
+        "catalog": {"sky_map_level": 2, "max_rows_per_partition": 2000, "sky_map_label": "fe_h"},
     }
     return cfg
 

@@ -105,6 +105,25 @@ def test_source_ids_round_trip_exactly_and_in_order(setup, tmp_path):
     assert not list(tmp_path.glob(".pred.parquet.*"))  # no temporary left behind
 
 
+def test_positions_are_copied_from_the_store_in_float64(tmp_path, setup):
+    cols = dict(setup["cols"])
+    rng = np.random.default_rng(5)
+    # values whose float32 rounding (~1e-5 deg at ra ~ 300) would show
+    cols["ra"] = rng.uniform(0, 360, N_STARS) + 1e-9
+    cols["dec"] = rng.uniform(-90, 90, N_STARS)
+    shard = tmp_path / "with-positions.h5"
+    write_shard(shard, cols)
+    out = tmp_path / "pred.parquet"
+    predict_shard(shard, setup["ensemble"], CALIBRATION, out, chunk_rows=37, batch_size=16, min_inputs=3)
+    table = pq.read_table(out)
+    assert table.schema.field("ra").type == "double" and table.schema.field("dec").metadata[b"unit"] == b"deg"
+    np.testing.assert_array_equal(table.column("ra").to_numpy(), cols["ra"])
+    np.testing.assert_array_equal(table.column("dec").to_numpy(), cols["dec"])
+    # a shard without positions gives a file without them (the catalogue then asks for them)
+    run_shard(setup, tmp_path / "no-positions.parquet")
+    assert "ra" not in pq.read_schema(tmp_path / "no-positions.parquet").names
+
+
 def test_predictions_are_the_calibrated_ensemble_and_ordered(setup, tmp_path):
     out = tmp_path / "pred.parquet"
     run_shard(setup, out)

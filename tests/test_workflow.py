@@ -312,8 +312,8 @@ def test_two_runs_from_scratch_give_identical_catalogues(finished_run, tmp_path,
     second.snakemake("--cores", "2")
 
     def catalogue(run):
-        table = ds.dataset(run.path / "results" / "catalog" / "spectro", format="parquet",
-                           partitioning="hive").to_table().to_pandas()
+        table = ds.dataset(run.path / "results" / "catalog" / "spectro" / "dataset",
+                           format="parquet").to_table().to_pandas()
         return table.sort_values("source_id").reset_index(drop=True)
 
     first, again = catalogue(finished_run), catalogue(second)
@@ -338,7 +338,7 @@ def test_a_label_from_the_store_runs_from_ingest_to_catalogue(tmp_path, tiny_con
     run = WorkflowDir(tmp_path / "run", config)
     run.snakemake("--cores", "2")
     results = run.path / "results"
-    catalogue = ds.dataset(results / "catalog" / "parallax", format="parquet", partitioning="hive").to_table()
+    catalogue = ds.dataset(results / "catalog" / "parallax" / "dataset", format="parquet").to_table()
     assert catalogue.num_rows == 600 and "parallax_q50" in catalogue.column_names
     assert not (results / "predict" / "parallax").exists() or not any((results / "predict" / "parallax").iterdir())
     metrics = json.loads((results / "evaluate" / "parallax" / "metrics.json").read_text())

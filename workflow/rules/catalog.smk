@@ -1,5 +1,5 @@
-# Per label set: every shard's predictions gathered into one HEALPix-partitioned Parquet
-# dataset, with a summary and a sky map for the report.
+# Per label set: every shard's predictions gathered into one HATS catalogue (LSDB, hats, astropy
+# open it), with a summary and a sky map for the report.
 
 
 rule catalog:
