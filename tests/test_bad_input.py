@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from msa.cli import main
 from msa.gaia import XP_LIST_COLUMNS, iter_xp
 from msa.store import Shard, atomic_path, check_out_path, sweep_temporaries, write_shard
-from test_catalog import LEVEL, predictions  # noqa: F401  (a fixture, used by name)
+from test_catalog import OPTIONS, predictions  # noqa: F401  (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path("/work/shared/data/gaia_archive_samples")
@@ -529,7 +529,7 @@ def test_catalogue_folder_is_group_readable_and_killed_builds_are_swept(predicti
     killed = out.parent / f".spectro.{socket.gethostname()}.{_dead_pid()}.x1y2.tmp"  # a killed build's folder
     killed.mkdir()
     (killed / "part-0.parquet").write_bytes(b"partial")
-    build_catalog(predictions["files"], out, "spectro", LEVEL, "teff")
+    build_catalog(predictions["files"], out, "spectro", **OPTIONS)
     assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert not killed.exists() and not list(out.parent.glob(".*.tmp"))
 
