@@ -232,3 +232,17 @@ def test_labelled_calibration_and_test_stars_are_left_out(store, tmp_path):
         rows[exclude] = result.metrics[-1]["rows"]
     assert rows[False] == n_rows
     assert rows[True] == n_rows - held_out and 300 < held_out < len(labelled)
+
+
+def test_perturbed_columns_resolve_groups_and_names_and_refuse_unknowns():
+    from msa.config import ConfigError
+    from msa.layout import Layout
+    from msa.perturbation import perturbed_columns
+
+    layout = Layout.from_config({"xp": {"bp": 2, "rp": 2}, "gaia_photometry": {"phot_g_mean_mag": None},
+                                 "survey_photometry": {"J": "J_err"}})
+    xp = layout.group_indices("xp").tolist()
+    assert perturbed_columns(layout, ["J", "xp", "J"], "pretrain.pert_features").tolist() == sorted(
+        xp + [layout.index("J")])
+    with pytest.raises(ConfigError, match=r"finetune.pert_features: 'K' is neither a group"):
+        perturbed_columns(layout, ["K"], "finetune.pert_features")
