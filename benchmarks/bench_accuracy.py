@@ -59,7 +59,7 @@ from msa.config import config_hash, load_config, validate
 from msa.ensemble import Ensemble
 from msa.evaluate import point_metrics
 from msa.finetune import MemberRun, finetune_member, photometry_member_config
-from msa.splits import assign_splits, split_seed
+from msa.splits import assign_splits, split_seed, unit_hash
 from msa.labels import LabelSource, label_set, load_labelled
 from msa.pretrain import pretrain_segment
 
@@ -78,6 +78,26 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(value)
     return validate(config, source="bench_accuracy overrides")
+
+
+def with_fewer_train_labels(config: dict, fraction: float, work: Path) -> dict:
+    """The config with a label catalogue that keeps only ``fraction`` of the train split's labels
+    (validation, calibration and test keep all theirs); every star stays in the store, so
+    pretraining still sees all of them. The kept subset is a hash of ``source_id``: the same for
+    every seed and for every variant, so the variants differ only in what they learned from."""
+    import pandas as pd
+    source = Path(config["labels"]["catalogue"])
+    source = source if source.is_absolute() else REPO / source
+    labels = pd.read_csv(source)
+    split = assign_splits(labels["source_id"].to_numpy(), config["splits"], split_seed(config))
+    kept = (split != "train") | (unit_hash(labels["source_id"].to_numpy(), split_seed(config) + 7919) < fraction)
+    out = work / f"labels-train{fraction:g}-{config_hash(config, ['labels', 'splits', 'seed'])}.csv"
+    labels[kept].to_csv(out, index=False)
+    log.info("label fraction %g: %d of %d train labels kept (%s)", fraction, int(((split == "train") & kept).sum()),
+             int((split == "train").sum()), out)
+    config = copy.deepcopy(config)
+    config["labels"]["catalogue"] = str(out)
+    return config
 
 
 def build_store(config: dict, work: Path) -> tuple[list[Path], Path]:
@@ -215,6 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation", choices=["validation", "test"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=YAML value")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="fine-tune (and train the yardsticks) on this fraction of the train split's labels; "
+                        "pretraining keeps every star: how much pretraining gives when labels are scarce")
     p.add_argument("--tag", default="", help="a name for this run in results.jsonl")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
@@ -230,6 +253,10 @@ def main(argv=None) -> int:
     base["splits"]["seed"] = split_seed(base)
     work = Path(args.workdir)
     shards, scaler = build_store(base, work)
+    if not 0 < args.label_fraction <= 1:
+        p.error("--label-fraction must be in (0, 1]")
+    if args.label_fraction < 1:
+        base = with_fewer_train_labels(base, args.label_fraction, work)
     names = label_set(base, args.label_set)
     per_seed = []
     t0 = time.time()
@@ -240,9 +267,10 @@ def main(argv=None) -> int:
         log.info("seed offset %d done (%.0f s so far)", offset, time.time() - t0)
     summary = summarise(per_seed, names)
     print_table(summary, names, f"{args.split} split, {len(args.seeds)} seed(s), tag {args.tag or '-'}, "
-                f"overrides {args.overrides or '-'}")
+                f"overrides {args.overrides or '-'}, train labels {args.label_fraction:g}")
     with open(work / "results.jsonl", "a") as fh:
         fh.write(json.dumps({"tag": args.tag, "split": args.split, "overrides": args.overrides,
+                             "label_fraction": args.label_fraction,
                              "seeds": args.seeds, "summary": summary, "per_seed": per_seed,
                              "wall_s": time.time() - t0}) + "\n")
     return 0
