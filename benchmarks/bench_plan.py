@@ -3,9 +3,9 @@
 Lays out empty placeholder files for 3,386 shard names (the number of Gaia DR3
 ``XpContinuousMeanSpectrum`` files) with the config's GaiaSource and cross-match patterns and its
 label catalogue, in a temporary folder, then times the dry run of the local profile (every job
-listed) and prints its wall and CPU seconds and the jobs per rule; with ``--slurm`` also the dry
-run of the SLURM profile (``predict`` jobs grouped) and how many submissions it makes. Snakemake's
-grouping is slow on ~10,000 jobs: give ``--shards 100`` to see the grouping quickly.
+listed) and prints its wall and CPU seconds and the jobs per rule (``predict`` runs per label set
+and batch of ``predict.shards_per_job`` shards); with ``--slurm`` also the dry run of the SLURM
+profile and how many submissions it makes (a job group, if the profile defines any, is one).
 
 Usage: ``python benchmarks/bench_plan.py [--shards 3386] [--slurm] [--keep DIR]``.
 """
@@ -97,11 +97,13 @@ def main() -> int:
         print(f"{'total':<20} {sum(counts.values()):>8,}", flush=True)
         if args.slurm:
             slurm_s, slurm_cpu, slurm_out = dry_run(root, "slurm")
-            groups = sum(line.startswith("[") and "Group job predict" in line for line in slurm_out.splitlines())
-            # what a cluster is sent: each group job once, every other job on its own
-            submissions = sum(counts.values()) - counts["predict"] + groups
-            print(f"dry run, SLURM profile: {slurm_s:.1f} s wall, {slurm_cpu:.1f} s CPU; {groups:,} predict "
-                  f"group jobs, {submissions:,} submissions in all")
+            groups = sum(line.startswith("[") and "Group job" in line for line in slurm_out.splitlines())
+            # what a cluster is sent: each group job once, every job outside a group (not indented) on its own
+            alone = jobs_per_rule(slurm_out)
+            alone.pop("all", None)
+            submissions = sum(alone.values()) + groups
+            print(f"dry run, SLURM profile: {slurm_s:.1f} s wall, {slurm_cpu:.1f} s CPU; {groups:,} group jobs, "
+                  f"{submissions:,} submissions in all")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

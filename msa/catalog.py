@@ -28,7 +28,8 @@ our q50 is their value column, q16 their ``_lower``, q84 their ``_upper``. Then 
 metadata (``unit``, ``description``: what LSDB and pyarrow show) and in astropy's serialisation
 header (``table_meta_yaml``: ``astropy.table.Table.read(partition)`` gives ``Quantity``-ready units).
 The file metadata identifies the model (member sha256s, calibration, config hash); every input must
-come from the same model.
+come from the same model. An input folder (``msa predict --shards --out-dir``: one per batch of
+shards) stands for its ``*.parquet`` files, in name order.
 
 Memory: three passes, one input or one partition at a time. Pass 1 counts stars per pixel of
 ``catalog.highest_order`` (positions only) and chooses the partitions; pass 2 splits each input
@@ -98,6 +99,21 @@ def _metadata(path: Path) -> dict[str, str]:
     except (OSError, pa.ArrowInvalid) as err:
         raise CatalogError(f"cannot read prediction file {path}: {err}") from err
     return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def prediction_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The inputs with each folder replaced by its ``*.parquet`` files, sorted; an empty folder is
+    refused (its shards' predictions would be missing from the catalogue without a word)."""
+    files = []
+    for given in map(Path, inputs):
+        if not given.is_dir():
+            files.append(given)
+            continue
+        found = sorted(given.glob("*.parquet"))
+        if not found:
+            raise CatalogError(f"--inputs folder {given} holds no .parquet file; is it an `msa predict --out-dir`?")
+        files += found
+    return files
 
 
 def check_same_model(inputs: Sequence[Path], label_set: str) -> dict[str, str]:
@@ -393,7 +409,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
                   sky_map_label: str | None = None, percentile_sample_rows: int = 2_000_000, seed: int = 0,
                   paths: dict[str, Path] | None = None) -> dict:
     """Build the HATS catalogue and its summary/figures; return the summary dict."""
-    inputs = [Path(p) for p in inputs]
+    inputs = prediction_files(inputs)
     paths = paths or output_paths(out_dir, label_set)
     meta = check_same_model(inputs, label_set)
     labels = json.loads(meta["labels"])
@@ -447,7 +463,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
-    parser.add_argument("--inputs", nargs="+", required=True, help="prediction Parquet files of that label set")
+    parser.add_argument("--inputs", nargs="+", required=True, help="prediction Parquet files of that label set, or folders of them (`msa predict --out-dir`)")
     parser.add_argument("--out-dir", required=True, help="catalogue folder, e.g. results/catalog/<label_set>")
     parser.add_argument("--summary", help="summary JSON (default: <out-dir>/../<label_set>.summary.json)")
     parser.add_argument("--skymap", help="sky map PNG (default: <out-dir>/../<label_set>.skymap.png)")

@@ -29,7 +29,7 @@ COMMANDS = {
     "finetune": ("msa.finetune", "fine-tune one ensemble member on one label set"),
     "calibrate": ("msa.calibrate", "split-conformal calibration of a label set's ensemble"),
     "evaluate": ("msa.evaluate", "metrics and figures of a label set on the test split"),
-    "predict": ("msa.predict", "predict one shard or table into a Parquet file"),
+    "predict": ("msa.predict", "predict a shard or table into a Parquet file, or shards into a folder"),
     "catalog": ("msa.catalog", "gather prediction files into a HATS catalogue (lsdb.read_hats opens it)"),
     "reconstruct": ("msa.reconstruct", "the autoencoder's XP coefficients of a shard or table, in Archive units"),
     "evaluate-reconstruction": ("msa.reconstruct_eval",

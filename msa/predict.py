@@ -1,4 +1,5 @@
-"""``msa predict``: one shard (or a user's table) → one Parquet file of calibrated quantiles.
+"""``msa predict``: one shard (or a user's table) → one Parquet file of calibrated quantiles;
+``--shards`` many shards → one folder of such files, with the models loaded once.
 
 Three stages overlap, so the accelerator is never waiting on the disk:
 
@@ -22,7 +23,9 @@ metadata identifies the model (member sha256s, calibration hash, config hash, ms
 label set, the labels and their units, and the input file.
 
 The file is written to a temporary name, its ``source_id`` column read back and checked against
-the input's (same ids, same order, none twice), and only then renamed into place.
+the input's (same ids, same order, none twice), and only then renamed into place. A ``--shards``
+folder is built the same way: in a temporary folder, renamed into place once every shard's file is
+written, so a failed shard leaves no partial folder.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -55,7 +59,7 @@ from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
 from msa.progress import progress
 from msa.splits import assign_splits, split_seed
-from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_path, check_out_path
+from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path, check_out_dir, check_out_path
 from msa.star_sources import StarSource, add_star_source_arguments, open_shard, open_table
 from msa.training import resolve_device
 
@@ -354,7 +358,6 @@ def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict 
                   *, chunk_rows: int, batch_size: int, min_inputs: int, **kwargs) -> PredictSummary:
     """Predict every row of one shard, in order; see :func:`predict_chunks` for the other arguments."""
     # G and store labels where the shard has them (a missing G falls back to the coarse group)
-    # G and store labels where the shard has them (a missing G falls back to the coarse group)
     source = open_shard(shard_path, input_transform(ensemble).store_columns, chunk_rows,
                         optional=[*extra_read_columns(kwargs.get("training")), *POSITION_COLUMNS])
     return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
@@ -439,30 +442,82 @@ def add_arguments(parser) -> None:
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
     parser.add_argument("--members", nargs="+", required=True, help="fine-tuned member model.pt files")
     parser.add_argument("--calibration", required=True, help="calibration JSON from `msa calibrate`")
-    add_star_source_arguments(parser)
+    add_star_source_arguments(parser, several_shards=True)
+
+
+def shard_outputs(shards: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """``<out_dir>/<shard name>.parquet`` for each shard; two shards of one name would share a file."""
+    names = [f"{Path(s).stem}.parquet" for s in shards]
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated:
+        raise PredictionError(f"--shards: {len(repeated)} output name(s) given by more than one shard, e.g. "
+                              f"{repeated[0]}; pass each shard once")
+    return [Path(out_dir) / name for name in names]
+
+
+def check_arguments(args) -> None:
+    """Before any model is loaded: the output fits the input option, overwrites no input, and
+    every shard of a batch exists (not found only after the batch's earlier shards are done)."""
+    inputs = [args.config, args.calibration, args.shard, args.table, *(args.shards or []), *args.members]
+    if args.shards is None:
+        if args.out is None:
+            raise PredictionError("--out-dir goes with --shards; give --out FILE for --shard or --table")
+        check_out_path(args.out, inputs, (".parquet", ".pq"))
+        return
+    if args.out_dir is None:
+        raise PredictionError("--shards writes one file per shard: give --out-dir FOLDER, not --out")
+    check_out_dir(args.out_dir, inputs)
+    shard_outputs(args.shards, args.out_dir)
+    missing = [s for s in args.shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+
+
+def predict_batch(shards: Sequence[str | Path], out_dir: str | Path,
+                  predict_one: Callable[[Path, Path, Path], PredictSummary]) -> list[PredictSummary]:
+    """Shard after shard into ``out_dir``: ``predict_one(shard, file to write, final path)``.
+    The folder is built whole in a temporary one: a failure leaves the previous folder (or none)."""
+    outs = shard_outputs(shards, out_dir)
+    summaries = []
+    with atomic_dir(out_dir) as tmp:
+        for shard, out in progress(list(zip(shards, outs)), desc=f"predict {Path(out_dir).name}", unit="shard"):
+            summaries.append(predict_one(Path(shard), tmp / out.name, out))
+    return summaries
+
+
+def log_summary(out: str | Path, summary: PredictSummary, min_inputs: int) -> None:
+    log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions) "
+             "in %.1f s (%.0f stars/s)", out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
+             min_inputs, summary.seconds, summary.stars_per_second)
 
 
 def run(args) -> int:
-    check_out_path(args.out, [args.config, args.calibration, args.shard, args.table, *args.members],
-                   (".parquet", ".pq"))
+    check_arguments(args)
     config = load_config(args.config)
     pcfg = config["predict"]
     ensemble = Ensemble.load(args.members, device=resolve_device(args.device), amp=pcfg["amp"])
     check_config_fits(config, args.label_set, ensemble)
     calibration = load_calibration(args.calibration)
     units = pcfg["label_units"]
-    source = args.shard or args.table
     training = TrainingSample.from_config(config, args.label_set)
-    metadata = file_metadata(ensemble, args.members, args.calibration, config, args.label_set, units, source,
-                             pcfg["min_inputs"], calibration, training)
     common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],
-                  save_latent=pcfg["save_latent"], units=units, metadata=metadata, training=training)
-    if args.shard:
-        summary = predict_shard(args.shard, ensemble, calibration, args.out, **common)
+                  save_latent=pcfg["save_latent"], units=units, training=training)
+
+    def predict_one(source: Path, out: Path, shown: Path) -> PredictSummary:
+        """One input with the loaded models: ``out`` is written, ``shown`` is logged (its final path)."""
+        metadata = file_metadata(ensemble, args.members, args.calibration, config, args.label_set, units, source,
+                                 pcfg["min_inputs"], calibration, training)
+        if args.table:
+            summary = predict_table(source, ensemble, calibration, out, allow_missing=args.allow_missing_columns,
+                                    metadata=metadata, **common)
+        else:
+            summary = predict_shard(source, ensemble, calibration, out, metadata=metadata, **common)
+        log_summary(shown, summary, pcfg["min_inputs"])
+        return summary
+
+    if args.shards:
+        predict_batch(args.shards, args.out_dir, predict_one)
     else:
-        summary = predict_table(args.table, ensemble, calibration, args.out,
-                                allow_missing=args.allow_missing_columns, **common)
-    log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions) "
-             "in %.1f s (%.0f stars/s)", args.out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
-             pcfg["min_inputs"], summary.seconds, summary.stars_per_second)
+        out = Path(args.out)
+        predict_one(args.shard or args.table, out, out)
     return 0

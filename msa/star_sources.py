@@ -103,12 +103,22 @@ def open_source(path: str | Path, is_shard: bool, columns: Sequence[str], chunk_
     return open_table(path, columns, chunk_rows, allow_missing, optional)
 
 
-def add_star_source_arguments(parser) -> None:
-    """The options every per-star command shares: where the stars come from, the output, the device."""
+def add_star_source_arguments(parser, several_shards: bool = False) -> None:
+    """The options every per-star command shares: where the stars come from, the output, the device.
+
+    ``several_shards`` adds ``--shards`` with ``--out-dir`` (one Parquet file per shard), for a
+    command that loads its models once and then reads shard after shard."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shard", help="one shard of the store (HDF5)")
+    if several_shards:
+        source.add_argument("--shards", nargs="+", help="several shards, one after another, into --out-dir "
+                            "(@FILE reads the paths from FILE, one a line)")
     source.add_argument("--table", help="your own CSV/ECSV/FITS/Parquet table with the store's column names")
-    parser.add_argument("--out", required=True, help="Parquet file to write")
+    out = parser.add_mutually_exclusive_group(required=True) if several_shards else parser
+    out.add_argument("--out", required=not several_shards, help="Parquet file to write (--shard, --table)")
+    if several_shards:
+        out.add_argument("--out-dir", help="--shards: folder to write, one <shard name>.parquet per shard; "
+                         "written whole or not at all")
     add_device_argument(parser)
     parser.add_argument("--allow-missing-columns", action="store_true",
                         help="--table only: treat absent feature columns as missing for every star")

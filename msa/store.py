@@ -8,7 +8,7 @@ Reading a subset of columns over a row range touches only those columns' chunks.
 
 It is also the package's one atomic writer (:func:`atomic_path` for a file, :func:`atomic_dir`
 for a folder, :func:`make_temp_dir` beneath them) and the
-check that an output does not overwrite an input (:func:`check_out_path`).
+checks that an output does not overwrite an input (:func:`check_out_path`, :func:`check_out_dir`).
 
 This module is a leaf: it imports nothing from the package but the version and the error base.
 """
@@ -182,6 +182,23 @@ def check_out_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
         if same:
             raise StoreError(f"{option} {out} is the input {given}; writing it would destroy that input. "
                              f"Choose another {option} path")
+
+
+def check_out_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                  option: str = "--out-dir") -> None:
+    """Refuse an output folder that is a file or that holds an input: :func:`atomic_dir` replaces
+    the folder whole, so an input inside it would be deleted."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StoreError(f"{option} {out_dir} is a file; give a folder (it is written whole)")
+    folder = out_dir.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        given = Path(given)
+        if folder == given.resolve() or folder in given.resolve().parents:
+            raise StoreError(f"{option} {out_dir} holds the input {given}; writing the folder would delete "
+                             f"that input. Choose another {option}")
 
 
 def write_shard(

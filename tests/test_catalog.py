@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import astropy.units as u
@@ -208,6 +209,21 @@ def test_rebuild_replaces_the_old_catalogue(predictions, tmp_path):
     build_catalog(predictions["files"], out, "spectro", **OPTIONS)
     build_catalog(predictions["files"][:1], out, "spectro", **OPTIONS)
     assert len(lsdb.read_hats(out).compute()) == pq.ParquetFile(predictions["files"][0]).metadata.num_rows
+
+
+def test_batch_folders_stand_for_their_files_in_name_order(predictions, catalogue, tmp_path):
+    folders = [tmp_path / "predict" / f"batch-{k}" for k in range(2)]
+    for folder, file in zip(folders, predictions["files"]):
+        folder.mkdir(parents=True)
+        shutil.copy(file, folder / file.name)
+    summary = build_catalog(folders, tmp_path / "catalog" / "spectro", "spectro", **OPTIONS)
+    assert summary["inputs"] == [str(f / file.name) for f, file in zip(folders, predictions["files"])]
+    assert summary["n_rows"] == catalogue["summary"]["n_rows"]
+    assert summary["per_label"] == catalogue["summary"]["per_label"]
+    (tmp_path / "predict" / "empty").mkdir()
+    with pytest.raises(CatalogError, match="holds no .parquet file"):
+        build_catalog([*folders, tmp_path / "predict" / "empty"], tmp_path / "catalog" / "spectro", "spectro",
+                      **OPTIONS)
 
 
 def test_cli_uses_the_config(predictions, tmp_path):

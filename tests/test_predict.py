@@ -271,6 +271,68 @@ def test_cli_refuses_members_of_another_label_set(setup, tmp_path, capsys):
               "--shard", str(setup["shard"]), "--out", str(tmp_path / "x.parquet")])
 
 
+def predict_cli(setup, tmp_path) -> list[str]:
+    """`msa predict` up to the input and output options, with a calibration file written."""
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(CALIBRATION))
+    return ["predict", "--config", write_config(tmp_path), "--label-set", "spectro", "--members",
+            *map(str, setup["members"]), "--calibration", str(calibration), "--device", "cpu"]
+
+
+def test_several_shards_in_one_call_give_the_files_of_single_calls(setup, tmp_path):
+    command = predict_cli(setup, tmp_path)
+    shards = [setup["shard"], tmp_path / "shard-0001.h5"]
+    write_shard(shards[1], star_columns(120, seed=3))
+    for shard in shards:
+        assert main([*command, "--shard", str(shard), "--out", str(tmp_path / "single" / f"{shard.stem}.parquet")]) == 0
+    listed = tmp_path / "batch.txt"  # as the workflow passes long lists
+    listed.write_text("".join(f"{shard}\n" for shard in shards))
+    batch = tmp_path / "predict" / "batch-0000"
+    assert main([*command, "--shards", f"@{listed}", "--out-dir", str(batch)]) == 0
+    assert sorted(p.name for p in batch.iterdir()) == ["shard-0000.parquet", "shard-0001.parquet"]
+    for shard in shards:
+        single, batched = (pq.read_table(folder / f"{shard.stem}.parquet") for folder in (tmp_path / "single", batch))
+        pd.testing.assert_frame_equal(batched.to_pandas(), single.to_pandas())  # NaN rows included
+        assert batched.schema.metadata[b"input_file"] == str(shard).encode()
+    assert [p.name for p in batch.parent.iterdir()] == ["batch-0000"]  # no temporary left beside it
+
+
+def test_a_failing_shard_leaves_the_previous_folder_whole(setup, tmp_path, capsys):
+    command = predict_cli(setup, tmp_path)
+    batch = tmp_path / "predict" / "batch-0000"
+    earlier = tmp_path / "earlier" / "shard-0000.h5"  # other stars: a rewrite of the file would show
+    write_shard(earlier, star_columns(120, seed=4))
+    assert main([*command, "--shards", str(earlier), "--out-dir", str(batch)]) == 0
+    before = (batch / "shard-0000.parquet").read_bytes()
+    broken = tmp_path / "shard-0001.h5"
+    write_shard(broken, {k: v for k, v in star_columns(120).items() if k != "bp_1"})
+    assert main([*command, "--shards", str(setup["shard"]), str(broken), "--out-dir", str(batch)]) == 2
+    assert "shard-0001.h5 lacks column(s) ['bp_1']" in capsys.readouterr().err
+    assert [p.name for p in batch.iterdir()] == ["shard-0000.parquet"]
+    assert (batch / "shard-0000.parquet").read_bytes() == before
+    assert [p.name for p in batch.parent.iterdir()] == ["batch-0000"]
+    fresh = tmp_path / "predict" / "batch-0001"  # no previous folder: none after a failure
+    assert main([*command, "--shards", str(setup["shard"]), str(broken), "--out-dir", str(fresh)]) == 2
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--shards", "shard-0000.h5", "--out", "x.parquet"], "give --out-dir FOLDER"),
+    (["--shards", "shard-0000.h5", "--out-dir", "."], "holds the input"),
+    (["--shards", "shard-0000.h5", "other/shard-0000.h5", "--out-dir", "batch"], "given by more than one shard"),
+    (["--shards", "shard-0000.h5", "absent.h5", "--out-dir", "batch"], "1 shard(s) not found, e.g. absent.h5"),
+    (["--shard", "shard-0000.h5", "--out-dir", "batch"], "give --out FILE"),
+], ids=["out-file", "folder-of-an-input", "same-name-twice", "absent-shard", "out-dir-for-one-shard"])
+def test_several_shards_refuse_outputs_that_would_lose_data(setup, tmp_path, capsys, monkeypatch, arguments,
+                                                            message):
+    command = predict_cli(setup, tmp_path)
+    (tmp_path / "other").mkdir()
+    write_shard(tmp_path / "other" / "shard-0000.h5", star_columns(120))
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "batch").exists() and not list(tmp_path.glob("*.parquet"))
+
 def test_force_masked_xp_counts_as_predicted_without_xp(setup, tmp_path):
     layout = small_layout()
     members = [write_member(tmp_path / f"photometry-{k}.pt", layout, unit_scaler(layout), seed=k,

@@ -36,13 +36,13 @@ def planned_jobs(workdir: WorkflowDir, config: str = "config.yaml", *targets: st
     return {f"{rule}[{wild}]" if wild else rule for rule, wild in jobs if rule != "all"}
 
 
-def label_set_jobs(label_set: str, members: range, shards=("s000", "s001")) -> set[str]:
-    """Every job of one label set, downstream of pretraining."""
+def label_set_jobs(label_set: str, members: range, batches=("batch-0000",)) -> set[str]:
+    """Every job of one label set, downstream of pretraining (both shards in one predict batch)."""
     return ({f"finetune[label_set={label_set},member={k}]" for k in members}
             | {f"finetune_scratch[label_set={label_set},member={k}]" for k in members}  # evaluate.from_scratch
             | {f"calibrate[label_set={label_set}]", f"evaluate[label_set={label_set}]",
                f"catalog[label_set={label_set}]"}
-            | {f"predict[label_set={label_set},shard={s}]" for s in shards})
+            | {f"predict[batch={b},label_set={label_set}]" for b in batches})
 
 
 UPSTREAM = {"ingest[shard=s000]", "ingest[shard=s001]", "shard_list", "fit_scaler", "pretrain_segment[segment=0]",
@@ -100,7 +100,7 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     resources = {}
     rule = None
     for line in out.splitlines():
-        if header := JOB_HEADER.match(line.strip()):  # a grouped job's lines are indented
+        if header := JOB_HEADER.match(line.strip()):
             rule = header.group(1)
         elif rule and line.strip().startswith("resources:"):
             resources[rule] = line
@@ -112,8 +112,8 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
         assert "slurm_partition=CHANGE_ME_cpu_partition" in resources[cpu_rule]
     # pretraining wall time grows with each retry
     assert "runtime=480" in resources["pretrain_segment"]
-    # prediction: one submission for the shards' jobs, run one after another on one GPU
-    assert out.count("Group job predict") == 1 and "predict_slot=1" in resources["predict"]
+    # prediction: one job for the batch of both shards, not grouped, its wall time 6 min a shard
+    assert "Group job" not in out and "runtime=12" in resources["predict"]
 
 
 def test_pretraining_on_several_gpus_runs_under_torchrun(workflow_dir):
@@ -175,13 +175,16 @@ def test_full_sky_config_plans_the_cluster_run(tmp_path):
     """config/gaia_dr3.yaml against three (empty) bulk-file triples named like Gaia DR3's."""
     run = full_sky_layout(tmp_path / "sky")
     config = run.config
-    planned = planned_jobs(run)
+    run.write_config(merge(config, {"predict": {"shards_per_job": 2}}), "two_per_job.yaml")
+    planned = planned_jobs(run, "two_per_job.yaml")
     count = lambda rule: sum(j.split("[")[0] == rule for j in planned)  # noqa: E731
     n_sets, members = len(config["label_sets"]), config["finetune"]["members"]
     assert count("ingest") == 3
     assert count("pretrain_segment") == config["pretrain"]["epochs"] // config["pretrain"]["epochs_per_job"]
     assert count("finetune") == n_sets * members
-    assert count("predict") == n_sets * 3
+    # the three shards in batches of two: one job of two shards and one of the last shard
+    assert {j for j in planned if j.startswith("predict[")} == {
+        f"predict[batch={b},label_set={s}]" for b in ("batch-0000", "batch-0001") for s in config["label_sets"]}
     assert count("catalog") == count("calibrate") == count("evaluate") == n_sets
 
 
@@ -199,7 +202,10 @@ def test_run_produces_every_output(finished_run):
     results = finished_run.path / "results"
     assert (results / "pretrain" / "model.pt").read_bytes() == (results / "pretrain" / "segment-1.pt").read_bytes()
     assert (results / "evaluate" / "spectro" / "metrics.json").is_file()
-    assert sorted(p.name for p in (results / "predict" / "spectro").iterdir()) == ["s000.parquet", "s001.parquet"]
+    assert [p.name for p in (results / "predict" / "spectro").iterdir()] == ["batch-0000"]
+    # (Snakemake adds its .snakemake_timestamp to a directory output)
+    assert sorted(p.name for p in (results / "predict" / "spectro" / "batch-0000").glob("*.parquet")) == [
+        "s000.parquet", "s001.parquet"]
     assert (results / "catalog" / "spectro.summary.json").is_file()
     assert (results / "catalog" / "spectro.skymap.png").is_file()
     assert planned_jobs(finished_run) == set(), "a finished run must have nothing left to do"
@@ -214,9 +220,8 @@ def test_changing_finetune_lr_reruns_finetune_and_what_follows_only(finished_run
 def test_changing_predict_settings_reruns_predict_and_catalog_only(finished_run):
     config = merge(finished_run.config, {"predict": {"batch_size": 512}})
     finished_run.write_config(config, "predict.yaml")
-    assert planned_jobs(finished_run, "predict.yaml") == {
-        "predict[label_set=spectro,shard=s000]", "predict[label_set=spectro,shard=s001]",
-        "catalog[label_set=spectro]"}
+    assert planned_jobs(finished_run, "predict.yaml") == {"predict[batch=batch-0000,label_set=spectro]",
+                                                          "catalog[label_set=spectro]"}
 
 
 def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_run):
@@ -265,7 +270,7 @@ def test_photometry_members_add_their_jobs_and_feed_every_ensemble_consumer(fini
     # the members with XP stay; what reads the ensemble reruns with the photometry members added
     assert planned == new | {"calibrate[label_set=spectro]", "evaluate[label_set=spectro]",
                              "catalog[label_set=spectro]",
-                             *(f"predict[label_set=spectro,shard={s}]" for s in ("s000", "s001"))}
+                             "predict[batch=batch-0000,label_set=spectro]"}
 
 
 def test_touching_a_raw_file_without_changing_it_reruns_nothing(finished_run, tiny_sky):

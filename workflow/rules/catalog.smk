@@ -1,12 +1,10 @@
-# Per label set: every shard's predictions gathered into one HATS catalogue (LSDB, hats, astropy
-# open it), with a summary and a sky map for the report.
+# Per label set: every shard's predictions (the batch folders of rule predict) gathered into one
+# HATS catalogue (LSDB, hats, astropy open it), with a summary and a sky map for the report.
 
 
 rule catalog:
     input:
-        predictions=lambda wildcards: expand(
-            f"{RESULTS}/predict/{wildcards.label_set}/{{shard}}.parquet", shard=SHARDS
-        ),
+        predictions=lambda wildcards: batch_folders(wildcards.label_set),
     output:
         dataset=directory(f"{RESULTS}/catalog/{{label_set}}"),
         summary=report(

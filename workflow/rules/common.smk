@@ -104,6 +104,26 @@ SHARD_FILES = expand(f"{RESULTS}/store/{{shard}}.h5", shard=SHARDS)
 SHARD_LIST = f"{RESULTS}/store/shards.txt"
 
 
+def shard_batches(shards, size):
+    """Batch name -> its shards: consecutive chunks of `size` of the sorted shard list."""
+    starts = range(0, len(shards), size)
+    return {f"batch-{k:04d}": shards[i : i + size] for k, i in enumerate(starts)}
+
+
+# Prediction runs per batch of shards (`predict.shards_per_job`): on the full sky ~100 jobs per
+# label set instead of 3,386, so the plan has a tenth of the jobs and a cluster no one-minute jobs.
+BATCHES = shard_batches(SHARDS, config["predict"]["shards_per_job"])
+
+
+def batch_shard_files(wildcards):
+    return expand(f"{RESULTS}/store/{{shard}}.h5", shard=BATCHES[wildcards.batch])
+
+
+def batch_folders(label_set):
+    """The prediction folders of one label set, one per batch, in shard order."""
+    return [f"{RESULTS}/predict/{label_set}/{batch}" for batch in BATCHES]
+
+
 def write_shard_list(shards, path, log_path):
     """One shard path a line, as argparse reads `@file` arguments."""
     with atomic_path(path) as tmp:
@@ -191,7 +211,7 @@ def ensemble_members(folder, label_set):
     return list(_ensemble_members(folder, label_set))
 
 
-@functools.lru_cache(maxsize=None)  # asked once per predict job: 10,158 of them on the full sky
+@functools.lru_cache(maxsize=None)  # asked by every job that reads an ensemble
 def _ensemble_members(folder, label_set):
     kinds = ["member", "photometry"] if config["finetune"]["photometry_members"] else ["member"]
     return tuple(
@@ -215,14 +235,20 @@ def scratch_member_models(wildcards):
 
 
 def shard_predictions(path):
-    """A shard's predictions: kept, or temp() when the catalogue is their only reader."""
+    """A batch's prediction folder: kept, or temp() when the catalogue is its only reader."""
     return path if config["catalog"]["keep_shard_predictions"] else temp(path)
 
 
 def attempt_scaled(minutes):
     """`runtime` in minutes, growing with each retry (a job killed at its wall time resumes
-    from its checkpoint with more time)."""
-    return lambda wildcards, attempt: minutes * attempt
+    from its checkpoint with more time); `minutes` a number or a function of the wildcards."""
+    first_try = minutes if callable(minutes) else lambda wildcards: minutes
+    return lambda wildcards, attempt: first_try(wildcards) * attempt
+
+
+def per_batch_shard(minutes):
+    """Minutes of a predict job: `minutes` for each shard of its batch."""
+    return lambda wildcards: minutes * len(BATCHES[wildcards.batch])
 
 
 def catalog_targets(label_set):

@@ -1,31 +1,34 @@
-# Full-sky prediction: one job per shard and label set, calibrated quantiles into Parquet.
-# The catalogue holds the same rows: with `catalog.keep_shard_predictions: false` these files are
-# temp() and go once their catalogue is written. On SLURM the jobs run in groups (one GPU, one
-# job after another; profiles/slurm), not as thousands of one-minute submissions.
+# Full-sky prediction: one job per label set and batch of `predict.shards_per_job` consecutive
+# shards, which loads the ensemble once and writes one Parquet file per shard into the batch's
+# folder (written whole or not at all). Re-ingesting one shard re-runs its whole batch; a shard
+# added or removed renumbers the batches after it, which then re-run too. The catalogue holds the
+# same rows: with `catalog.keep_shard_predictions: false` the folders are temp() and go once their
+# catalogue is written.
 
 
 rule predict:
     input:
         members=member_models,
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
-        shard=f"{RESULTS}/store/{{shard}}.h5",
+        shards=batch_shard_files,
     output:
-        predictions=shard_predictions(f"{RESULTS}/predict/{{label_set}}/{{shard}}.parquet"),
+        predictions=shard_predictions(directory(f"{RESULTS}/predict/{{label_set}}/{{batch}}")),
     log:
-        f"{LOGS}/predict/{{label_set}}/{{shard}}.log",
+        f"{LOGS}/predict/{{label_set}}/{{batch}}.log",
     benchmark:
-        f"{BENCHMARKS}/predict/{{label_set}}/{{shard}}.tsv"
+        f"{BENCHMARKS}/predict/{{label_set}}/{{batch}}.tsv"
     conda:
         MSA_ENV
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
-        runtime=attempt_scaled(30),
+        # ~1 min a shard on a GPU, with room to spare; more with each retry
+        runtime=attempt_scaled(per_batch_shard(6)),
     params:
         config=MSA_CONFIG,
         settings=settings(predict=config["predict"]),
     shell:
         "msa predict --config {params.config:q} --label-set {wildcards.label_set:q} "
-        "--members {input.members:q} --calibration {input.calibration:q} --shard {input.shard:q} "
-        "--out {output.predictions:q} > {log:q} 2>&1"
+        "--members {input.members:q} --calibration {input.calibration:q} --shards {input.shards:q} "
+        "--out-dir {output.predictions:q} > {log:q} 2>&1"
