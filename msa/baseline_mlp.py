@@ -17,6 +17,7 @@ Test stars are never seen in fitting or selection. Deterministic for a given see
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -33,6 +34,19 @@ log = logging.getLogger(__name__)
 NMAD_FACTOR = 1.4826
 # the schema's evaluate.mlp_grid default, for callers without a config
 DEFAULT_GRID = {"width": [256, 512], "dropout": [0.2], "weight_decay": [1e-4], "loss": ["l1", "mse"]}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run the enclosed block on one intra-op thread: matrices of a two-layer MLP on a thousand
+    stars are too small to share, so more threads only wait on each other (the no-XP fit on the
+    demo: 20 s on one thread, 55 s on two of a busy 2-core machine, the same weights)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class MLPBaselineError(InputError, ValueError):
@@ -151,7 +165,8 @@ class PlainMLPBaseline:
         for values in itertools.product(*(self.grid[k] for k in keys)):
             choice = dict(zip(keys, values))
             s = MLPSettings(**{**self.base_settings.__dict__, **choice})
-            net, score = self._train_one(s, x_tr, ys_tr, x_va, ys_va)
+            with one_torch_thread():
+                net, score = self._train_one(s, x_tr, ys_tr, x_va, ys_va)
             self.validation_scores.append((choice, score))
             log.info("plain MLP %s: validation NMAD (scaled, mean over labels) %.4f", choice, score)
             if score < best[2]:

@@ -52,3 +52,18 @@ def test_too_few_stars_and_predict_before_fit_are_refused():
         PlainMLPBaseline(["a", "b"]).fit(x, y, x, y)
     with pytest.raises(MLPBaselineError, match="fit"):
         PlainMLPBaseline(["a", "b"]).predict(x)
+
+
+def test_fits_on_one_thread_and_gives_the_caller_its_threads_back(monkeypatch):
+    seen = []
+    train_one = PlainMLPBaseline._train_one
+    monkeypatch.setattr(PlainMLPBaseline, "_train_one",
+                        lambda self, *a: (seen.append(torch.get_num_threads()), train_one(self, *a))[1])
+    x, y = data(300, 0)
+    xv, yv = data(100, 1)
+    torch.set_num_threads(2)
+    try:
+        PlainMLPBaseline(["a", "b"], seed=0, grid=GRID).fit(x, y, xv, yv)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

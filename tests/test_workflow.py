@@ -116,6 +116,37 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     assert "Group job" not in out and "runtime=12" in resources["predict"]
 
 
+def job_resources(out: str) -> dict[str, tuple[int, str]]:
+    """Per rule, its first job's threads (a dry run prints them only above 1) and resources line."""
+    found, rule = {}, None
+    for line in out.splitlines():
+        line = line.strip()
+        if header := JOB_HEADER.match(line):
+            rule = header.group(1) if header.group(1) not in found else None
+            if rule:
+                found[rule] = (1, "")
+        elif rule and line.startswith("threads:"):
+            found[rule] = (int(line.split(":")[1]), found[rule][1])
+        elif rule and line.startswith("resources:"):
+            found[rule] = (found[rule][0], line)
+    return found
+
+
+def test_local_gpu_rules_take_one_card_each_or_run_side_by_side_on_one_core(workflow_dir, tmp_path):
+    without = os.pathsep.join(d for d in BIN_PATH.split(os.pathsep) if not (Path(d) / "nvidia-smi").exists())
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    cpu = job_resources(workflow_dir.snakemake("--dry-run", env={"PATH": without}).stdout)
+    gpu = job_resources(workflow_dir.snakemake("--dry-run", env={"PATH": f"{fake}{os.pathsep}{without}"}).stdout)
+    for rule in ("pretrain_segment", "finetune", "predict"):
+        # no card: one thread, no gpu resource, so the profile's gpu cap does not serialise them
+        assert cpu[rule][0] == 1 and "gpu=0" in cpu[rule][1], cpu[rule]
+        assert gpu[rule][0] == 2 and "gpu=1" in gpu[rule][1], gpu[rule]  # the profile's --cores 2
+    assert cpu["calibrate"][0] == 2 and "gpu=" not in cpu["calibrate"][1]
+
+
 def test_pretraining_on_several_gpus_runs_under_torchrun(workflow_dir):
     one = workflow_dir.snakemake("--dry-run").stdout
     four = workflow_dir.snakemake("--dry-run", "--set-resources", "pretrain_segment:gpu=4",

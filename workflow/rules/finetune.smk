@@ -33,9 +33,9 @@ rule finetune:
         f"{BENCHMARKS}/finetune/{{label_set}}/member-{{member}}.tsv"
     conda:
         MSA_ENV
-    threads: 4
+    threads: gpu_rule_threads(4)
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
         mem_mb=16000,
         runtime=attempt_scaled(60),
     params:

@@ -19,9 +19,9 @@ rule predict:
         f"{BENCHMARKS}/predict/{{label_set}}/{{batch}}.tsv"
     conda:
         MSA_ENV
-    threads: 2
+    threads: gpu_rule_threads(2)
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
         mem_mb=8000,
         # ~1 min a shard on a GPU, with room to spare; more with each retry
         runtime=attempt_scaled(per_batch_shard(6)),

@@ -22,9 +22,9 @@ rule pretrain_segment:
         f"{BENCHMARKS}/pretrain/segment-{{segment}}.tsv"
     conda:
         MSA_ENV
-    threads: 4
+    threads: gpu_rule_threads(4)
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
         mem_mb=16000,
         runtime=attempt_scaled(120),
     params:

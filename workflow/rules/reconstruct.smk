@@ -15,9 +15,9 @@ rule reconstruct:
         f"{BENCHMARKS}/reconstruct/{{shard}}.tsv"
     conda:
         MSA_ENV
-    threads: 2
+    threads: gpu_rule_threads(2)
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
         mem_mb=8000,
         runtime=attempt_scaled(30),
     params:
@@ -78,9 +78,9 @@ rule embed:
         f"{BENCHMARKS}/embed/{{shard}}.tsv"
     conda:
         MSA_ENV
-    threads: 2
+    threads: gpu_rule_threads(2)
     resources:
-        gpu=1,
+        gpu=GPU_PER_JOB,
         mem_mb=8000,
         runtime=attempt_scaled(30),
     params:
