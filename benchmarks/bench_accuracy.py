@@ -36,6 +36,17 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   the gain over the MLP is the architecture's (periodic embeddings, residual blocks, quantile
   loss). ``finetune.head_reads_inputs`` made no difference there (193 K / 0.38 / 0.35 / 0.066);
 * pretraining's loss with ``loss: mse`` instead of error weights: worse with XP (Teff 154 → 168 K).
+* four members instead of two (``--set finetune.members=4``, 3 seeds, validation): with XP
+  117 K / 0.217 / 0.161 / 0.048 against 121 K / 0.216 / 0.160 / 0.048, without XP 190 K / 0.397 /
+  0.346 / 0.067 against 183 K / 0.397 / 0.345 / 0.070: no gain worth twice the fine-tuning, kept at 2;
+* scarce labels (``--label-fraction 0.1``, ``finetune.epochs=300``, ``patience=80``, photometry
+  members 800 / 200, so the optimiser steps stay about the same; 3 seeds, test split): pretrained /
+  from scratch 0.98, 0.96, 1.00, 1.07 with XP, 0.98, 1.04, 1.00, 0.99 without; with the demo's 30
+  epochs (one seed) the pretrained encoder led on every label (Teff 260 vs 316 K): a faster start,
+  not a better end point. On a 20,000-star synthetic sky with 388 train labels (``--config`` a
+  synthetic config with the demo's model and training sections, ``--label-fraction 0.04``, one
+  seed) pretraining was worse than from scratch with XP (log g 0.090 vs 0.077, [Fe/H] 0.063 vs
+  0.044) and both lost to the plain MLP; without XP all were within 5 %.
 """
 
 from __future__ import annotations
