@@ -46,7 +46,7 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   not a better end point. On a 20,000-star synthetic sky with 388 train labels (``--config`` a
   synthetic config with the demo's model and training sections, ``--label-fraction 0.04``, one
   seed) pretraining was worse than from scratch with XP (log g 0.090 vs 0.077, [Fe/H] 0.063 vs
-  0.044) and both lost to the plain MLP; without XP all were within 5 %.
+  0.044) and both lost to the plain MLP; without XP all were within 6 %.
 """
 
 from __future__ import annotations
