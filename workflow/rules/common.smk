@@ -201,7 +201,7 @@ def previous_segment(wildcards):
 # Where local jobs run on a CUDA machine (nvidia-smi on PATH), each job of a GPU rule asks for a
 # card (profiles/default has one, so they run one after another). Without a GPU these rules train
 # small networks on the CPU, where jobs side by side on one core each beat one job over every
-# core: a fine-tuning member took 19 s on one thread and 29 s on two on a 2-core machine, and
+# core: on a shared 2-core machine a fine-tuning member took 19 s on one thread and 29 s on two,
 # the plain MLP yardstick 20 s and 55 s. SLURM profiles set `gpu` per rule themselves.
 LOCAL_GPU = shutil.which("nvidia-smi") is not None
 GPU_PER_JOB = 1 if LOCAL_GPU else 0
