@@ -71,6 +71,7 @@ from msa.ensemble import Ensemble
 from msa.evaluate import point_metrics
 from msa.finetune import MemberRun, finetune_member, photometry_member_config
 from msa.splits import assign_splits, split_seed, unit_hash
+from msa.tables import read_frame, table_columns
 from msa.labels import LabelSource, label_set, load_labelled
 from msa.pretrain import pretrain_segment
 
@@ -96,12 +97,13 @@ def with_fewer_train_labels(config: dict, fraction: float, work: Path) -> dict:
     (validation, calibration and test keep all theirs); every star stays in the store, so
     pretraining still sees all of them. The kept subset is a hash of ``source_id``: the same for
     every seed and for every variant, so the variants differ only in what they learned from."""
-    import pandas as pd
     source = Path(config["labels"]["catalogue"])
     source = source if source.is_absolute() else REPO / source
-    labels = pd.read_csv(source)
-    split = assign_splits(labels["source_id"].to_numpy(), config["splits"], split_seed(config))
-    kept = (split != "train") | (unit_hash(labels["source_id"].to_numpy(), split_seed(config) + 7919) < fraction)
+    id_column = config["labels"]["source_id_column"]
+    labels = read_frame(source, table_columns(source), id_column)  # any catalogue format, exact ids
+    ids = labels[id_column].to_numpy()
+    split = assign_splits(ids, config["splits"], split_seed(config))
+    kept = (split != "train") | (unit_hash(ids, split_seed(config) + 7919) < fraction)
     out = work / f"labels-train{fraction:g}-{config_hash(config, ['labels', 'splits', 'seed'])}.csv"
     labels[kept].to_csv(out, index=False)
     log.info("label fraction %g: %d of %d train labels kept (%s)", fraction, int(((split == "train") & kept).sum()),
