@@ -47,6 +47,16 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   synthetic config with the demo's model and training sections, ``--label-fraction 0.04``, one
   seed) pretraining was worse than from scratch with XP (log g 0.090 vs 0.077, [Fe/H] 0.063 vs
   0.044) and both lost to the plain MLP; without XP all were within 6 %.
+* one change at a time against the config as it is (3 seeds, validation, ``--variants model``,
+  one thread; with XP Teff / log g / [Fe/H] / [α/M], then without XP), measured 2026-12-02:
+  as it is 131.8 / 0.214 / 0.164 / 0.0487, 187 / 0.386 / 0.351 / 0.0656;
+  ``pretrain.xp_band_masking=true`` 123.6 / 0.222 / 0.145 / 0.0488, 187 / 0.392 / 0.353 / 0.0677
+  (the one lead: [Fe/H] −11 %, Teff −6 %; not yet confirmed on more seeds);
+  ``model.dropout=0.1`` 125.4 / 0.217 / 0.163 / 0.0477, 183 / 0.388 / 0.346 / 0.0667;
+  ``finetune.weight_decay=0.1`` 126.9 / 0.214 / 0.164 / 0.0494; ``finetune.pert_features=[xp]``
+  133.4 / 0.235 / 0.154 / 0.0494; ``finetune.head_widths=[512, 256]`` 134.5 / 0.224 / 0.161 /
+  0.0479, without XP worse (199 K); ``finetune.epochs=60, patience=15`` 137.8 / 0.232 / 0.152 /
+  0.0459. Only the band masking moves [Fe/H] beyond the ±5 % of seed noise.
 """
 
 from __future__ import annotations
