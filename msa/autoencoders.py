@@ -1,8 +1,9 @@
 """The foundation model's own outputs: K autoencoders (pretrained and/or fine-tuned) run on one batch.
 
 ``Autoencoders.load(paths)`` reads pretraining checkpoints (``kind: pretrain``, e.g.
-``results/pretrain/model.pt``) and fine-tuned members (``kind: finetune``: their encoder and decoder,
-trained further with the multitask reconstruction loss) alike, and refuses a set that disagrees on
+``results/pretrain/model.pt``), fine-tuned members (``kind: finetune``: their encoder and decoder,
+trained further with the multitask reconstruction loss) and reconstruction members (``kind:
+reconstruct``, ``msa train-reconstruction``: trained further on the sampled flux) alike, and refuses a set that disagrees on
 the feature layout, the scaler or the XP normalisation, naming the two files. Each model hides its
 own forced-mask features, as in its training.
 
@@ -31,7 +32,8 @@ from msa.scaling import Scaler
 
 log = logging.getLogger(__name__)
 
-AUTOENCODER_KINDS = ("pretrain", "finetune")
+AUTOENCODER_KINDS = ("pretrain", "finetune", "reconstruct")
+_SAVES_OWN_MASK = ("finetune", "reconstruct")  # kinds that record their forced mask and XP normalisation
 
 
 class AutoencoderError(InputError, ValueError):
@@ -40,13 +42,13 @@ class AutoencoderError(InputError, ValueError):
 
 def _force_mask_indices(ckpt: dict, layout: Layout) -> list[int]:
     """Features the checkpoint's training always hid (and inference must hide too)."""
-    if ckpt["kind"] == "finetune":
+    if ckpt["kind"] in _SAVES_OWN_MASK:
         return [int(i) for i in ckpt.get("force_mask_indices") or []]
     return [int(i) for i in MaskSpec.from_config(layout, ckpt["config"]["pretrain"]).force_indices]
 
 
 def _normalises_xp(ckpt: dict) -> bool:
-    if ckpt["kind"] == "finetune":
+    if ckpt["kind"] in _SAVES_OWN_MASK:
         return bool(ckpt["normalise_xp"])
     return xp_normalises(ckpt["config"]["features"])
 
@@ -74,7 +76,8 @@ class Autoencoders:
         for ckpt, path in zip(ckpts, paths):
             if ckpt.get("kind") not in AUTOENCODER_KINDS:
                 raise AutoencoderError(f"{path} is a {ckpt.get('kind')!r} checkpoint; pass a pretrained model "
-                                       "(results/pretrain/model.pt) or fine-tuned members (…/member-<k>/model.pt)")
+                                       "(results/pretrain/model.pt), fine-tuned members (…/member-<k>/model.pt) "
+                                       "or reconstruction members (results/reconstruct/member-<k>.pt)")
         layout = Layout.from_dict(ckpts[0]["layout"])
         for ckpt, path in zip(ckpts[1:], paths[1:]):
             difference = layout.diff(Layout.from_dict(ckpt["layout"]))

@@ -31,6 +31,8 @@ COMMANDS = {
     "evaluate": ("msa.evaluate", "metrics and figures of a label set on the test split"),
     "predict": ("msa.predict", "predict a shard or table into a Parquet file, or shards into a folder"),
     "catalog": ("msa.catalog", "gather prediction files into a HATS catalogue (lsdb.read_hats opens it)"),
+    "train-reconstruction": ("msa.reconstruct_train",
+                             "train the pretrained autoencoder further on XP inferred from photometry (flux loss)"),
     "reconstruct": ("msa.reconstruct", "the autoencoder's XP coefficients of a shard or table, in Archive units"),
     "evaluate-reconstruction": ("msa.reconstruct_eval",
                                 "XP reconstruction with XP hidden vs a photometry kNN, on held-out stars"),
