@@ -110,14 +110,15 @@ class FluxObjective(torch.nn.Module):
 
 def train_one_epoch(objective: FluxObjective, data: FluxData, optimizer, scheduler, cfg: dict,
                     generator: torch.Generator, device: torch.device) -> float:
-    """One pass over ``data`` in shuffled batches; the mean squared relative flux error."""
+    """One pass over ``data`` in shuffled batches; the mean loss (relative flux error, or its square)."""
     objective.train()
     order = torch.randperm(len(data), generator=generator)
     total, n = 0.0, 0
     for index in order.split(cfg["batch_size"]):
         x, target = data.x[index].to(device), data.target[index].to(device)
         hide = (torch.rand(len(index), generator=generator) < cfg["hide_xp_fraction"]).to(device)
-        loss = objective(x, target, hide).square().mean()
+        error = objective(x, target, hide)
+        loss = (error.square() if cfg["loss"] == "squared" else error).mean()
         value = check_finite(loss, n)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
