@@ -47,7 +47,7 @@ def run(tmp_path):
                                       "astrometry": {"parallax": "parallax_error"}},
               "pretrain": {"validation_fraction": 0.2, "validation_shards": []},
               "reconstruct": {"training": {"epochs": 8, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 32,
-                                           "grad_clip": 1.0, "hide_xp_fraction": 1.0, "stop_fraction": 0.2,
+                                           "grad_clip": 1.0, "loss": "relative", "hide_xp_fraction": 1.0, "stop_fraction": 0.2,
                                            "max_stars": 10**6}}}
     return {"layout": layout, "pretrained": pretrained, "cols": cols, "shard": shard, "config": config}
 
