@@ -2,10 +2,12 @@
 
 Pretraining reconstructs coefficients weighted by their measurement errors, which suits a star
 whose XP is seen; a star fainter than G = 17.65 has none, and its spectrum must come from the
-photometry. This stage starts from ``results/pretrain/model.pt`` and trains the whole autoencoder
+photometry. This stage takes ``results/pretrain/model.pt`` (its weights with ``init: pretrained``, only
+its architecture, layout and scaler with ``init: random``) and trains the whole autoencoder
 on the relative error of the sampled flux (``msa.flux_loss``), the quantity
 ``msa evaluate-reconstruction`` scores, with every star's XP hidden from the encoder in a fraction
-``hide_xp_fraction`` of the rows (1: always, the photometry-only view).
+``hide_xp_fraction`` of the rows (drawn anew each batch; the other rows learn to reproduce the XP
+they see, which pretraining, scoring hidden entries only, never asked of the decoder).
 
 Stars: those with a full XP spectrum and a G magnitude that pretraining trained on (never its
 held-out stars, on which the reconstruction is validated), at most ``max_stars`` of them (a
@@ -34,6 +36,7 @@ from msa.features import G_MAG
 from msa.flux_loss import FluxMap, relative_flux_error
 from msa.layout import Layout
 from msa.masking import hash_uniform
+from msa.model import MaskedAutoencoder
 from msa.pretrain import held_out_of_pretraining
 from msa.progress import progress
 from msa.reconstruct import read_columns, xp_decoder_positions
@@ -160,6 +163,8 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
             "reconstruct.training.batch_size")
     torch.manual_seed(seed + member)
     generator = torch.Generator().manual_seed(seed + member)
+    if cfg["init"] == "random":  # the pretrained model's architecture, layout and scaler, fresh weights
+        aes.models[0] = MaskedAutoencoder(**aes.models[0].hparams).to(device)
     objective = FluxObjective(aes, flux_map).to(device)
     optimizer = make_optimizer(objective.model, cfg["lr"], cfg["weight_decay"])
     steps = cfg["epochs"] * -(-len(train) // cfg["batch_size"])
@@ -190,6 +195,7 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
         "force_mask_indices": [int(i) for i in forced], "member": member, "seed": seed + member,
         "config": {"reconstruct": config["reconstruct"], "pretrain": config["pretrain"]},
         "config_hash": config_hash(config), "pretrained": str(pretrained), "pretrained_sha256": aes.sha256[0],
+        "init": cfg["init"],
         "history": history, "summary": summary,
     })
     log.info("member %d: best epoch %d of %d, median relative flux error %.4f (was %.4f), %.0f s; wrote %s",

@@ -47,7 +47,7 @@ def run(tmp_path):
                                       "astrometry": {"parallax": "parallax_error"}},
               "pretrain": {"validation_fraction": 0.2, "validation_shards": []},
               "reconstruct": {"training": {"epochs": 8, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 32,
-                                           "grad_clip": 1.0, "loss": "relative", "hide_xp_fraction": 1.0, "stop_fraction": 0.2,
+                                           "grad_clip": 1.0, "init": "pretrained", "loss": "relative", "hide_xp_fraction": 1.0, "stop_fraction": 0.2,
                                            "max_stars": 10**6}}}
     return {"layout": layout, "pretrained": pretrained, "cols": cols, "shard": shard, "config": config}
 
@@ -122,3 +122,14 @@ def test_too_few_stars_name_the_settings(run, tmp_path):
     with pytest.raises(ReconstructTrainingError, match="max_stars"):
         train_reconstruction(run["config"], run["pretrained"], [run["shard"]], tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_random_init_keeps_the_architecture_but_not_the_weights(run, tmp_path):
+    run["config"]["reconstruct"]["training"]["epochs"] = 1
+    pretrained = train_reconstruction(run["config"], run["pretrained"], [run["shard"]], tmp_path / "p.pt")
+    run["config"]["reconstruct"]["training"]["init"] = "random"
+    fresh = train_reconstruction(run["config"], run["pretrained"], [run["shard"]], tmp_path / "r.pt")
+    assert fresh["before_training"] != pretrained["before_training"]
+    saved = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert saved["init"] == "random"
+    assert saved["model_hparams"] == torch.load(run["pretrained"], weights_only=True)["model_hparams"]

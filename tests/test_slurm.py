@@ -16,7 +16,7 @@ from slurm.local_cluster import LocalSlurm, missing_requirements
 pytestmark = pytest.mark.slurm
 
 GPU_RULES = {"pretrain_segment", "finetune", "finetune_scratch", "finetune_photometry", "finetune_scratch_photometry",
-             "predict", "reconstruct", "embed"}
+             "predict", "train_reconstruction", "reconstruct", "embed"}
 CPU_RULES = {"ingest", "fit_scaler", "calibrate", "evaluate", "catalog", "evaluate_reconstruction"}
 # one thread per job in both runs, so CPU floating-point reductions happen in the same order
 ONE_THREAD = ["--set-threads", *(f"{r}=1" for r in sorted(GPU_RULES | CPU_RULES))]
@@ -42,6 +42,7 @@ def quick_demo_config() -> dict:
         "pretrain": {"epochs": 2, "epochs_per_job": 1},
         "finetune": {"members": 1, "epochs": 2, "photometry_overrides": {"epochs": 2}},
         "evaluate": {"baseline": False, "baseline_mlp": False},
+        "reconstruct": {"training": {"epochs": 2}},
     })
 
 

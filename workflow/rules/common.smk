@@ -290,9 +290,20 @@ def all_targets():
 # --- the foundation model's own outputs (rules/reconstruct.smk) ---------------------------------
 
 
+def reconstruction_members():
+    """The members `msa train-reconstruction` trains (reconstruct.training)."""
+    return expand(
+        f"{RESULTS}/reconstruct/member-{{member}}.pt",
+        member=range(config["reconstruct"]["training"]["members"]),
+    )
+
+
 def autoencoder_models(section):
-    """The pretrained model, plus the fine-tuned members of `label_set` when the section names one
-    (their spread is the reported uncertainty)."""
+    """The models a section's outputs come from: for reconstruction with `training.enabled`, its
+    trained members; else the pretrained model, plus the fine-tuned members of `label_set` when
+    the section names one (their spread is the reported uncertainty)."""
+    if section == "reconstruct" and config["reconstruct"]["training"]["enabled"]:
+        return reconstruction_members()
     models = [f"{RESULTS}/pretrain/model.pt"]
     label_set = config[section]["label_set"]
     if label_set:

@@ -1,6 +1,39 @@
 # The foundation model's own outputs: every shard's reconstructed XP coefficients (Archive units),
 # their validation with XP hidden against a photometry kNN (with sampled-spectrum figures), and
 # every shard's embeddings. Off by default (`reconstruct.enabled`, `embed.enabled`); on in the demo.
+# With `reconstruct.training.enabled` the spectra come from members of the pretrained autoencoder
+# trained further on the sampled flux (train_reconstruction), not from the pretrained model itself.
+
+
+rule train_reconstruction:
+    input:
+        model=f"{RESULTS}/pretrain/model.pt",
+        shards=SHARD_LIST,
+    output:
+        model=f"{RESULTS}/reconstruct/member-{{member}}.pt",
+    log:
+        f"{LOGS}/reconstruct/member-{{member}}.log",
+    benchmark:
+        f"{BENCHMARKS}/reconstruct/member-{{member}}.tsv"
+    conda:
+        MSA_ENV
+    threads: gpu_rule_threads(4)
+    resources:
+        gpu=GPU_PER_JOB,
+        mem_mb=16000,
+        runtime=attempt_scaled(120),
+    params:
+        config=MSA_CONFIG,
+        settings=settings(
+            seed=config["seed"],
+            training=config["reconstruct"]["training"],
+            held_out={
+                k: config["pretrain"][k] for k in ("validation_fraction", "validation_shards")
+            },
+        ),
+    shell:
+        "msa train-reconstruction --config {params.config:q} --pretrained {input.model:q} "
+        "--shards @{input.shards:q} --member {wildcards.member} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule reconstruct:
