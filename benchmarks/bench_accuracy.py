@@ -57,6 +57,10 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   133.4 / 0.235 / 0.154 / 0.0494; ``finetune.head_widths=[512, 256]`` 134.5 / 0.224 / 0.161 /
   0.0479, without XP worse (199 K); ``finetune.epochs=60, patience=15`` 137.8 / 0.232 / 0.152 /
   0.0459. Only the band masking moves [Fe/H] beyond the ±5 % of seed noise.
+* the band masking on two more seeds (3, 4; 2026-12-03, same command with ``--seeds 3 4``): as it
+  is 124.1 / 0.218 / 0.158 / 0.0500, 203 / 0.392 / 0.341 / 0.0681; ``pretrain.xp_band_masking=true``
+  124.7 / 0.227 / 0.151 / 0.0494, 197 / 0.392 / 0.354 / 0.0699. [Fe/H] −4.5 % (−11 % on seeds
+  0–2), Teff even, log g +4 % on both seed sets: not a clear gain, so the default stays off.
 """
 
 from __future__ import annotations
