@@ -31,10 +31,8 @@ from msa.store import Shard, atomic_path, check_out_path, sweep_temporaries, wri
 from test_catalog import OPTIONS, predictions  # noqa: F401  (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = Path("/work/shared/data/gaia_archive_samples")
-XP_SAMPLE = SAMPLES / "example_file_coeff.csv"  # ten real DR3 stars in the Archive CSV schema
-if not XP_SAMPLE.exists():  # the same file shipped with the tests, where the shared data is absent
-    XP_SAMPLE = REPO / "tests" / "data" / "example_file_coeff.csv"
+# ten real DR3 stars in the Archive CSV schema, shipped with the tests
+XP_SAMPLE = REPO / "tests" / "data" / "gaia_archive_samples" / "example_file_coeff.csv"
 SOURCE_COLUMNS = ["ra", "dec", "parallax", "parallax_error", "pmra", "pmra_error", "pmdec", "pmdec_error",
                   "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
 OLD_OUTPUT = b"an output written before: must survive a failed run"

@@ -33,7 +33,7 @@ rule train_reconstruction:
         ),
     shell:
         "msa train-reconstruction --config {params.config:q} --pretrained {input.model:q} "
-        "--shards @{input.shards:q} --member {wildcards.member} --out {output.model:q} > {log:q} 2>&1"
+        "--shards @{input.shards:q} --member {wildcards.member:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule reconstruct:
