@@ -58,7 +58,7 @@ from msa.config import load_config
 from msa.plots import plt, save_figure
 from msa.progress import progress
 from msa.splits import unit_hash
-from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path
+from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path, check_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -472,6 +472,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_out_dir(args.out_dir, [args.config, *args.inputs])  # the folder is replaced whole
     config = load_config(args.config)
     ccfg = config["catalog"]
     paths = output_paths(args.out_dir, args.label_set)

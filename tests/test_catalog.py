@@ -241,3 +241,18 @@ def test_cli_uses_the_config(predictions, tmp_path):
     assert summary["max_rows_per_partition"] == 400 and summary["highest_order"] == 6
     assert all(n <= 400 for n in pd.read_csv(out / "partition_info.csv").shape[:1])
     assert (tmp_path / "results" / "catalog" / "spectro.skymap.png").exists()
+
+
+def test_cli_refuses_an_out_dir_that_holds_its_inputs(predictions, tmp_path, capsys):
+    """The catalogue folder is replaced whole: over a folder of inputs it would delete them."""
+    folder = tmp_path / "predict"
+    folder.mkdir()
+    for path in predictions["files"]:
+        shutil.copy(path, folder / path.name)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"features": FEATURES_CFG, "label_sets": {"spectro": LABELS}}))
+    for out in (folder, tmp_path):
+        rc = main(["catalog", "--config", str(cfg), "--label-set", "spectro", "--inputs", str(folder),
+                   "--out-dir", str(out)])
+        assert rc == 2 and "holds the input" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in predictions["files"])
