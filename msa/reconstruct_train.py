@@ -77,13 +77,14 @@ def training_stars(shard_paths, aes: Autoencoders, flux_map: FluxMap, pretrain_s
     transform, xp = aes.input_transform(), aes.layout.xp_indices
     xs, ids = [], []
     for path in progress(shard_paths, desc="reading shards", unit="shard"):
-        with Shard(path) as shard:
-            raw = shard.read([SOURCE_ID, *read_columns(aes)])
+        with Shard(path) as shard:  # ids first: only the sampled rows' inputs are read
+            source_id = shard.read([SOURCE_ID])[SOURCE_ID]
+            rows = np.flatnonzero(~held_out_of_pretraining(source_id, path, pretrain_section, seed)
+                                  & (hash_uniform(source_id, seed, SAMPLE_SALT) < fraction))
+            raw = shard.read_rows([SOURCE_ID, *read_columns(aes)], rows)
         x, _ = transform(raw)
         x[np.isinf(x)] = np.nan
-        keep = (np.isfinite(x[:, xp]).all(axis=1) & np.isfinite(raw[G_MAG])
-                & ~held_out_of_pretraining(raw[SOURCE_ID], path, pretrain_section, seed)
-                & (hash_uniform(raw[SOURCE_ID], seed, SAMPLE_SALT) < fraction))
+        keep = np.isfinite(x[:, xp]).all(axis=1) & np.isfinite(raw[G_MAG])
         xs.append(x[keep].astype(np.float32))
         ids.append(np.asarray(raw[SOURCE_ID], dtype=np.int64)[keep])
     x = torch.from_numpy(np.concatenate(xs))
