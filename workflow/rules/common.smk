@@ -249,7 +249,7 @@ def scratch_member_models(wildcards):
     return ensemble_members("finetune_scratch", wildcards.label_set)
 
 
-def shard_predictions(path):
+def batch_predictions(path):
     """A batch's prediction folder: kept, or temp() when the catalogue is its only reader."""
     return path if config["catalog"]["keep_shard_predictions"] else temp(path)
 

@@ -12,7 +12,7 @@ rule predict:
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
         shards=batch_shard_files,
     output:
-        predictions=shard_predictions(directory(f"{RESULTS}/predict/{{label_set}}/{{batch}}")),
+        predictions=batch_predictions(directory(f"{RESULTS}/predict/{{label_set}}/{{batch}}")),
     log:
         f"{LOGS}/predict/{{label_set}}/{{batch}}.log",
     benchmark:
