@@ -306,7 +306,7 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
     """Finer-group offsets from faint copies of the calibration stars (:mod:`msa.emulation`), each
     copy seen with its (degraded) XP where it keeps one, and with every XP column hidden; with
     ``faint_copies.reweight`` the copies are weighted towards the store's own stars of their group."""
-    from msa.emulation import emulate_faint_stars, read_store_sample, shift_weights
+    from msa.emulation import emulate_faint_stars, shift_weights
     from msa.features import G_MAG
 
     rng = np.random.default_rng([seed, 12])  # the issue's number: a stream of its own, fixed per run
@@ -327,16 +327,48 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
     if cfg["faint_copies"]["reweight"]:
         x_copies = np.concatenate([copies.x[has_xp], copies.x])
         x_copies[len(levels[0]):, ensemble.layout.xp_indices] = np.nan  # the no-XP view, as the model saw it
-        columns = list(dict.fromkeys([G_MAG, *ensemble.transform.store_columns]))
-        sky_raw = read_store_sample(shards, columns, cfg["faint_copies"]["max_rows_per_shard"])
-        x_sky, _ = ensemble.transform({c: sky_raw[c] for c in ensemble.transform.store_columns})
-        sky_levels = ensemble.calibration_levels(x_sky, sky_raw[G_MAG].astype(np.float64), cfg["g_mag_bins"])
-        weights = shift_weights(x_copies, levels_all[1], x_sky, sky_levels[1], seed)
+        x_sky, q_sky, sky_groups = sky_as_calibrated(ensemble, shards, cfg, xp_hidden, rng, batch)
+        weights = shift_weights(with_predictions(x_copies, np.concatenate([q[has_xp], q_no_xp])), levels_all[1],
+                                with_predictions(x_sky, q_sky), sky_groups, seed)
         log.info("covariate-shift weights of the copies: median %.3g, 5-95 %% %.3g-%.3g", np.median(weights),
                  *np.percentile(weights, [5, 95]))
     return fit_group_offsets(np.concatenate([q[has_xp], q_no_xp]), np.concatenate([copies.y[has_xp], copies.y]),
                              names, levels_all, cfg["coverage"], cfg["mode"], cfg["min_group_size"], weights,
                              ensemble.log_labels)
+
+
+SKY_SAMPLE_ROWS = 200_000  # sky stars predicted for the shift weights (each group uses at most 20,000)
+
+
+def sky_as_calibrated(ensemble, shards: Sequence, cfg: dict, xp_hidden: np.ndarray, rng: np.random.Generator,
+                      batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sample of the store's own stars as the faint copies are scored: those with XP as they are,
+    and every star with its XP hidden (the no-XP view that no-XP coverage is measured in). Returns
+    their scaled inputs, the ensemble's quantiles and their G-bin group."""
+    from msa.emulation import read_store_sample
+    from msa.features import G_MAG
+
+    columns = list(dict.fromkeys([G_MAG, *ensemble.transform.store_columns]))
+    raw = read_store_sample(shards, columns, cfg["faint_copies"]["max_rows_per_shard"])
+    n = len(raw[G_MAG])
+    rows = np.sort(rng.choice(n, SKY_SAMPLE_ROWS, replace=False)) if n > SKY_SAMPLE_ROWS else np.arange(n)
+    x, _ = ensemble.transform({c: raw[c][rows] for c in ensemble.transform.store_columns})
+    g_mag = raw[G_MAG][rows].astype(np.float64)
+    with_xp = ensemble.has_xp(x)
+    hidden = x.copy()
+    hidden[:, ensemble.layout.xp_indices] = np.nan
+    groups = np.concatenate([ensemble.calibration_levels(x[with_xp], g_mag[with_xp], cfg["g_mag_bins"])[1],
+                             ensemble.calibration_levels(x, g_mag, cfg["g_mag_bins"], xp_hidden=True)[1]])
+    q = np.concatenate([ensemble.predict(x[with_xp], batch_size=batch),
+                        ensemble.predict(x, extra_hidden=xp_hidden, batch_size=batch)])
+    return np.concatenate([x[with_xp], hidden]), q, groups
+
+
+def with_predictions(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Inputs beside the model's median and interval width per label: what the shift classifier sees.
+    Noisy faint photometry hides who a star is; the model's own summary of it tells a faint dwarf
+    from a degraded copy of a bright giant far better."""
+    return np.column_stack([x, q[:, :, 1], q[:, :, 2] - q[:, :, 0]])
 
 
 def parallax_label_columns(ensemble) -> list[int]:
