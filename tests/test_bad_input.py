@@ -493,8 +493,11 @@ def _archive_list(values, style: str) -> str:
     return f'"({body})"' if style == "csv" else f'"[{body}]"'
 
 
+# 55-float blocks overrun Hypothesis's buffer now and then; it counts those as filtered inputs
+# (no assume() or filter here), so that health check would fail the test at random
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                 HealthCheck.filter_too_much])
 @example(rows=[(2**60 + 1, None, [0.0] * 55), (2**63 - 1, [1.5] * 55, [-2.25] * 55)], style="csv")
 @given(rows=rows(), style=st.sampled_from(["csv", "ecsv"]))
 def test_valid_archive_rows_round_trip_exactly(tmp_path, rows, style):
