@@ -5,7 +5,7 @@
 flux are linear: the scaler (derived = scaled · scale + centre) and GaiaXPy's sampling
 (``msa.spectra.sampling_matrix``); the G normalisation multiplies a star's whole spectrum by one
 number, which the relative error does not see. So scaled XP → (G-normalised) flux is one matrix
-and one offset, and the squared relative flux error of each star is a loss a network can be
+and one offset, and each star's relative flux error (or its square) is a loss a network can be
 trained on directly (``msa.reconstruct_train``).
 
 The pretraining loss weights each coefficient by its measurement error instead, which suits a

@@ -72,7 +72,8 @@ class FluxData:
 def training_stars(shard_paths, aes: Autoencoders, flux_map: FluxMap, pretrain_section: dict, seed: int,
                    max_stars: int) -> FluxData:
     """The stars pretraining trained on that have a full XP spectrum and G: at most ``max_stars``,
-    a hash sample with one fraction for every shard (``max_stars`` / the store's rows)."""
+    a hash sample with one fraction for every shard (``max_stars`` / the store's rows, so fewer
+    where most of the store's stars lack XP)."""
     fraction = min(1.0, max_stars / max(1, sum(shard_rows(p) for p in shard_paths)))
     transform, xp = aes.input_transform(), aes.layout.xp_indices
     xs, ids = [], []
@@ -146,6 +147,10 @@ def median_error(objective: FluxObjective, data: FluxData, batch_size: int, devi
     return float(torch.cat(errors).median())
 
 
+def snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out: str | Path, member: int = 0,
                          device: torch.device | str = "cpu") -> dict:
     """Train member ``member`` (see the module docstring) and write its checkpoint to ``out``."""
@@ -171,7 +176,7 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
     steps = cfg["epochs"] * -(-len(train) // cfg["batch_size"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=steps)
     history = [{"epoch": 0, "stop_median_relative_flux_error": median_error(objective, stop_set, 8192, device)}]
-    best = dict(history[0], state=None)
+    best = dict(history[0], state=snapshot(objective.model))  # the start may stay the best
     log.info("%d training stars, %d choosing the epoch; before training, median relative flux error %.4f "
              "(XP hidden)", len(train), len(stop_set), best["stop_median_relative_flux_error"])
     started = time.monotonic()
@@ -180,9 +185,8 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
         error = median_error(objective, stop_set, 8192, device)
         history.append({"epoch": epoch, "train_loss": loss, "stop_median_relative_flux_error": error})
         if error < best["stop_median_relative_flux_error"]:
-            best = dict(history[-1], state={k: v.detach().cpu().clone() for k, v in objective.model.state_dict().items()})
-    if best["state"] is not None:
-        objective.model.load_state_dict(best["state"])
+            best = dict(history[-1], state=snapshot(objective.model))
+    objective.model.load_state_dict(best["state"])
     summary = {"member": member, "best_epoch": best["epoch"], "train_stars": len(train),
                "stop_stars": len(stop_set), "seconds": time.monotonic() - started,
                "stop_median_relative_flux_error": best["stop_median_relative_flux_error"],

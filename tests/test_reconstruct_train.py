@@ -133,3 +133,12 @@ def test_random_init_keeps_the_architecture_but_not_the_weights(run, tmp_path):
     saved = torch.load(tmp_path / "r.pt", weights_only=True)
     assert saved["init"] == "random"
     assert saved["model_hparams"] == torch.load(run["pretrained"], weights_only=True)["model_hparams"]
+
+
+def test_when_no_epoch_beats_the_start_the_start_is_kept(run, tmp_path):
+    run["config"]["reconstruct"]["training"].update(epochs=2, lr=50.0, grad_clip=0.0)  # steps that only harm
+    summary = train_reconstruction(run["config"], run["pretrained"], [run["shard"]], tmp_path / "m.pt")
+    assert summary["best_epoch"] == 0
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
+    start = torch.load(run["pretrained"], weights_only=True)["model"]
+    assert all(torch.equal(saved[k], start[k]) for k in start)

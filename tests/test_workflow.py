@@ -268,11 +268,10 @@ def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_ru
 
 
 def test_training_reconstruction_members_adds_them_and_reruns_only_the_reconstruction(finished_run):
-    config = merge(finished_run.config, {"reconstruct": {"enabled": True}})
-    finished_run.write_config(config, "reconstruct.yaml")
-    trained = merge(config, {"reconstruct": {"training": {"enabled": True, "members": 2, "epochs": 3}}})
+    trained = merge(finished_run.config, {"reconstruct": {"enabled": True,
+                                                          "training": {"enabled": True, "members": 2, "epochs": 3}}})
     finished_run.write_config(trained, "reconstruct_trained.yaml")
-    # the members replace the pretrained model as the reconstruction's models; embeddings keep it
+    # the members feed the reconstruction; nothing upstream reruns
     assert planned_jobs(finished_run, "reconstruct_trained.yaml") == {
         "train_reconstruction[member=0]", "train_reconstruction[member=1]", "reconstruct[shard=s000]",
         "reconstruct[shard=s001]", "evaluate_reconstruction"}

@@ -26,7 +26,12 @@ rule train_reconstruction:
         config=MSA_CONFIG,
         settings=settings(
             seed=config["seed"],
-            training=config["reconstruct"]["training"],
+            # not `members` or `enabled`: adding a member must not retrain the others
+            training={
+                k: v
+                for k, v in config["reconstruct"]["training"].items()
+                if k not in ("members", "enabled")
+            },
             held_out={
                 k: config["pretrain"][k] for k in ("validation_fraction", "validation_shards")
             },
