@@ -115,6 +115,19 @@ class Autoencoders:
                              self.layout.force_mask, self.layout.reconstruct_groups, self.layout.colour_reference)
         return FeatureTransform(values_only, self.scaler, self.normalise_xp)
 
+    def scaled_inputs(self, raw) -> np.ndarray:
+        """Scaled encoder inputs ``(N, F)`` of raw store columns; an infinite value carries no
+        information and is missing (NaN), as in prediction."""
+        x, _ = self.input_transform()(raw)
+        x[np.isinf(x)] = np.nan
+        return x
+
+    def xp_mask(self) -> np.ndarray:
+        """Bool ``(F,)``: the XP columns (to hide them all: the photometry-only view)."""
+        mask = np.zeros(self.layout.n_features, dtype=bool)
+        mask[self.layout.xp_indices] = True
+        return mask
+
     def run(self, x_scaled: np.ndarray, hidden: np.ndarray | None = None,
             batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
         """Decoder outputs ``(K, N, n_reconstruct)`` and latents ``(K, N, latent_dim)``, float32, for

@@ -40,13 +40,9 @@ def output_schema(n_models: int, latent_dim: int, metadata: dict[str, str]) -> p
 
 
 def embed_chunk(raw, aes: Autoencoders, schema: pa.Schema, *, hide_xp: bool, batch_size: int) -> pa.Table:
-    x, _ = aes.input_transform()(raw)
-    x[np.isinf(x)] = np.nan
+    x = aes.scaled_inputs(raw)
     xp_idx = aes.layout.xp_indices
-    hidden = None
-    if hide_xp:
-        hidden = np.zeros(aes.layout.n_features, dtype=bool)
-        hidden[xp_idx] = True
+    hidden = aes.xp_mask() if hide_xp else None
     _, latent = aes.run(x, hidden, batch_size=batch_size)
     columns = [pa.array(np.asarray(raw[SOURCE_ID], dtype=np.int64)),
                pa.array(np.isfinite(x[:, xp_idx]).any(axis=1))]

@@ -98,15 +98,10 @@ def read_columns(aes: Autoencoders) -> list[str]:
 def reconstruct_xp(raw: Mapping[str, np.ndarray], aes: Autoencoders, *, hide_xp: bool,
                    batch_size: int = 8192) -> XpReconstruction:
     """The models' XP for one chunk of raw store columns (see :class:`XpReconstruction`)."""
-    x, _ = aes.input_transform()(raw)
-    x[np.isinf(x)] = np.nan  # an infinite input carries no information (as in prediction)
+    x = aes.scaled_inputs(raw)
     xp_idx = aes.layout.xp_indices
     has_xp = np.isfinite(x[:, xp_idx]).any(axis=1)
-    hidden = None
-    if hide_xp:
-        hidden = np.zeros(aes.layout.n_features, dtype=bool)
-        hidden[xp_idx] = True
-    recon, _ = aes.run(x, hidden, batch_size=batch_size)
+    recon, _ = aes.run(x, aes.xp_mask() if hide_xp else None, batch_size=batch_size)
     g_mag = np.asarray(raw[G_MAG], dtype=np.float64) if aes.normalise_xp else None
     per_model = scaled_xp_to_archive(recon[:, :, xp_decoder_positions(aes)], g_mag, aes)
     names = [aes.layout.names[i] for i in xp_idx]

@@ -94,8 +94,7 @@ def evaluate_reconstruction(config: dict, aes: Autoencoders, shard_paths, out_di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw, held = read_shards(shard_paths, read_columns(aes), config["pretrain"], seed)
-    x, _ = aes.input_transform()(raw)
-    x[np.isinf(x)] = np.nan
+    x = aes.scaled_inputs(raw)
     xp_idx = aes.layout.xp_indices
     other_idx = np.setdiff1d(np.arange(aes.layout.n_features), xp_idx)
     has_xp = np.isfinite(x[:, xp_idx]).all(axis=1) & np.isfinite(raw[G_MAG])

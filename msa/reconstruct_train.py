@@ -75,7 +75,7 @@ def training_stars(shard_paths, aes: Autoencoders, flux_map: FluxMap, pretrain_s
     a hash sample with one fraction for every shard (``max_stars`` / the store's rows, so fewer
     where most of the store's stars lack XP)."""
     fraction = min(1.0, max_stars / max(1, sum(shard_rows(p) for p in shard_paths)))
-    transform, xp = aes.input_transform(), aes.layout.xp_indices
+    xp = aes.layout.xp_indices
     xs, ids = [], []
     for path in progress(shard_paths, desc="reading shards", unit="shard"):
         with Shard(path) as shard:  # ids first: only the sampled rows' inputs are read
@@ -83,8 +83,7 @@ def training_stars(shard_paths, aes: Autoencoders, flux_map: FluxMap, pretrain_s
             rows = np.flatnonzero(~held_out_of_pretraining(source_id, path, pretrain_section, seed)
                                   & (hash_uniform(source_id, seed, SAMPLE_SALT) < fraction))
             raw = shard.read_rows([SOURCE_ID, *read_columns(aes)], rows)
-        x, _ = transform(raw)
-        x[np.isinf(x)] = np.nan
+        x = aes.scaled_inputs(raw)
         keep = np.isfinite(x[:, xp]).all(axis=1) & np.isfinite(raw[G_MAG])
         xs.append(x[keep].astype(np.float32))
         ids.append(np.asarray(raw[SOURCE_ID], dtype=np.int64)[keep])
@@ -102,9 +101,7 @@ class FluxObjective(torch.nn.Module):
         super().__init__()
         self.model, self.flux_map = aes.models[0], flux_map
         self.register_buffer("forced", aes.force_masks[0].clone())
-        xp = torch.zeros_like(self.forced)
-        xp[torch.as_tensor(aes.layout.xp_indices)] = True
-        self.register_buffer("xp", xp)
+        self.register_buffer("xp", torch.from_numpy(aes.xp_mask()).to(self.forced.device))
         self.register_buffer("positions", torch.as_tensor(xp_decoder_positions(aes)))
 
     def forward(self, x: torch.Tensor, target: torch.Tensor, hide_xp: torch.Tensor) -> torch.Tensor:
@@ -119,12 +116,12 @@ def train_one_epoch(objective: FluxObjective, data: FluxData, optimizer, schedul
     objective.train()
     order = torch.randperm(len(data), generator=generator)
     total, n = 0.0, 0
-    for index in order.split(cfg["batch_size"]):
+    for step, index in enumerate(order.split(cfg["batch_size"])):
         x, target = data.x[index].to(device), data.target[index].to(device)
         hide = (torch.rand(len(index), generator=generator) < cfg["hide_xp_fraction"]).to(device)
         error = objective(x, target, hide)
         loss = (error.square() if cfg["loss"] == "squared" else error).mean()
-        value = check_finite(loss, n)
+        value = check_finite(loss, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg["grad_clip"]:
@@ -155,6 +152,7 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
                          device: torch.device | str = "cpu") -> dict:
     """Train member ``member`` (see the module docstring) and write its checkpoint to ``out``."""
     cfg, seed = config["reconstruct"]["training"], int(config["seed"])
+    inference_batch = config["reconstruct"]["batch_size"]
     device = torch.device(device)
     aes = Autoencoders.load([pretrained], device=device)
     Layout.from_config(config["features"]).require_same(aes.layout, str(pretrained))
@@ -175,14 +173,14 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
     optimizer = make_optimizer(objective.model, cfg["lr"], cfg["weight_decay"])
     steps = cfg["epochs"] * -(-len(train) // cfg["batch_size"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=steps)
-    history = [{"epoch": 0, "stop_median_relative_flux_error": median_error(objective, stop_set, 8192, device)}]
+    history = [{"epoch": 0, "stop_median_relative_flux_error": median_error(objective, stop_set, inference_batch, device)}]
     best = dict(history[0], state=snapshot(objective.model))  # the start may stay the best
     log.info("%d training stars, %d choosing the epoch; before training, median relative flux error %.4f "
              "(XP hidden)", len(train), len(stop_set), best["stop_median_relative_flux_error"])
     started = time.monotonic()
     for epoch in progress(range(1, cfg["epochs"] + 1), desc=f"reconstruction member {member}", unit="epoch"):
         loss = train_one_epoch(objective, train, optimizer, scheduler, cfg, generator, device)
-        error = median_error(objective, stop_set, 8192, device)
+        error = median_error(objective, stop_set, inference_batch, device)
         history.append({"epoch": epoch, "train_loss": loss, "stop_median_relative_flux_error": error})
         if error < best["stop_median_relative_flux_error"]:
             best = dict(history[-1], state=snapshot(objective.model))

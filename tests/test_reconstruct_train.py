@@ -46,7 +46,7 @@ def run(tmp_path):
                                                           "phot_rp_mean_mag": None},
                                       "astrometry": {"parallax": "parallax_error"}},
               "pretrain": {"validation_fraction": 0.2, "validation_shards": []},
-              "reconstruct": {"training": {"epochs": 8, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 32,
+              "reconstruct": {"batch_size": 64, "training": {"epochs": 8, "lr": 3e-3, "weight_decay": 0.0, "batch_size": 32,
                                            "grad_clip": 1.0, "init": "pretrained", "loss": "relative", "hide_xp_fraction": 1.0, "stop_fraction": 0.2,
                                            "max_stars": 10**6}}}
     return {"layout": layout, "pretrained": pretrained, "cols": cols, "shard": shard, "config": config}
