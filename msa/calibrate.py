@@ -327,7 +327,7 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
     if cfg["faint_copies"]["reweight"]:
         x_copies = np.concatenate([copies.x[has_xp], copies.x])
         x_copies[len(levels[0]):, ensemble.layout.xp_indices] = np.nan  # the no-XP view, as the model saw it
-        x_sky, q_sky, sky_groups = sky_as_calibrated(ensemble, shards, cfg, xp_hidden, rng, batch)
+        x_sky, q_sky, sky_groups = sky_as_calibrated(ensemble, shards, cfg, xp_hidden, batch)
         weights = shift_weights(with_predictions(x_copies, np.concatenate([q[has_xp], q_no_xp])), levels_all[1],
                                 with_predictions(x_sky, q_sky), sky_groups, seed)
         log.info("covariate-shift weights of the copies: median %.3g, 5-95 %% %.3g-%.3g", np.median(weights),
@@ -337,23 +337,23 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
                              ensemble.log_labels)
 
 
-SKY_SAMPLE_ROWS = 200_000  # sky stars predicted for the shift weights (each group uses at most 20,000)
+SKY_SAMPLE_ROWS = 200_000  # sky stars read and predicted for the shift weights (a group uses at most 20,000)
 
 
-def sky_as_calibrated(ensemble, shards: Sequence, cfg: dict, xp_hidden: np.ndarray, rng: np.random.Generator,
+def sky_as_calibrated(ensemble, shards: Sequence, cfg: dict, xp_hidden: np.ndarray,
                       batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A sample of the store's own stars as the faint copies are scored: those with XP as they are,
     and every star with its XP hidden (the no-XP view that no-XP coverage is measured in). Returns
-    their scaled inputs, the ensemble's quantiles and their G-bin group."""
+    their scaled inputs, the ensemble's quantiles and their G-bin group. At most
+    ``SKY_SAMPLE_ROWS`` stars, an equal share from every shard, so a full-sky store is not read whole."""
     from msa.emulation import read_store_sample
     from msa.features import G_MAG
 
     columns = list(dict.fromkeys([G_MAG, *ensemble.transform.store_columns]))
-    raw = read_store_sample(shards, columns, cfg["faint_copies"]["max_rows_per_shard"])
-    n = len(raw[G_MAG])
-    rows = np.sort(rng.choice(n, SKY_SAMPLE_ROWS, replace=False)) if n > SKY_SAMPLE_ROWS else np.arange(n)
-    x, _ = ensemble.transform({c: raw[c][rows] for c in ensemble.transform.store_columns})
-    g_mag = raw[G_MAG][rows].astype(np.float64)
+    per_shard = min(cfg["faint_copies"]["max_rows_per_shard"], -(-SKY_SAMPLE_ROWS // max(1, len(shards))))
+    raw = read_store_sample(shards, columns, per_shard)
+    x, _ = ensemble.transform({c: raw[c] for c in ensemble.transform.store_columns})
+    g_mag = raw[G_MAG].astype(np.float64)
     with_xp = ensemble.has_xp(x)
     hidden = x.copy()
     hidden[:, ensemble.layout.xp_indices] = np.nan

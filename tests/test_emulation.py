@@ -89,7 +89,7 @@ def test_one_target_per_fainter_bin():
     assert sorted(np.floor(target[index == 0] / 2).tolist()) == [7.0, 8.0]
 
 
-def test_the_sky_is_seen_as_calibrated_with_xp_and_with_xp_hidden(tmp_path):
+def test_the_sky_is_seen_as_calibrated_with_xp_and_with_xp_hidden(tmp_path, monkeypatch):
     """The shift weights compare no-XP copies with the sky's stars in the no-XP view (every star's
     XP hidden, as no-XP coverage is measured), and beside the model's own predictions."""
     from msa.calibrate import sky_as_calibrated, with_predictions
@@ -105,12 +105,17 @@ def test_the_sky_is_seen_as_calibrated_with_xp_and_with_xp_hidden(tmp_path):
     xp_hidden = np.zeros(layout.n_features, dtype=bool)
     xp_hidden[layout.xp_indices] = True
     cfg = {"g_mag_bins": [12.0, 15.0], "faint_copies": {"max_rows_per_shard": 10**6}}
-    x, q, groups = sky_as_calibrated(ensemble, [tmp_path / "s.h5"], cfg, xp_hidden, np.random.default_rng(0), 64)
+    x, q, groups = sky_as_calibrated(ensemble, [tmp_path / "s.h5"], cfg, xp_hidden, 64)
     n_xp = int(np.isfinite(cols["bp_1"]).sum())
     assert len(x) == len(q) == len(groups) == n_xp + 300
     assert all(g.startswith("xp|") for g in groups[:n_xp]) and all(g.startswith("no_xp|") for g in groups[n_xp:])
     assert np.isfinite(x[:n_xp][:, layout.xp_indices]).all() and np.isnan(x[n_xp:][:, layout.xp_indices]).all()
     np.testing.assert_allclose(q[n_xp:], ensemble.predict(x[n_xp:]), rtol=1e-6)
+    # the share per shard bounds the sample: two shards under a cap of 100 rows read 50 each
+    write_shard(tmp_path / "t.h5", star_columns(300, seed=1))
+    monkeypatch.setattr("msa.calibrate.SKY_SAMPLE_ROWS", 100)
+    x_few, _, groups_few = sky_as_calibrated(ensemble, [tmp_path / "s.h5", tmp_path / "t.h5"], cfg, xp_hidden, 64)
+    assert sum(g.startswith("no_xp|") for g in groups_few) == 100  # every star read has a no-XP view
     features = with_predictions(x, q)
     assert features.shape == (len(x), layout.n_features + 2 * q.shape[1])
     np.testing.assert_array_equal(features[:, -1], q[:, -1, 2] - q[:, -1, 0])
