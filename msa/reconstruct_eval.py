@@ -14,7 +14,8 @@ Per star, against the observed Archive coefficients:
   ``msa.spectra``), the flux-weighted relative error of the whole sampled spectrum.
 
 ``metrics.json`` gives their medians for the model and the kNN, the ratio model / kNN, the same in
-G bins (``evaluate.g_mag_bins``), each model alone, and, with two or more models, how often the
+G bins (``evaluate.g_mag_bins``), each model alone, the medians with XP seen (``xp_seen``: how well
+the models reproduce an observed spectrum), and, with two or more models, how often the
 observed coefficient lies within ±1 spread of the reconstruction. Figures: observed vs
 reconstructed sampled spectra of a few held-out stars, reconstructed spectra of photometry-only
 stars (stars without XP in the store; else held-out stars with XP hidden), and the median
@@ -131,6 +132,10 @@ def evaluate_reconstruction(config: dict, aes: Autoencoders, shard_paths, out_di
                  for lo, hi, rows in g_bins(g_mag[test], config["evaluate"]["g_mag_bins"])],
         "each_model": [{"path": str(p), **{k: float(np.nanmedian(v)) for k, v in star_metrics(r, *args).items()}}
                        for p, r in zip(aes.paths, rec.per_model)],
+        # the same stars with their XP seen: how well the models reproduce an observed spectrum
+        "xp_seen": {k: float(np.nanmedian(v)) for k, v in star_metrics(
+            reconstruct_xp(subset(raw, test), aes, hide_xp=False, batch_size=section["batch_size"]).mean,
+            *args).items()},
     }
     if rec.spread is not None:
         inside = np.abs(rec.mean - rec.observed) <= rec.spread

@@ -120,6 +120,16 @@ def test_reconstruction_validation_writes_metrics_and_figures(small_run, tmp_pat
     assert overall["model_over_knn"] == pytest.approx(overall["model"] / overall["knn"])
     assert sum(b["n"] for b in metrics["by_g"]) == metrics["stars"]["held_out_with_xp"]
     assert len(metrics["each_model"]) == 2 and 0 <= metrics["within_one_spread"] <= 1
+    from msa.reconstruct import read_columns, reconstruct_xp
+    from msa.reconstruct_eval import band_sizes
+    from msa.store import Shard
+    with Shard(small_run["shard"]) as shard:
+        raw = shard.read(["source_id", *read_columns(aes)])
+    seen = reconstruct_xp({c: v[held] for c, v in raw.items()}, aes, hide_xp=False)
+    n_bp, n_rp = band_sizes(seen.names)
+    expected = relative_flux_error(sample_flux(seen.mean, n_bp, n_rp)[1], sample_flux(seen.observed, n_bp, n_rp)[1])
+    assert metrics["xp_seen"]["relative_flux_error"] == pytest.approx(float(np.median(expected)))
+    assert metrics["xp_seen"]["relative_flux_error"] != pytest.approx(overall["model"])  # XP seen is another view
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     for name in ("spectra_observed_vs_reconstructed", "spectra_photometry_only", "relative_flux_error_by_g"):
         assert (out / f"{name}.png").stat().st_size > 1000
