@@ -45,10 +45,21 @@ def calibrate_quietly(frame):
     import matplotlib
 
     with matplotlib.rc_context():  # importing GaiaXPy sets matplotlib's text.usetex globally: undo it
+        import gaiaxpy.calibrator.calibrator as calibrator_module
         from gaiaxpy import calibrate
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        spectra, wavelengths = calibrate(frame, save_file=False, truncation=False)
+    # its tqdm bar writes to the sys.stdout that the module bound when imported, which a redirect
+    # cannot reach ("Calibrating data: 0/110" leaked into every job log): swap that name too
+    sink = io.StringIO()
+    bound = getattr(calibrator_module, "stdout", None)
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        if bound is not None:
+            calibrator_module.stdout = sink
+        try:
+            spectra, wavelengths = calibrate(frame, save_file=False, truncation=False)
+        finally:
+            if bound is not None:
+                calibrator_module.stdout = bound
     # rows matched to the input by source_id, not by position: the row order of the output is not documented
     order = spectra.set_index("source_id").loc[frame["source_id"].to_numpy()]
     return np.stack(order["flux"].to_numpy()).astype(np.float64), np.asarray(wavelengths, dtype=np.float64)

@@ -37,6 +37,24 @@ def test_matrix_sampling_equals_gaiaxpy_calibrate_on_archive_rows():
     np.testing.assert_allclose(flux, expected, rtol=1e-5, atol=1e-9 * np.abs(expected).max())
 
 
+def test_gaiaxpy_progress_bar_stays_out_of_the_logs():
+    import io
+
+    import gaiaxpy.calibrator.calibrator as calibrator_module
+
+    from msa.spectra import calibrate_quietly, gaiaxpy_input
+
+    leak = io.StringIO()  # stands for the job log GaiaXPy's bar was bound to when it was imported
+    saved, calibrator_module.stdout = calibrator_module.stdout, leak
+    try:
+        flux, _ = calibrate_quietly(gaiaxpy_input(np.eye(2, 55), np.eye(2, 55)))
+    finally:
+        calibrator_module.stdout = saved
+    assert flux.shape == (2, 343)
+    assert leak.getvalue() == ""
+    assert calibrator_module.stdout is saved
+
+
 def test_fewer_coefficients_are_padded_with_zero_high_orders():
     c = np.arange(1, 7, dtype=float)[None, :]  # 3 BP + 3 RP
     full = full_coefficients(c, 3, 3)
