@@ -277,6 +277,18 @@ def test_training_reconstruction_members_adds_them_and_reruns_only_the_reconstru
         "reconstruct[shard=s001]", "evaluate_reconstruction"}
 
 
+def test_adding_a_reconstruction_member_keeps_the_trained_one(finished_run):
+    one = merge(finished_run.config, {"reconstruct": {"enabled": True,
+                                                      "training": {"enabled": True, "members": 1, "epochs": 1}}})
+    finished_run.write_config(one, "reconstruct_one.yaml")
+    finished_run.snakemake("--cores", "2", "results/reconstruct/member-0.pt", config="reconstruct_one.yaml")
+    two = merge(one, {"reconstruct": {"training": {"members": 2}}})
+    finished_run.write_config(two, "reconstruct_two.yaml")
+    assert planned_jobs(finished_run, "reconstruct_two.yaml") == {
+        "train_reconstruction[member=1]", "reconstruct[shard=s000]", "reconstruct[shard=s001]",
+        "evaluate_reconstruction"}
+
+
 def test_reordering_features_reruns_everything_after_ingest(finished_run):
     config = dict(finished_run.config)
     photometry = config["features"]["gaia_photometry"]
