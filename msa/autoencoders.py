@@ -47,6 +47,20 @@ def _force_mask_indices(ckpt: dict, layout: Layout) -> list[int]:
     return [int(i) for i in MaskSpec.from_config(layout, ckpt["config"]["pretrain"]).force_indices]
 
 
+def held_out_definition(ckpt: dict) -> dict | None:
+    """Which stars pretraining held out around this checkpoint's training: the config seed and the
+    ``pretrain`` keys that choose them (None when the checkpoint does not record them, e.g. a
+    fine-tuned member). Two runs with equal definitions hold out the same stars of a store."""
+    if "held_out" in ckpt:
+        return ckpt["held_out"]
+    config = ckpt.get("config") or {}
+    if "seed" not in config or "pretrain" not in config:
+        return None
+    section = config["pretrain"]
+    return {"seed": int(config["seed"]), "validation_fraction": float(section.get("validation_fraction", 0.0)),
+            "validation_shards": sorted(section.get("validation_shards") or [])}
+
+
 def _normalises_xp(ckpt: dict) -> bool:
     if ckpt["kind"] in _SAVES_OWN_MASK:
         return bool(ckpt["normalise_xp"])
@@ -65,6 +79,7 @@ class Autoencoders:
     normalise_xp: bool
     force_masks: torch.Tensor  # bool (K, F)
     device: torch.device
+    held_out: list[dict | None]  # per model: :func:`held_out_definition`
 
     @classmethod
     def load(cls, paths: Sequence[str | Path], device: str | torch.device = "cpu") -> "Autoencoders":
@@ -103,7 +118,8 @@ class Autoencoders:
         log.info("loaded %d autoencoder(s) (%s) on %s", len(models),
                  ", ".join(c["kind"] for c in ckpts), device)
         return cls(models, paths, [file_sha256(p) for p in paths], layout, Scaler.from_dict(ckpts[0]["scaler"]),
-                   _normalises_xp(ckpts[0]), torch.stack(masks).to(device), device)
+                   _normalises_xp(ckpts[0]), torch.stack(masks).to(device), device,
+                   [held_out_definition(c) for c in ckpts])
 
     @property
     def latent_dim(self) -> int:

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.autoencoders import Autoencoders
+from msa.autoencoders import Autoencoders, held_out_definition
 from msa.config import load_config
+from msa.errors import InputError
 from msa.features import G_MAG
 from msa.knn_baseline import fit_knn_spectra
 from msa.layout import Layout
@@ -89,11 +90,27 @@ def g_bins(g_mag: np.ndarray, edges) -> list[tuple[float, float, np.ndarray]]:
     return [(lo, hi, rows) for lo, hi, rows in bins if rows.any()]
 
 
+class HeldOutMismatchError(InputError, ValueError):
+    """A model trained around other held-out stars than the config's."""
+
+
+def require_same_held_out(config: dict, aes: Autoencoders) -> None:
+    """Refuse models whose run held out other stars than ``config`` does: validated on this
+    config's held-out stars, they could be scored on stars they trained on."""
+    expected = held_out_definition({"config": config})
+    for path, stored in zip(aes.paths, aes.held_out):
+        if stored is not None and stored != expected:
+            raise HeldOutMismatchError(f"{path} was trained around the held-out stars of {stored} (seed, pretrain keys); "
+                             f"this config holds out {expected}, so the model may have trained on stars it "
+                             "would be validated on. Pass the config of the run that made it, or retrain it")
+
+
 def evaluate_reconstruction(config: dict, aes: Autoencoders, shard_paths, out_dir: str | Path) -> dict:
     """Run the validation (see the module docstring); writes ``metrics.json`` and figures into ``out_dir``."""
     section, seed = config["reconstruct"], int(config["seed"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    require_same_held_out(config, aes)
     raw, held = read_shards(shard_paths, read_columns(aes), config["pretrain"], seed)
     x = aes.scaled_inputs(raw)
     xp_idx = aes.layout.xp_indices

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msa.autoencoders import Autoencoders
+from msa.autoencoders import Autoencoders, held_out_definition
 from msa.checkpoint import save_checkpoint
 from msa.config import config_hash, load_config
 from msa.errors import InputError
@@ -197,6 +197,7 @@ def train_reconstruction(config: dict, pretrained: str | Path, shard_paths, out:
         "layout": aes.layout.to_dict(), "scaler": aes.scaler.to_dict(), "normalise_xp": aes.normalise_xp,
         "force_mask_indices": [int(i) for i in forced], "member": member, "seed": seed + member,
         "config": {"reconstruct": config["reconstruct"], "pretrain": config["pretrain"]},
+        "held_out": held_out_definition({"config": config}),  # evaluate-reconstruction must validate on these
         "config_hash": config_hash(config), "pretrained": str(pretrained), "pretrained_sha256": aes.sha256[0],
         "init": cfg["init"],
         "history": history, "summary": summary,

@@ -142,3 +142,17 @@ def test_when_no_epoch_beats_the_start_the_start_is_kept(run, tmp_path):
     saved = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
     start = torch.load(run["pretrained"], weights_only=True)["model"]
     assert all(torch.equal(saved[k], start[k]) for k in start)
+
+
+def test_evaluation_refuses_a_member_of_other_held_out_stars(run, tmp_path):
+    from msa.reconstruct_eval import HeldOutMismatchError, require_same_held_out
+
+    out = tmp_path / "member-0.pt"
+    config = dict(run["config"], reconstruct={**run["config"]["reconstruct"],
+                                              "training": {**run["config"]["reconstruct"]["training"], "epochs": 1}})
+    train_reconstruction(config, run["pretrained"], [run["shard"]], out)
+    aes = Autoencoders.load([out])
+    require_same_held_out(config, aes)  # its own run's config: accepted
+    for changed in ({"seed": 2}, {"pretrain": {"validation_fraction": 0.3, "validation_shards": []}}):
+        with pytest.raises(HeldOutMismatchError, match="member-0.pt"):
+            require_same_held_out({**config, **changed}, aes)
