@@ -24,6 +24,7 @@ from msa.autoencoders import Autoencoders
 from msa.config import config_hash
 from msa.parquet_stream import stream_to_parquet
 from msa.reconstruct import add_source_arguments, load_for_command
+from msa.star_sources import write_each_source
 from msa.store import SOURCE_ID
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,18 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     config, aes = load_for_command(args)
     section = config["embed"]
-    source = args.shard or args.table
-    metadata = {"msa_version": __version__, "latent_dim": str(aes.latent_dim), "n_models": str(len(aes.models)),
-                "model_sha256": json.dumps(aes.sha256), "model_paths": json.dumps([str(p) for p in aes.paths]),
-                "config_hash": config_hash(config), "input_file": str(source),
-                "xp_hidden": json.dumps(bool(args.hide_xp)),
-                "columns": "emb{k}_{i:03d}: dimension i of model k's encoder output"}
-    summary = embed_file(source, bool(args.shard), aes, args.out, hide_xp=args.hide_xp,
-                         chunk_rows=section["chunk_rows"], batch_size=section["batch_size"], metadata=metadata,
-                         allow_missing=args.allow_missing_columns)
-    log.info("%s: %d stars × %d model(s) × %d dimensions in %.1f s (%.0f stars/s)", args.out, summary.n_rows,
-             len(aes.models), aes.latent_dim, summary.seconds, summary.stars_per_second)
+
+    def embed_one(source, out, shown):
+        metadata = {"msa_version": __version__, "latent_dim": str(aes.latent_dim), "n_models": str(len(aes.models)),
+                    "model_sha256": json.dumps(aes.sha256), "model_paths": json.dumps([str(p) for p in aes.paths]),
+                    "config_hash": config_hash(config), "input_file": str(source),
+                    "xp_hidden": json.dumps(bool(args.hide_xp)),
+                    "columns": "emb{k}_{i:03d}: dimension i of model k's encoder output"}
+        summary = embed_file(source, args.table is None, aes, out, hide_xp=args.hide_xp,
+                             chunk_rows=section["chunk_rows"], batch_size=section["batch_size"], metadata=metadata,
+                             allow_missing=args.allow_missing_columns)
+        log.info("%s: %d stars × %d model(s) × %d dimensions in %.1f s (%.0f stars/s)", shown, summary.n_rows,
+                 len(aes.models), aes.latent_dim, summary.seconds, summary.stars_per_second)
+
+    write_each_source(args, embed_one, "embed")
     return 0

@@ -37,7 +37,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -59,8 +58,9 @@ from msa.layout import Feature, Layout
 from msa.prefetch import prefetch
 from msa.progress import progress
 from msa.splits import assign_splits, split_seed
-from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path, check_out_dir, check_out_path
-from msa.star_sources import StarSource, add_star_source_arguments, open_shard, open_table
+from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_path
+from msa.star_sources import (StarSource, add_star_source_arguments, check_outputs, open_shard, open_table,
+                              write_each_source)
 from msa.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -445,46 +445,6 @@ def add_arguments(parser) -> None:
     add_star_source_arguments(parser, several_shards=True)
 
 
-def shard_outputs(shards: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """``<out_dir>/<shard name>.parquet`` for each shard; two shards of one name would share a file."""
-    names = [f"{Path(s).stem}.parquet" for s in shards]
-    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
-    if repeated:
-        raise PredictionError(f"--shards: {len(repeated)} output name(s) given by more than one shard, e.g. "
-                              f"{repeated[0]}; pass each shard once")
-    return [Path(out_dir) / name for name in names]
-
-
-def check_arguments(args) -> None:
-    """Before any model is loaded: the output fits the input option, overwrites no input, and
-    every shard of a batch exists (not found only after the batch's earlier shards are done)."""
-    inputs = [args.config, args.calibration, args.shard, args.table, *(args.shards or []), *args.members]
-    if args.shards is None:
-        if args.out is None:
-            raise PredictionError("--out-dir goes with --shards; give --out FILE for --shard or --table")
-        check_out_path(args.out, inputs, (".parquet", ".pq"))
-        return
-    if args.out_dir is None:
-        raise PredictionError("--shards writes one file per shard: give --out-dir FOLDER, not --out")
-    check_out_dir(args.out_dir, inputs)
-    shard_outputs(args.shards, args.out_dir)
-    missing = [s for s in args.shards if not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
-
-
-def predict_batch(shards: Sequence[str | Path], out_dir: str | Path,
-                  predict_one: Callable[[Path, Path, Path], PredictSummary]) -> list[PredictSummary]:
-    """Shard after shard into ``out_dir``: ``predict_one(shard, file to write, final path)``.
-    The folder is built whole in a temporary one: a failure leaves the previous folder (or none)."""
-    outs = shard_outputs(shards, out_dir)
-    summaries = []
-    with atomic_dir(out_dir) as tmp:
-        for shard, out in progress(list(zip(shards, outs)), desc=f"predict {Path(out_dir).name}", unit="shard"):
-            summaries.append(predict_one(Path(shard), tmp / out.name, out))
-    return summaries
-
-
 def log_summary(out: str | Path, summary: PredictSummary, min_inputs: int) -> None:
     log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions) "
              "in %.1f s (%.0f stars/s)", out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
@@ -492,7 +452,7 @@ def log_summary(out: str | Path, summary: PredictSummary, min_inputs: int) -> No
 
 
 def run(args) -> int:
-    check_arguments(args)
+    check_outputs(args, [args.config, args.calibration, *args.members])
     config = load_config(args.config)
     pcfg = config["predict"]
     ensemble = Ensemble.load(args.members, device=resolve_device(args.device), amp=pcfg["amp"])
@@ -515,9 +475,5 @@ def run(args) -> int:
         log_summary(shown, summary, pcfg["min_inputs"])
         return summary
 
-    if args.shards:
-        predict_batch(args.shards, args.out_dir, predict_one)
-    else:
-        out = Path(args.out)
-        predict_one(args.shard or args.table, out, out)
+    write_each_source(args, predict_one, "predict")
     return 0

@@ -33,8 +33,8 @@ from msa.errors import InputError
 from msa.features import G_MAG, xp_to_archive_units
 from msa.layout import Layout
 from msa.parquet_stream import stream_to_parquet
-from msa.star_sources import add_star_source_arguments
-from msa.store import SOURCE_ID, check_out_path
+from msa.star_sources import add_star_source_arguments, check_outputs, write_each_source
+from msa.store import SOURCE_ID
 from msa.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,11 @@ def add_source_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="pipeline config (YAML)")
     parser.add_argument("--models", nargs="+", required=True,
                         help="results/pretrain/model.pt and/or fine-tuned member model.pt files (same run)")
-    add_star_source_arguments(parser)
+    add_star_source_arguments(parser, several_shards=True)
 
 
 def load_for_command(args) -> tuple[dict, Autoencoders]:
-    check_out_path(args.out, [args.config, args.shard, args.table, *args.models], (".parquet", ".pq"))
+    check_outputs(args, [args.config, *args.models])
     config = load_config(args.config)
     aes = Autoencoders.load(args.models, device=resolve_device(args.device))
     Layout.from_config(config["features"]).require_same(aes.layout, "the models")
@@ -186,11 +186,14 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     config, aes = load_for_command(args)
     section = config["reconstruct"]
-    source = args.shard or args.table
-    summary = reconstruct_file(source, bool(args.shard), aes, args.out, hide_xp=args.hide_xp,
-                               chunk_rows=section["chunk_rows"], batch_size=section["batch_size"],
-                               metadata=file_metadata(aes, config, source, args.hide_xp),
-                               allow_missing=args.allow_missing_columns)
-    log.info("%s: %d stars reconstructed%s in %.1f s (%.0f stars/s)", args.out, summary.n_rows,
-             " with XP hidden" if args.hide_xp else "", summary.seconds, summary.stars_per_second)
+
+    def reconstruct_one(source, out, shown):
+        summary = reconstruct_file(source, args.table is None, aes, out, hide_xp=args.hide_xp,
+                                   chunk_rows=section["chunk_rows"], batch_size=section["batch_size"],
+                                   metadata=file_metadata(aes, config, source, args.hide_xp),
+                                   allow_missing=args.allow_missing_columns)
+        log.info("%s: %d stars reconstructed%s in %.1f s (%.0f stars/s)", shown, summary.n_rows,
+                 " with XP hidden" if args.hide_xp else "", summary.seconds, summary.stars_per_second)
+
+    write_each_source(args, reconstruct_one, "reconstruct")
     return 0

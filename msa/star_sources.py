@@ -8,14 +8,16 @@ the check every writer makes before renaming its output into place: same ids, sa
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from msa.errors import InputError
-from msa.store import SOURCE_ID, Shard
+from msa.progress import progress
+from msa.store import SOURCE_ID, Shard, atomic_dir, check_out_dir, check_out_path
 from msa.tables import iter_table_chunks, read_table_source_ids, table_columns
 from msa.training import add_device_argument
 
@@ -122,3 +124,52 @@ def add_star_source_arguments(parser, several_shards: bool = False) -> None:
     add_device_argument(parser)
     parser.add_argument("--allow-missing-columns", action="store_true",
                         help="--table only: treat absent feature columns as missing for every star")
+
+
+def shard_outputs(shards: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """``<out_dir>/<shard name>.parquet`` for each shard; two shards of one name would share a file."""
+    names = [f"{Path(s).stem}.parquet" for s in shards]
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated:
+        raise SourceError(f"--shards: {len(repeated)} output name(s) given by more than one shard, e.g. "
+                          f"{repeated[0]}; pass each shard once")
+    return [Path(out_dir) / name for name in names]
+
+
+def check_outputs(args, inputs: Sequence[str | Path | None]) -> None:
+    """Before any model is loaded: the output fits the source option (``--out`` for ``--shard`` and
+    ``--table``, ``--out-dir`` for ``--shards``), overwrites none of ``inputs``, and every shard of
+    a batch exists (not found only after the batch's earlier shards are done)."""
+    shards = getattr(args, "shards", None)
+    inputs = [*inputs, args.shard, args.table, *(shards or [])]
+    if shards is None:
+        if args.out is None:
+            raise SourceError("--out-dir goes with --shards; give --out FILE for --shard or --table")
+        check_out_path(args.out, inputs, (".parquet", ".pq"))
+        return
+    if args.out_dir is None:
+        raise SourceError("--shards writes one file per shard: give --out-dir FOLDER, not --out")
+    check_out_dir(args.out_dir, inputs)
+    shard_outputs(shards, args.out_dir)
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+
+
+Summary = TypeVar("Summary")
+
+
+def write_each_source(args, write_one: Callable[[Path, Path, Path], Summary], desc: str) -> list[Summary]:
+    """``write_one(source, file to write, its final path)`` for the command's one ``--shard`` or
+    ``--table`` into ``--out``, or shard after shard of ``--shards`` into ``--out-dir``. The folder is
+    built whole in a temporary one: a failure leaves the previous folder (or none)."""
+    shards = getattr(args, "shards", None)
+    if not shards:
+        out = Path(args.out)
+        return [write_one(Path(args.shard or args.table), out, out)]
+    outs = shard_outputs(shards, args.out_dir)
+    summaries = []
+    with atomic_dir(args.out_dir) as tmp:
+        for shard, out in progress(list(zip(shards, outs)), desc=f"{desc} {Path(args.out_dir).name}", unit="shard"):
+            summaries.append(write_one(Path(shard), tmp / out.name, out))
+    return summaries

@@ -146,3 +146,26 @@ def test_embeddings_are_every_models_latent(setup, tmp_path):
         np.testing.assert_allclose(got, latent[k], rtol=1e-5, atol=1e-6)
     assert not np.allclose(latent[0], latent[1])
     assert list(frame.columns[:2]) == ["source_id", "has_xp"] and frame.shape[1] == 2 + 2 * 12
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "embed"])
+def test_several_shards_in_one_call_give_the_files_of_single_calls(setup, tmp_path, command):
+    import pandas as pd
+
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"features": {**FEATURES_CFG, "reconstruct": list(GROUP_ORDER)}}))
+    base = [command, "--config", str(config), "--device", "cpu", "--models", *map(str, setup["members"])]
+    shards = [setup["shard"], tmp_path / "other.h5"]
+    write_shard(shards[1], star_columns(120, seed=3))
+    for shard in shards:
+        assert main([*base, "--shard", str(shard), "--out", str(tmp_path / "single" / f"{shard.stem}.parquet")]) == 0
+    batch = tmp_path / command / "batch-0000"
+    assert main([*base, "--shards", *map(str, shards), "--out-dir", str(batch)]) == 0
+    assert sorted(p.name for p in batch.iterdir()) == ["other.parquet", "shard.parquet"]
+    for shard in shards:
+        single, batched = (pq.read_table(folder / f"{shard.stem}.parquet") for folder in (tmp_path / "single", batch))
+        pd.testing.assert_frame_equal(batched.to_pandas(), single.to_pandas())
+    # a missing shard is found before anything is written
+    assert main([*base, "--shards", str(shards[0]), str(tmp_path / "absent.h5"),
+                 "--out-dir", str(tmp_path / command / "batch-0001")]) == 2
+    assert not (tmp_path / command / "batch-0001").exists()
