@@ -61,6 +61,15 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   is 124.1 / 0.218 / 0.158 / 0.0500, 203 / 0.392 / 0.341 / 0.0681; ``pretrain.xp_band_masking=true``
   124.7 / 0.227 / 0.151 / 0.0494, 197 / 0.392 / 0.354 / 0.0699. [Fe/H] −4.5 % (−11 % on seeds
   0–2), Teff even, log g +4 % on both seed sets: not a clear gain, so the default stays off.
+* issue 14's two fine-tuning levers, one at a time against the config as it is (2026-12-03, seeds
+  0–2, validation, ``--variants model``, one thread; as it is 131.8 / 0.214 / 0.164 / 0.0487,
+  187 / 0.386 / 0.351 / 0.0656, the MLP 170.6 / 0.272 / 0.154 / 0.0400, 248 / 0.437 / 0.335 /
+  0.0709): a head that reads every encoder block's output side by side (832 wide) instead of the
+  64-wide bottleneck 126.1 / 0.245 / 0.160 / 0.0434, 190 / 0.379 / 0.339 / 0.0726 ([α/M] −11 % with
+  XP, but log g +14 % with XP and [α/M] +11 % without); an exponential moving average of the
+  weights (decay 0.99, updated every step, validated, early-stopped on and saved) 127.8 / 0.222 /
+  0.164 / 0.0515, 191 / 0.389 / 0.350 / 0.0679 (nothing beyond −5 %, [α/M] +6 %). Neither kept;
+  their code was removed (commits "finetune.head_reads" and "finetune.ema_decay", reverted).
 """
 
 from __future__ import annotations
