@@ -24,6 +24,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from msa.config import apply_overrides
+
 EDGES = [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0, 20.0, 21.0]
 LABEL_SET = "spectro"
 TARGET, TOLERANCE = 0.68, 0.05
@@ -60,13 +62,7 @@ def labels_brighter_than(sky_dir: Path, g_max: float) -> Path:
 
 def settings(cfg: dict, legacy: bool, epochs: int, overrides: list[str]) -> dict:
     cfg["label_sets"] = {LABEL_SET: ["teff", "logg", "fe_h", "alpha_m"]}
-    for item in overrides:  # section.key=YAML, e.g. calibrate.faint_copies.label_shift=true
-        key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        node = cfg
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
+    cfg = apply_overrides(cfg, overrides)  # section.key=YAML, e.g. finetune.epochs=8
     cfg["pretrain"].update(epochs=epochs, epochs_per_job=epochs)
     cfg["finetune"].update(epochs=max(2 * epochs, 4), patience=4)
     cfg["evaluate"] = {"baseline": False, "baseline_mlp": False, "from_scratch": False, "g_mag_bins": EDGES}

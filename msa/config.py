@@ -67,6 +67,25 @@ def load_config(path: str | Path) -> dict:
     return validate(raw or {}, source=str(path))
 
 
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """A copy of ``config`` with each ``section.key=YAML`` override set (the benchmarks' ``--set``):
+    ``finetune.epochs=60`` sets an int, ``model.encoder_widths=[128, 64]`` a list. Not validated:
+    callers pass the result to :func:`validate` once their own settings are in."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not section.key=YAML (e.g. finetune.epochs=60)")
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[last] = yaml.safe_load(value)
+    return config
+
+
 def config_hash(config: dict, sections: list[str] | None = None, n_hex: int = 16) -> str:
     """Stable hash of the whole config or of the named top-level sections."""
     part = config if sections is None else {k: config.get(k) for k in sections}
