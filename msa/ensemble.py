@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -140,27 +140,18 @@ class Member:
     parallax_feature: int | None
     parallax_masked_pass: bool
     log_labels: torch.Tensor | None = None  # bool (L,): labels fitted as log10 (linear units out)
-    # with finetune.stop_per_label: (model, head, label indices) whose weights predict those labels
-    label_parts: list[tuple[MaskedAutoencoder, QuantileHead, list[int]]] = field(default_factory=list)
-
-    def _scaled_quantiles(self, model: MaskedAutoencoder, head: QuantileHead, x: torch.Tensor,
-                          hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latent = model.encode(x, hidden)
-        q = head(latent, x, hidden).float()
-        if self.parallax_masked_pass:
-            # parallax from a second pass that cannot see the Gaia parallax it is scored against
-            hidden_plx = hidden.clone()
-            hidden_plx[:, self.parallax_feature] = True
-            q_plx = head(model.encode(x, hidden_plx), x, hidden_plx).float()
-            q[:, self.parallax_label] = q_plx[:, self.parallax_label]
-        return q, latent
 
     def quantiles(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical quantiles ``(B, L, 3)`` float32 and the latent ``(B, D)`` for one batch."""
         hidden = hidden | self.force_mask
-        q, latent = self._scaled_quantiles(self.model, self.head, x, hidden)
-        for model, head, labels in self.label_parts:
-            q[:, labels] = self._scaled_quantiles(model, head, x, hidden)[0][:, labels]
+        latent = self.model.encode(x, hidden)
+        q = self.head(latent, x, hidden).float()
+        if self.parallax_masked_pass:
+            # parallax from a second pass that cannot see the Gaia parallax it is scored against
+            hidden_plx = hidden.clone()
+            hidden_plx[:, self.parallax_feature] = True
+            q_plx = self.head(self.model.encode(x, hidden_plx), x, hidden_plx).float()
+            q[:, self.parallax_label] = q_plx[:, self.parallax_label]
         q = q * self.label_scale[:, None] + self.label_centre[:, None]
         if self.log_labels is not None:
             q[:, self.log_labels] = torch.pow(10.0, q[:, self.log_labels])
@@ -275,27 +266,14 @@ class Ensemble:
                    bool(ckpts[0]["normalise_xp"]), ckpts[0].get("label_set"), device, amp)
 
     @staticmethod
-    def _networks(ckpt: dict, weights: dict, path: Path, device: torch.device
-                  ) -> tuple[MaskedAutoencoder, QuantileHead]:
+    def _build_member(ckpt: dict, path: Path, layout: Layout, device: torch.device) -> Member:
         try:
             model = MaskedAutoencoder(**ckpt["model_hparams"])
-            model.load_state_dict(weights["model"])
+            model.load_state_dict(ckpt["model"])
             head = QuantileHead(**ckpt["head_hparams"])
-            head.load_state_dict(weights["head"])
+            head.load_state_dict(ckpt["head"])
         except (RuntimeError, TypeError) as err:
             raise CheckpointError(f"{path}: weights do not fit the stored hyper-parameters: {err}") from err
-        return model.to(device).eval(), head.to(device).eval()
-
-    @classmethod
-    def _build_member(cls, ckpt: dict, path: Path, layout: Layout, device: torch.device) -> Member:
-        model, head = cls._networks(ckpt, ckpt, path, device)
-        parts = []
-        for part in ckpt.get("label_parts") or []:
-            labels = [int(j) for j in part["labels"]]
-            if not labels or not all(0 <= j < len(ckpt["labels"]) for j in labels):
-                raise EnsembleError(f"{path}: label_parts name labels {labels} outside the member's "
-                                    f"{len(ckpt['labels'])}")
-            parts.append((*cls._networks(ckpt, part, path, device), labels))
         if model.hparams["n_features"] != layout.n_features:
             raise EnsembleError(f"{path}: model has {model.hparams['n_features']} inputs, layout has "
                                 f"{layout.n_features}")
@@ -314,7 +292,7 @@ class Ensemble:
         masked_pass = bool(plx.get("masked_pass")) and plx.get("label_index") is not None \
             and plx.get("feature_index") is not None
         return Member(
-            path=path, sha256=file_sha256(path), model=model, head=head, label_parts=parts,
+            path=path, sha256=file_sha256(path), model=model.to(device).eval(), head=head.to(device).eval(),
             force_mask=force.to(device), label_centre=centre.to(device), label_scale=scale.to(device),
             parallax_label=plx.get("label_index"), parallax_feature=plx.get("feature_index"),
             parallax_masked_pass=masked_pass,

@@ -41,8 +41,7 @@ at most ``finetune.max_validation_rows`` validation stars, held on the device. U
 ``torchrun`` each rank streams its own shards, gradients are averaged, and only rank 0 writes.
 
 Early stopping on the validation split's pinball loss (computed on the inference path, plus
-``no_xp_weight`` × the same with XP hidden) with ``patience`` epochs; the best weights are kept,
-or with ``stop_per_label`` each label's own best (:mod:`msa.early_stopping`).
+``no_xp_weight`` × the same with XP hidden) with ``patience`` epochs; the best weights are kept.
 Member ``k`` uses seed ``config.seed + k``; every member shares the splits (they hash
 ``source_id`` with the config seed).
 
@@ -73,7 +72,6 @@ from msa.batches import ChunkCache, ShardStream, assign_shards
 from msa.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state, rng_state, set_aside_if_corrupt,
                             save_checkpoint)
 from msa.config import config_hash, load_config
-from msa.early_stopping import fresh_state, keep_if_best, kept_parts
 from msa.features import FeatureTransform, xp_normalises
 from msa.finetune_data import LabelJoin, TrainSplit, summarise_train_split, to_tensors
 from msa.finetune_engine import train_one_epoch, validation_loss
@@ -160,9 +158,10 @@ def load_member_data(job: MemberRun, ctx: DistributedContext) -> MemberData:
 
 
 def initial_state(work_path: Path, chash: str, model, head, optimizer, scheduler, generator, n_batches: int,
-                  n_labels: int, ctx: DistributedContext) -> dict:
+                  ctx: DistributedContext) -> dict:
     """A fresh run's state, or that of this member's in-progress checkpoint made with the same settings."""
-    state = {"epoch": 0, "batch": 0, "step": 0, "rows": 0, "metrics": [], "sums": {}, **fresh_state(n_labels)}
+    state = {"epoch": 0, "batch": 0, "step": 0, "rows": 0, "metrics": [], "best_val": float("inf"),
+             "bad_epochs": 0, "best": None, "sums": {}}
     set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
     if work_path.exists() and load_checkpoint(work_path).get("config_hash") != chash:
         # a killed run with other settings: its state must not leak into this one
@@ -187,6 +186,20 @@ def epoch_row(epoch: int, state: dict, val: dict, names, optimizer, ctx: Distrib
             **{f"val_pinball_{n}": v for n, v in zip(names, val["per_label"])},
             "lr_head": optimizer.param_groups[0]["lr"], "rows": state["rows"] * ctx.world_size,
             "train_seconds": train_seconds, "seconds": time.time() - started}
+
+
+def keep_if_best(state: dict, val_pinball: float, model, head, epoch: int) -> bool:
+    """Early stopping's bookkeeping: keep a CPU copy of the weights when validation improved."""
+    improved = val_pinball < state["best_val"]
+    if improved:
+        state["best_val"] = val_pinball
+        state["bad_epochs"] = 0
+        state["best"] = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                         "head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
+                         "epoch": epoch}
+    else:
+        state["bad_epochs"] += 1
+    return improved
 
 
 def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None = None,
@@ -222,8 +235,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     row_join = data.train_join.scaled(train.label_scaler, train.err_reference, cfg["inverse_variance"])
     # a small train split stays in memory after its first epoch; a large one is read every epoch
     cache = ChunkCache(enabled=train.n_rows <= cfg["cache_rows"])
-    state = initial_state(work_path, chash, model, head, optimizer, scheduler, generator, n_batches,
-                          len(data.names), ctx)
+    state = initial_state(work_path, chash, model, head, optimizer, scheduler, generator, n_batches, ctx)
 
     def save_work() -> None:
         if ctx.is_main:
@@ -258,7 +270,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
             train_seconds = time.time() - started
             val = validation_loss(objective, val_t, cfg["batch_size"] * 4, amp)
             row = epoch_row(epoch, state, val, data.names, optimizer, ctx, started, train_seconds)
-            row["best"] = improved = keep_if_best(state, val, model, head, epoch, cfg["stop_per_label"])
+            row["best"] = improved = keep_if_best(state, val["pinball"], model, head, epoch)
             state["metrics"].append(row)
             if ctx.is_main:
                 log.info("epoch %d: train %.4f, val pinball %.4f%s, %.0f rows/s", epoch, row["train_total"],
@@ -268,19 +280,18 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
             save_work()
     if state["bad_epochs"] >= cfg["patience"] and ctx.is_main:
         log.info("early stop: no validation improvement for %d epochs", cfg["patience"])
-    parts = kept_parts(state, len(data.names), cfg["stop_per_label"])
-    model.load_state_dict(parts[0][1]["model"])
-    head.load_state_dict(parts[0][1]["head"])
+    best = state["best"]
+    model.load_state_dict(best["model"])
+    head.load_state_dict(best["head"])
     if ctx.is_main:
         _write_outputs(job, model, head, data.names, train.label_scaler, data.layout, data.scaler, mask_spec,
-                       data.plx, seed, chash, state["metrics"], parts)
+                       data.plx, seed, chash, state["metrics"], best["epoch"])
         shutil.rmtree(Path(job.out_dir) / "work", ignore_errors=True)
     ctx.barrier()
     return 0
 
 
-STATE_KEYS = ("epoch", "batch", "step", "rows", "metrics", "best_val", "bad_epochs", "best", "sums",
-              "label_best_val", "label_best_epoch")
+STATE_KEYS = ("epoch", "batch", "step", "rows", "metrics", "best_val", "bad_epochs", "best", "sums")
 
 
 def _resume(path: Path, model, head, optimizer, scheduler, generator, n_batches: int, world_size: int) -> dict:
@@ -295,16 +306,12 @@ def _resume(path: Path, model, head, optimizer, scheduler, generator, n_batches:
     scheduler.load_state_dict(ckpt["scheduler"])
     generator.set_state(ckpt["generator"])
     restore_rng_state(ckpt["rng"])
-    return {k: ckpt[k] for k in STATE_KEYS if k in ckpt}
+    return {k: ckpt[k] for k in STATE_KEYS}
 
 
 def _write_outputs(job: MemberRun, model, head, names, label_scaler, layout, scaler, mask_spec, plx, seed,
-                   chash, metrics, parts) -> None:
-    """``model.pt`` (``model``/``head``: the first part's weights, loaded into ``model`` and ``head``;
-    ``label_parts``: the other parts, with ``finetune.stop_per_label``), metrics and loss plot."""
+                   chash, metrics, best_epoch) -> None:
     out_dir = Path(job.out_dir)
-    best_epoch = parts[0][1]["epoch"]
-    label_epochs = {names[j]: weights["epoch"] for labels, weights in parts for j in labels}
     payload = {
         "kind": "finetune",
         "model": {k: v.cpu() for k, v in model.state_dict().items()}, "model_hparams": dict(model.hparams),
@@ -316,9 +323,6 @@ def _write_outputs(job: MemberRun, model, head, names, label_scaler, layout, sca
         "force_mask_indices": [int(i) for i in mask_spec.force_indices],
         "parallax": plx.to_dict(), "member": int(job.member), "seed": int(seed), "label_set": job.label_set,
         "config_hash": chash, "config": job.config["finetune"], "metrics": metrics, "epoch": int(best_epoch),
-        "label_epochs": label_epochs, "part_labels": list(parts[0][0]),
-        "label_parts": [{"labels": list(labels), "model": w["model"], "head": w["head"], "epoch": w["epoch"]}
-                        for labels, w in parts[1:]],
     }
     save_checkpoint(out_dir / "model.pt", payload)
     with atomic_path(out_dir / "metrics.jsonl") as tmp:
@@ -326,8 +330,7 @@ def _write_outputs(job: MemberRun, model, head, names, label_scaler, layout, sca
     from msa.plots import plot_finetune_loss
 
     plot_finetune_loss(metrics, out_dir / "loss.png", title=f"{job.label_set} member {job.member}")
-    log.info("wrote %s (best epoch %s)", out_dir / "model.pt",
-             best_epoch if len(parts) == 1 else ", ".join(f"{n} {e}" for n, e in label_epochs.items()))
+    log.info("wrote %s (best epoch %d)", out_dir / "model.pt", best_epoch)
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def train_one_epoch(objective: Objective, optimizer: torch.optim.Optimizer, sche
 
 
 def validation_loss(objective: Objective, data: Tensors, batch_size: int, amp) -> dict:
-    """Mean pinball loss (all labels, and per label: None without stars) on the inference path; with the objective's
+    """Mean pinball loss (all labels, and per label) on the inference path; with the objective's
     ``no_xp_weight``, plus that weight × the same with XP hidden (``pinball`` is then the sum)."""
     objective.eval()
     out = {}
@@ -98,8 +98,7 @@ def validation_loss(objective: Objective, data: Tensors, batch_size: int, amp) -
                         total[j] += float(pinball_loss(q[:, j:j + 1], y)) * n
                         count[j] += n
             out["pinball" + suffix] = float(total.sum() / count.sum().clamp_min(1))
-            # None for a label without validation stars: it has nothing to stop on
-            out["per_label" + suffix] = [float(t / c) if c else None for t, c in zip(total, count)]
+            out["per_label" + suffix] = (total / count.clamp_min(1)).tolist()
     objective.train()
     if "pinball_no_xp" in out:
         out["pinball_with_xp"] = out["pinball"]

@@ -253,34 +253,3 @@ def test_an_epoch_of_max_train_rows_and_the_cache_change_nothing_else(pipeline, 
     for part in ("model", "head"):
         for key in cached[part]:
             torch.testing.assert_close(cached[part][key], read[part][key], msg=f"{part}.{key}")
-
-
-def test_stop_per_label_keeps_each_labels_best_epoch_and_predicts_with_it(pipeline, tmp_path):
-    config = validate({**pipeline["config"], "finetune": {**pipeline["config"]["finetune"], "stop_per_label": True,
-                                                          "epochs": 6, "patience": 6}})
-    out = tmp_path / "per_label"
-    assert finetune_member(member_job(pipeline, "mixed", out, config)) == 0
-    ckpt = torch.load(out / "model.pt", weights_only=True)
-    for name in ckpt["labels"]:  # each label's epoch is its own validation minimum
-        curve = [m[f"val_pinball_{name}"] for m in ckpt["metrics"]]
-        assert ckpt["label_epochs"][name] == int(np.argmin(curve))
-    parts = [ckpt["part_labels"]] + [p["labels"] for p in ckpt["label_parts"]]
-    assert sorted(j for labels in parts for j in labels) == list(range(len(ckpt["labels"])))
-
-    # the ensemble predicts each label with its part's weights: give label 1 another member's weights
-    other = torch.load(out / "model.pt", weights_only=True)
-    assert finetune_member(member_job(pipeline, "mixed", tmp_path / "plain", pipeline["config"], member=1)) == 0
-    plain = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
-    other.update(part_labels=[0], label_parts=[{"labels": [1], "model": plain["model"], "head": plain["head"],
-                                               "epoch": plain["epoch"]}])
-    torch.save(other, tmp_path / "spliced.pt")
-    stars = load_labelled([pipeline["shard"]], Ensemble.load([out / "model.pt"]).transform,
-                          LabelSource(config["labels"], ckpt["labels"]), [])
-    x = stars.x[:300]
-    spliced = Ensemble.load([tmp_path / "spliced.pt"]).predict_members(x)
-    single = {k: Ensemble.load([p]).predict_members(x) for k, p in
-              (("first", out / "model.pt"), ("plain", tmp_path / "plain" / "model.pt"))}
-    if not ckpt["label_parts"]:  # one part: the spliced file's label 0 is this member's own
-        np.testing.assert_allclose(spliced[..., 0, :], single["first"][..., 0, :], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(spliced[..., 1, :], single["plain"][..., 1, :], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(spliced[..., 1, :], single["first"][..., 1, :])
