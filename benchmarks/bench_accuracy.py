@@ -74,6 +74,20 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   reconstruction validation loss fell from 0.085 to 0.041, yet fine-tuned 131.2 / 0.227 / 0.170 /
   0.0515, 213 / 0.390 / 0.348 / 0.0695: a better autoencoder of these 3,896 stars is not a better
   start for their labels.
+* how the XP members mask in fine-tuning (2026-12-03, seeds 0–2, validation, ``--variants model``,
+  one thread; as it is 131.8 / 0.214 / 0.164 / 0.0487): no XP-hidden rows
+  (``finetune.xp_masking_ratio=0``) 141.3 / 0.225 / 0.177 / 0.0485 ([Fe/H] worse on every seed);
+  half the rows XP-hidden (``=0.5``) 121.2 / 0.241 / 0.162 / 0.0494; photometry elements hidden at
+  0.3 instead of 0.15 (``finetune.m_masking_ratio=0.3``) 125.2 / 0.225 / 0.165 / 0.0459; the head
+  reading the unmasked stars, masking kept for the multitask term only
+  (``finetune.mask_prediction=false``) 127.9 / 0.218 / 0.152 / 0.0468, [Fe/H] and [α/M] lower on
+  every seed: **kept** (stars without XP have their own members, so the XP members no longer need
+  XP-hidden rows). On top of it: 60 epochs, patience 15: 137.1 / 0.235 / 0.150 / 0.0432 (the
+  [Fe/H]/[α/M] vs Teff/log g trade-off again); 120 epochs, patience 30: 148.1 / 0.248 / 0.157 /
+  0.0481; ``label_weights`` 2 for [Fe/H] and [α/M]: 139.5 / 0.238 / 0.158 / 0.0457. An early stop
+  per label (each label the weights of its own best epoch, 60 epochs, patience 15; built, tested,
+  reverted) 136.5 / 0.231 / 0.152 / 0.0490: on 351 validation stars, four noisy stopping points
+  choose no better than one.
 """
 
 from __future__ import annotations

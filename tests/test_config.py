@@ -16,8 +16,8 @@ def test_overrides_set_typed_values_in_nested_sections_without_touching_the_inpu
 
 
 def test_overridden_demo_config_still_validates():
-    config = apply_overrides(load_config("config/config.yaml"), ["finetune.mask_prediction=false"])
-    assert validate(config)["finetune"]["mask_prediction"] is False
+    config = apply_overrides(load_config("config/config.yaml"), ["finetune.mask_prediction=true"])
+    assert validate(config)["finetune"]["mask_prediction"] is True
 
 
 @pytest.mark.parametrize("bad", ["finetune.epochs", "=3", "finetune.epochs.inner=3"])
