@@ -111,7 +111,8 @@ from msa.config import apply_overrides, config_hash, load_config, validate
 from msa.ensemble import Ensemble
 from msa.evaluate import point_metrics
 from msa.finetune import MemberRun, finetune_member, photometry_member_config
-from msa.splits import assign_splits, split_seed, unit_hash
+from msa.splits import assign_splits, split_seed
+from msa.star_hash import unit_hash
 from msa.tables import read_frame, table_columns
 from msa.labels import LabelSource, label_set, load_labelled
 from msa.pretrain import pretrain_segment

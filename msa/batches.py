@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from msa.features import FeatureTransform
-from msa.masking import hash_uniform
+from msa.star_hash import hash_uniform
 from msa.prefetch import prefetch
 from msa.store import SOURCE_ID, Shard, StoreError
 

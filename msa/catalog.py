@@ -57,7 +57,7 @@ from msa.errors import InputError
 from msa.config import load_config
 from msa.plots import plt, save_figure
 from msa.progress import progress
-from msa.splits import unit_hash
+from msa.star_hash import unit_hash
 from msa.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path, check_out_dir
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from msa.batches import Batch, RowJoin
 from msa.labels import LabelScaler, LabelSource, LabelledStars, check_catalogue_join
 from msa.parallax_zero_point import ZERO_POINT_COLUMNS, zero_point
 from msa.source_ids import SOURCE_ID
-from msa.splits import assign_splits, unit_hash
+from msa.splits import assign_splits
+from msa.star_hash import unit_hash
 from msa.store import Shard
 
 MAX_INVERSE_VARIANCE_WEIGHT = 10.0

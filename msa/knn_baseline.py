@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from sklearn.neighbors import KNeighborsRegressor
 
-from msa.splits import unit_hash
+from msa.star_hash import unit_hash
 
 TUNING_FRACTION = 0.2
 

@@ -375,7 +375,8 @@ def load_split_samples(shard_paths: Sequence[str | Path], transform, source: Lab
     ``source_id`` and the labels' store columns, a second the sampled rows' inputs. Splits come
     from :func:`msa.splits.assign_splits` with ``seed``; a split without a star is empty.
     """
-    from msa.splits import assign_splits, unit_hash
+    from msa.splits import assign_splits
+    from msa.star_hash import unit_hash
     from msa.store import Shard
 
     limit = np.inf if max_rows is None else int(max_rows)

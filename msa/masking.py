@@ -3,11 +3,10 @@
 Two masking groups: the XP block (all XP coefficients of a star hidden together, for a fraction
 ``xp_ratio`` of rows, so the model learns to predict a whole spectrum from photometry; with
 ``xp_band_masking`` a chosen row loses BP only, RP only or both, a third of the time each, so the
-model also learns one band from the other) and the element group (every other feature hidden independently with probability ``element_ratio``).
-Forced columns (``force_mask_cols`` plus the layout's ``force_mask``) are always hidden.
-
-Also home of the per-star hash (:func:`hash_uniform`): a deterministic number in [0, 1) from a
-Gaia ``source_id`` and a seed, used for the fixed validation mask and the validation split.
+model also learns one band from the other) and the element group (every other feature hidden
+independently with probability ``element_ratio``). Forced columns (``force_mask_cols`` plus the
+layout's ``force_mask``) are always hidden. The fixed validation mask draws from the per-star hash
+(:func:`msa.star_hash.hash_uniform`), so it does not depend on row order.
 """
 
 from __future__ import annotations
@@ -19,42 +18,11 @@ import numpy as np
 import torch
 
 from msa.layout import XP_GROUP, Layout
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+from msa.star_hash import hash_uniform
 
 
 class MaskingError(ValueError):
     """A masking section names unknown columns or groups."""
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser on a uint64 array: a cheap, well-mixed integer hash."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_uniform(source_id: np.ndarray, seed: int, salt: np.ndarray | int = 0) -> np.ndarray:
-    """Deterministic uniform numbers in [0, 1) per (star, seed, salt); broadcasts ``salt``.
-
-    ``source_id`` (int64, shape (n,)) with ``salt`` of shape (k,) gives shape (n, k). The same
-    star always gets the same number, whatever file or order it comes from.
-    """
-    sid = np.asarray(source_id, dtype=np.int64).astype(np.uint64)
-    salt = np.asarray(salt, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        seed_key = _splitmix64(np.array([seed], dtype=np.int64).astype(np.uint64))[0]
-        h = _splitmix64(sid ^ seed_key)
-        if salt.ndim:
-            h = _splitmix64(h[:, None] + salt[None, :] * _GOLDEN)
-        else:
-            h = _splitmix64(h + salt * _GOLDEN)
-    # the top 53 bits make an exactly representable float64 in [0, 1)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 @dataclass(frozen=True)

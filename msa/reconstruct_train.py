@@ -35,7 +35,7 @@ from msa.errors import InputError
 from msa.features import G_MAG
 from msa.flux_loss import FluxMap, relative_flux_error
 from msa.layout import Layout
-from msa.masking import hash_uniform
+from msa.star_hash import hash_uniform
 from msa.model import MaskedAutoencoder
 from msa.pretrain import held_out_of_pretraining
 from msa.progress import progress

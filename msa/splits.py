@@ -2,9 +2,9 @@
 
 A star's split is a pure function of its ``source_id`` and the seed: the same star lands in the
 same split whatever file, shard or row order it comes from, and every ensemble member (which
-differ only in their training seed) shares the same splits. The hash is SplitMix64 of
-``source_id`` XOR a seed-derived key, mapped to a uniform number in [0, 1) and cut at the
-cumulative fractions of the ``splits`` config section (train, validation, calibration, test).
+differ only in their training seed) shares the same splits. The hash
+(:func:`msa.star_hash.unit_hash`) is cut at the cumulative fractions of the ``splits`` config
+section (train, validation, calibration, test).
 """
 
 from __future__ import annotations
@@ -14,31 +14,13 @@ from typing import Mapping
 import numpy as np
 
 from msa.errors import InputError
+from msa.star_hash import unit_hash
 
 SPLIT_NAMES = ("train", "validation", "calibration", "test")
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 class SplitError(InputError, ValueError):
     """The ``splits`` config section is inconsistent."""
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on uint64 (wrapping arithmetic): a well-mixed 64-bit hash."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
-
-
-def unit_hash(source_id: np.ndarray, seed: int) -> np.ndarray:
-    """A uniform number in [0, 1) per ``source_id`` (float64), fixed by the id and ``seed``."""
-    ids = np.asarray(source_id, dtype=np.int64).view(np.uint64)
-    key = _splitmix64(np.array([seed], dtype=np.int64).view(np.uint64))[0]
-    h = _splitmix64(ids ^ key)
-    # top 53 bits → an exactly representable float in [0, 1)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def split_fractions(splits_cfg: Mapping) -> dict[str, float]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from msa.layout import Layout
-from msa.masking import MaskingError, MaskSpec, draw_mask, fixed_validation_mask, hash_uniform
+from msa.masking import MaskingError, MaskSpec, draw_mask, fixed_validation_mask
 
 torch.set_num_threads(1)
 
@@ -90,14 +90,6 @@ def test_fixed_validation_mask_is_stable_per_star():
     assert (fixed_validation_mask(spec, sid, seed=4).numpy() != m1).any()
     assert abs(m1[:, 0].mean() - 0.3) < 0.02
     assert abs(m1[:, layout.index("J")].mean() - 0.2) < 0.02
-
-
-def test_hash_uniform_range_and_uniformity():
-    u = hash_uniform(np.arange(50_000), seed=11)
-    assert u.min() >= 0 and u.max() < 1
-    hist, _ = np.histogram(u, bins=10, range=(0, 1))
-    assert np.all(np.abs(hist / len(u) - 0.1) < 0.01)
-    np.testing.assert_array_equal(u, hash_uniform(np.arange(50_000), seed=11))
 
 
 def test_band_masking_hides_bp_only_rp_only_or_both_a_third_each():
