@@ -9,7 +9,8 @@ Trains, on the bundled demo (or any config), under the same inputs, splits and f
 
 each with XP and photometry only (``*_no_xp``: the networks with every XP column hidden, the
 baselines trained without XP), for several seeds, and prints NMAD per label (median over seeds) and
-the ratio of the model to the best yardstick. Score on ``--split validation`` while choosing
+the ratio of the model to the best yardstick, with its 90 % bootstrap interval over the scored
+stars (the same resamples for every variant and seed, so the ratio's interval is paired). Score on ``--split validation`` while choosing
 settings; only the final figures come from ``--split test``.
 
     python benchmarks/bench_accuracy.py --workdir /tmp/msa-acc --seeds 0 1 2 --split validation
@@ -109,7 +110,7 @@ from msa.baseline import GradientBoostingBaseline
 from msa.baseline_mlp import PlainMLPBaseline
 from msa.config import apply_overrides, config_hash, load_config, validate
 from msa.ensemble import Ensemble
-from msa.evaluate import point_metrics
+from msa.evaluate import NMAD_FACTOR, point_metrics
 from msa.finetune import MemberRun, finetune_member, photometry_member_config
 from msa.splits import assign_splits, split_seed
 from msa.star_hash import unit_hash
@@ -208,13 +209,37 @@ def members(config: dict, set_name: str, pretrained_path: Path | None, shards, s
     return paths
 
 
-def nmad_table(pred: np.ndarray, y: np.ndarray, names) -> dict:
-    return {n: point_metrics(pred[:, j], y[:, j])["nmad"] for j, n in enumerate(names)}
+def nmad_table(residuals: np.ndarray, names) -> dict:
+    """NMAD per label of ``(n, L)`` residuals (NaN where a star has no label)."""
+    return {n: point_metrics(residuals[:, j], np.zeros(len(residuals)))["nmad"] for j, n in enumerate(names)}
 
 
-def run_seed(config: dict, set_name: str, shards, scaler, work: Path, split_name: str, variants) -> dict:
+def bootstrap_nmad(residuals: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """NMAD of 1-D ``residuals`` (NaN ignored) in each resample of stars: ``draws`` is ``(B, n)``
+    star indices, the same for every variant and seed so that their ratios are paired."""
+    d = residuals[draws]
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(d, axis=1, keepdims=True)
+        return NMAD_FACTOR * np.nanmedian(np.abs(d - med), axis=1)
+
+
+def ratio_interval(per_seed_residuals: list[dict], model: str, yardstick: str, j: int, draws: np.ndarray,
+                   level: float = 0.9) -> tuple[float, float]:
+    """Central ``level`` bootstrap interval over the scored stars of model / yardstick, each
+    the median over seeds of its NMAD on label ``j``: how much of a ratio is the luck of which
+    stars were scored."""
+    def median_over_seeds(variant):
+        return np.median([bootstrap_nmad(r[variant][:, j], draws) for r in per_seed_residuals], axis=0)
+    ratios = median_over_seeds(model) / median_over_seeds(yardstick)
+    lo, hi = np.nanquantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def run_seed(config: dict, set_name: str, shards, scaler, work: Path, split_name: str, variants
+             ) -> dict[str, np.ndarray]:
+    """Per variant, the ``(n_scored, L)`` residuals (median − label) on the scored split."""
     names = label_set(config, set_name)
-    out: dict[str, dict] = {}
+    out: dict[str, np.ndarray] = {}
     ensembles = {}
     if "model" in variants:
         ensembles["model"] = Ensemble.load(members(config, set_name, pretrained(config, shards, scaler, work),
@@ -235,18 +260,18 @@ def run_seed(config: dict, set_name: str, shards, scaler, work: Path, split_name
     xp_hidden = np.zeros(transform.layout.n_features, dtype=bool)
     xp_hidden[xp] = True
     for name, ens in ensembles.items():
-        out[name] = nmad_table(ens.predict(scored.x)[..., 1], scored.y, names)
-        out[name + "_no_xp"] = nmad_table(ens.predict(scored.x, extra_hidden=xp_hidden)[..., 1], scored.y, names)
+        out[name] = ens.predict(scored.x)[..., 1] - scored.y
+        out[name + "_no_xp"] = ens.predict(scored.x, extra_hidden=xp_hidden)[..., 1] - scored.y
     seed = int(config["seed"])
     if "mlp" in variants:
         for suffix, hidden in (("", ()), ("_no_xp", xp)):
             mlp = PlainMLPBaseline(names, seed=seed, hidden_columns=hidden, grid=config["evaluate"]["mlp_grid"]
                                    ).fit(train.x, train.y, val.x, val.y)
-            out["mlp" + suffix] = nmad_table(mlp.predict(scored.x), scored.y, names)
+            out["mlp" + suffix] = mlp.predict(scored.x) - scored.y
     if "gbt" in variants:
         for suffix, hidden in (("", ()), ("_no_xp", xp)):
             gbt = GradientBoostingBaseline(names, seed=seed, hidden_columns=hidden).fit(train.x, train.y)
-            out["gbt" + suffix] = nmad_table(gbt.predict(scored.x), scored.y, names)
+            out["gbt" + suffix] = gbt.predict(scored.x) - scored.y
     return out
 
 
@@ -257,20 +282,36 @@ def summarise(per_seed: list[dict], names) -> dict:
     return rows
 
 
-def print_table(summary: dict, names, title: str) -> None:
-    print(f"\n{title}  (NMAD, median over seeds)")
-    print(f"{'variant':>20} " + " ".join(f"{n:>9}" for n in names))
-    for variant, row in summary.items():
-        print(f"{variant:>20} " + " ".join(f"{row[n]:9.4g}" for n in names))
+def ratios_to_best(summary: dict, per_seed_residuals: list[dict], names, n_boot: int) -> list[dict]:
+    """Per label, with and without XP: model / the best yardstick (lowest median NMAD), with the
+    bootstrap interval of that ratio over the scored stars."""
+    n_scored = len(next(iter(per_seed_residuals[0].values())))
+    draws = np.random.default_rng(0).integers(0, n_scored, size=(n_boot, n_scored))
+    rows = []
     for suffix in ("", "_no_xp"):
         if "model" + suffix not in summary:
             continue
         yard = [v + suffix for v in ("mlp", "gbt", "from_scratch") if v + suffix in summary]
-        for n in names:
-            best = min(yard, key=lambda v: summary[v][n]) if yard else None
-            if best:
-                print(f"  {('with XP' if not suffix else 'no XP'):>8} {n:>8}: model / {best} = "
-                      f"{summary['model' + suffix][n] / summary[best][n]:.3f}")
+        for j, n in enumerate(names):
+            if not yard:
+                continue
+            best = min(yard, key=lambda v: summary[v][n])
+            lo, hi = ratio_interval(per_seed_residuals, "model" + suffix, best, j, draws)
+            rows.append({"xp": not suffix, "label": n, "yardstick": best,
+                         "ratio": summary["model" + suffix][n] / summary[best][n], "lo90": lo, "hi90": hi})
+    return rows
+
+
+def print_table(summary: dict, ratios: list[dict], names, title: str) -> None:
+    print(f"\n{title}  (NMAD, median over seeds)")
+    print(f"{'variant':>20} " + " ".join(f"{n:>9}" for n in names))
+    for variant, row in summary.items():
+        print(f"{variant:>20} " + " ".join(f"{row[n]:9.4g}" for n in names))
+    if ratios:
+        print("  model / best yardstick, [90 % bootstrap interval over the scored stars]")
+    for r in ratios:
+        print(f"  {('with XP' if r['xp'] else 'no XP'):>8} {r['label']:>8}: model / {r['yardstick']} = "
+              f"{r['ratio']:.3f} [{r['lo90']:.3f}, {r['hi90']:.3f}]")
 
 
 def main(argv=None) -> int:
@@ -287,6 +328,8 @@ def main(argv=None) -> int:
                         "pretraining keeps every star: how much pretraining gives when labels are scarce")
     p.add_argument("--tag", default="", help="a name for this run in results.jsonl")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="resamples of the scored stars for the interval of each ratio")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
@@ -305,20 +348,22 @@ def main(argv=None) -> int:
     if args.label_fraction < 1:
         base = with_fewer_train_labels(base, args.label_fraction, work)
     names = label_set(base, args.label_set)
-    per_seed = []
+    residuals = []
     t0 = time.time()
     for offset in args.seeds:
         config = copy.deepcopy(base)
         config["seed"] = int(base["seed"]) + offset
-        per_seed.append(run_seed(config, args.label_set, shards, scaler, work, args.split, args.variants))
+        residuals.append(run_seed(config, args.label_set, shards, scaler, work, args.split, args.variants))
         log.info("seed offset %d done (%.0f s so far)", offset, time.time() - t0)
+    per_seed = [{v: nmad_table(r, names) for v, r in seed_residuals.items()} for seed_residuals in residuals]
     summary = summarise(per_seed, names)
-    print_table(summary, names, f"{args.split} split, {len(args.seeds)} seed(s), tag {args.tag or '-'}, "
+    ratios = ratios_to_best(summary, residuals, names, args.bootstrap)
+    print_table(summary, ratios, names, f"{args.split} split, {len(args.seeds)} seed(s), tag {args.tag or '-'}, "
                 f"overrides {args.overrides or '-'}, train labels {args.label_fraction:g}")
     with open(work / "results.jsonl", "a") as fh:
         fh.write(json.dumps({"tag": args.tag, "split": args.split, "overrides": args.overrides,
                              "label_fraction": args.label_fraction,
-                             "seeds": args.seeds, "summary": summary, "per_seed": per_seed,
+                             "seeds": args.seeds, "summary": summary, "per_seed": per_seed, "ratios": ratios,
                              "wall_s": time.time() - t0}) + "\n")
     return 0
 
