@@ -256,8 +256,7 @@ def test_changing_predict_settings_reruns_predict_and_catalog_only(finished_run)
 
 
 def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_run):
-    jobs = {"reconstruct[shard=s000]", "reconstruct[shard=s001]", "evaluate_reconstruction",
-            "embed[shard=s000]", "embed[shard=s001]"}
+    jobs = {"reconstruct[batch=batch-0000]", "evaluate_reconstruction", "embed[batch=batch-0000]"}
     config = merge(finished_run.config, {"reconstruct": {"enabled": True}, "embed": {"enabled": True}})
     finished_run.write_config(config, "foundation.yaml")
     assert planned_jobs(finished_run, "foundation.yaml") == jobs
@@ -265,6 +264,16 @@ def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_ru
     config = merge(config, {"reconstruct": {"label_set": "spectro"}})
     finished_run.write_config(config, "foundation_members.yaml")
     assert planned_jobs(finished_run, "foundation_members.yaml") == jobs
+    # one job per batch of shards, one Parquet file per shard in the batch's folder
+    config = merge(config, {"reconstruct": {"shards_per_job": 1}})
+    finished_run.write_config(config, "foundation_batches.yaml")
+    assert planned_jobs(finished_run, "foundation_batches.yaml") == jobs | {"reconstruct[batch=batch-0001]"}
+    finished_run.snakemake("--cores", "2", "results/reconstruct/batch-0001", "results/embed/batch-0000",
+                           config="foundation_batches.yaml")
+    results = finished_run.path / "results"
+    assert [p.name for p in (results / "reconstruct" / "batch-0001").glob("*.parquet")] == ["s001.parquet"]
+    assert sorted(p.name for p in (results / "embed" / "batch-0000").glob("*.parquet")) == [
+        "s000.parquet", "s001.parquet"]
 
 
 def test_training_reconstruction_members_adds_them_and_reruns_only_the_reconstruction(finished_run):
@@ -273,8 +282,8 @@ def test_training_reconstruction_members_adds_them_and_reruns_only_the_reconstru
     finished_run.write_config(trained, "reconstruct_trained.yaml")
     # the members feed the reconstruction; nothing upstream reruns
     assert planned_jobs(finished_run, "reconstruct_trained.yaml") == {
-        "train_reconstruction[member=0]", "train_reconstruction[member=1]", "reconstruct[shard=s000]",
-        "reconstruct[shard=s001]", "evaluate_reconstruction"}
+        "train_reconstruction[member=0]", "train_reconstruction[member=1]",
+        "reconstruct[batch=batch-0000]", "evaluate_reconstruction"}
 
 
 def test_adding_a_reconstruction_member_keeps_the_trained_one(finished_run):
@@ -285,8 +294,7 @@ def test_adding_a_reconstruction_member_keeps_the_trained_one(finished_run):
     two = merge(one, {"reconstruct": {"training": {"members": 2}}})
     finished_run.write_config(two, "reconstruct_two.yaml")
     assert planned_jobs(finished_run, "reconstruct_two.yaml") == {
-        "train_reconstruction[member=1]", "reconstruct[shard=s000]", "reconstruct[shard=s001]",
-        "evaluate_reconstruction"}
+        "train_reconstruction[member=1]", "reconstruct[batch=batch-0000]", "evaluate_reconstruction"}
 
 
 def test_reordering_features_reruns_everything_after_ingest(finished_run):

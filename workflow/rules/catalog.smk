@@ -4,7 +4,9 @@
 
 rule catalog:
     input:
-        predictions=lambda wildcards: batch_folders(wildcards.label_set),
+        predictions=lambda wildcards: batch_folders(
+            "predict", f"{RESULTS}/predict/{wildcards.label_set}"
+        ),
     output:
         dataset=directory(f"{RESULTS}/catalog/{{label_set}}"),
         summary=report(

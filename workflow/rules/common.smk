@@ -111,18 +111,27 @@ def shard_batches(shards, size):
     return {f"batch-{k:04d}": shards[i : i + size] for k, i in enumerate(starts)}
 
 
-# Prediction runs per batch of shards (`predict.shards_per_job`): on the full sky ~100 jobs per
-# label set instead of 3,386, so the plan has a tenth of the jobs and a cluster no one-minute jobs.
-BATCHES = shard_batches(SHARDS, config["predict"]["shards_per_job"])
+# The per-star rules (predict, reconstruct, embed) run per batch of `<section>.shards_per_job`
+# shards: on the full sky ~100 jobs per label set instead of 3,386, so the plan has a tenth of the
+# jobs and a cluster no one-minute jobs. Each job loads its models once.
+BATCHED_SECTIONS = ("predict", "reconstruct", "embed")
+BATCHES = {
+    section: shard_batches(SHARDS, config[section]["shards_per_job"])
+    for section in BATCHED_SECTIONS
+}
+BATCH_NAMES = sorted({name for batches in BATCHES.values() for name in batches})
 
 
-def batch_shard_files(wildcards):
-    return expand(f"{RESULTS}/store/{{shard}}.h5", shard=BATCHES[wildcards.batch])
+def batch_shard_files(section):
+    """Input function: the store files of the `{batch}` of `section`."""
+    return lambda wildcards: expand(
+        f"{RESULTS}/store/{{shard}}.h5", shard=BATCHES[section][wildcards.batch]
+    )
 
 
-def batch_folders(label_set):
-    """The prediction folders of one label set, one per batch, in shard order."""
-    return [f"{RESULTS}/predict/{label_set}/{batch}" for batch in BATCHES]
+def batch_folders(section, folder):
+    """`folder/batch-NNNN` for every batch of `section`, in shard order."""
+    return [f"{folder}/{batch}" for batch in BATCHES[section]]
 
 
 def write_shard_list(shards, path, log_path):
@@ -261,9 +270,9 @@ def attempt_scaled(minutes):
     return lambda wildcards, attempt: first_try(wildcards) * attempt
 
 
-def per_batch_shard(minutes):
-    """Minutes of a predict job: `minutes` for each shard of its batch."""
-    return lambda wildcards: minutes * len(BATCHES[wildcards.batch])
+def per_batch_shard(section, minutes):
+    """Minutes of a `section` job: `minutes` for each shard of its batch."""
+    return lambda wildcards: minutes * len(BATCHES[section][wildcards.batch])
 
 
 def catalog_targets(label_set):
@@ -316,8 +325,8 @@ def autoencoder_models(section):
 def foundation_targets():
     targets = []
     if config["reconstruct"]["enabled"]:
-        targets += expand(f"{RESULTS}/reconstruct/{{shard}}.parquet", shard=SHARDS)
+        targets += batch_folders("reconstruct", f"{RESULTS}/reconstruct")
         targets.append(f"{RESULTS}/reconstruct/evaluation")
     if config["embed"]["enabled"]:
-        targets += expand(f"{RESULTS}/embed/{{shard}}.parquet", shard=SHARDS)
+        targets += batch_folders("embed", f"{RESULTS}/embed")
     return targets

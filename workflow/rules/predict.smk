@@ -10,7 +10,7 @@ rule predict:
     input:
         members=member_models,
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
-        shards=batch_shard_files,
+        shards=batch_shard_files("predict"),
     output:
         predictions=batch_predictions(directory(f"{RESULTS}/predict/{{label_set}}/{{batch}}")),
     log:
@@ -24,7 +24,7 @@ rule predict:
         gpu=GPU_PER_JOB,
         mem_mb=8000,
         # ~1 min a shard on a GPU, with room to spare; more with each retry
-        runtime=attempt_scaled(per_batch_shard(6)),
+        runtime=attempt_scaled(per_batch_shard("predict", 6)),
     params:
         config=MSA_CONFIG,
         settings=settings(predict=config["predict"]),

@@ -1,6 +1,7 @@
 # The foundation model's own outputs: every shard's reconstructed XP coefficients (Archive units),
 # their validation with XP hidden against a photometry kNN (with sampled-spectrum figures), and
-# every shard's embeddings. Off by default (`reconstruct.enabled`, `embed.enabled`); on in the demo.
+# every shard's embeddings; like predict, one job per batch of `shards_per_job` shards, one
+# Parquet file per shard in the batch's folder (written whole or not at all). Off by default (`reconstruct.enabled`, `embed.enabled`); on in the demo.
 # With `reconstruct.training.enabled` the spectra come from members of the pretrained autoencoder
 # trained further on the sampled flux (train_reconstruction), not from the pretrained model itself.
 
@@ -44,27 +45,30 @@ rule train_reconstruction:
 rule reconstruct:
     input:
         models=autoencoder_models("reconstruct"),
-        shard=f"{RESULTS}/store/{{shard}}.h5",
+        shards=batch_shard_files("reconstruct"),
     output:
-        reconstruction=f"{RESULTS}/reconstruct/{{shard}}.parquet",
+        reconstructions=directory(f"{RESULTS}/reconstruct/{{batch}}"),
     log:
-        f"{LOGS}/reconstruct/{{shard}}.log",
+        f"{LOGS}/reconstruct/{{batch}}.log",
     benchmark:
-        f"{BENCHMARKS}/reconstruct/{{shard}}.tsv"
+        f"{BENCHMARKS}/reconstruct/{{batch}}.tsv"
     conda:
         MSA_ENV
     threads: gpu_rule_threads(2)
     resources:
         gpu=GPU_PER_JOB,
         mem_mb=8000,
-        runtime=attempt_scaled(30),
+        # a 530,000-star full-sky shard takes ~4 min at 2 CPU cores' 2,000-2,500 stars/s
+        # (README, streaming table), less on a GPU: 10 min a shard leaves room
+        runtime=attempt_scaled(per_batch_shard("reconstruct", 10)),
     params:
         config=MSA_CONFIG,
         hide_xp=["--hide-xp"] if config["reconstruct"]["hide_xp"] else [],
         settings=settings(hide_xp=config["reconstruct"]["hide_xp"]),
     shell:
         "msa reconstruct --config {params.config:q} --models {input.models:q} "
-        "--shard {input.shard:q} --out {output.reconstruction:q} {params.hide_xp:q} > {log:q} 2>&1"
+        "--shards {input.shards:q} --out-dir {output.reconstructions:q} {params.hide_xp:q} "
+        "> {log:q} 2>&1"
 
 
 rule evaluate_reconstruction:
@@ -107,22 +111,23 @@ rule evaluate_reconstruction:
 rule embed:
     input:
         models=autoencoder_models("embed"),
-        shard=f"{RESULTS}/store/{{shard}}.h5",
+        shards=batch_shard_files("embed"),
     output:
-        embeddings=f"{RESULTS}/embed/{{shard}}.parquet",
+        embeddings=directory(f"{RESULTS}/embed/{{batch}}"),
     log:
-        f"{LOGS}/embed/{{shard}}.log",
+        f"{LOGS}/embed/{{batch}}.log",
     benchmark:
-        f"{BENCHMARKS}/embed/{{shard}}.tsv"
+        f"{BENCHMARKS}/embed/{{batch}}.tsv"
     conda:
         MSA_ENV
     threads: gpu_rule_threads(2)
     resources:
         gpu=GPU_PER_JOB,
         mem_mb=8000,
-        runtime=attempt_scaled(30),
+        # ~1.5 min a full-sky shard at 2 CPU cores' ~6,000 stars/s (README, streaming table)
+        runtime=attempt_scaled(per_batch_shard("embed", 5)),
     params:
         config=MSA_CONFIG,
     shell:
         "msa embed --config {params.config:q} --models {input.models:q} "
-        "--shard {input.shard:q} --out {output.embeddings:q} > {log:q} 2>&1"
+        "--shards {input.shards:q} --out-dir {output.embeddings:q} > {log:q} 2>&1"
