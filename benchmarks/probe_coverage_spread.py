@@ -12,8 +12,8 @@ run's sizes, fits the offsets (coarse and per G-bin/band group, as ``msa calibra
 emulated faint groups, which only stars fainter than the labelled ones take) and scores the test
 part. Printed per label, with and without XP: the run's own test coverage (``run``, from its
 ``metrics.json``; ``refit``, the probe's fit of the run's own deal, which must repeat it), the mean, standard
-deviation and 5–95 % range of the re-dealt test coverage, with the share of draws outside
-0.68 ± 0.03. A run's coverage inside that range is what a calibrated model gives.
+deviation and 5–95 % range of the re-dealt test coverage, the share of draws outside 0.68 ± 0.03,
+and the share of draws below the run's figure (its percentile). A run's coverage inside that range is what a calibrated model gives.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     print(f"{results}: {n_cal} calibration + {len(y) - n_cal} test stars, {args.draws} re-dealt splits; "
           f"coverage of [q16, q84] on the test part, target {cfg['coverage']}")
-    print(f"{'view':>10} {'label':>8} {'run':>6} {'refit':>6} {'mean':>6} {'sd':>6} {'5%':>6} {'95%':>6} {'outside ±0.03':>13}")
+    print(f"{'view':>10} {'label':>8} {'run':>6} {'refit':>6} {'mean':>6} {'sd':>6} {'5%':>6} {'95%':>6} {'outside ±0.03':>13} {'run pct':>7}")
     for view, (q, yv, levels, rows) in views.items():
         run_cal = np.arange(len(y))[rows] < n_cal  # the run's own deal, in this view's rows
         draws = []
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             d = draws[:, j]
             outside = np.mean(np.abs(d - cfg["coverage"]) > TOLERANCE)
             print(f"{view:>10} {name:>8} {run:6.3f} {own[j]:6.3f} {d.mean():6.3f} {d.std():6.3f} {np.quantile(d, 0.05):6.3f} "
-                  f"{np.quantile(d, 0.95):6.3f} {outside:13.0%}")
+                  f"{np.quantile(d, 0.95):6.3f} {outside:13.0%} {np.mean(d < run):7.0%}")
     return 0
 
 
