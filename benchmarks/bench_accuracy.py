@@ -89,6 +89,18 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   per label (each label the weights of its own best epoch, 60 epochs, patience 15; built, tested,
   reverted) 136.5 / 0.231 / 0.152 / 0.0490: on 351 validation stars, four noisy stopping points
   choose no better than one.
+* one change at a time against that config (2026-12-03, seeds 0–2, validation, ``--variants model``,
+  one thread; as it is 127.9 / 0.218 / 0.152 / 0.0468, 187 / 0.386 / 0.351 / 0.0656):
+  ``model.frequency_init_scale=0.1`` 133.5 / 0.243 / 0.164 / 0.0489; ``model.d_embedding=16``
+  130.1 / 0.223 / 0.156 / 0.0494; a 128-wide bottleneck (``model.encoder_widths=[256, 256, 128,
+  128, 128]``) 139.9 / 0.230 / 0.164 / 0.0456; ``finetune.inverse_variance=true`` 169.4 / 0.225 /
+  0.156 / 0.0451 (APOGEE's smallest errors are the bright giants'); ``finetune.lr_encoder=0.001``
+  139.0 / 0.231 / 0.166 / 0.0507; the two pretrained and the two from-scratch members in one
+  ensemble (no training, cached members) 125.1 / 0.221 / 0.155 / 0.0485: all dropped.
+  ``finetune.batch_size=64`` 127.6 / 0.228 / 0.152 / 0.0438, 183 / 0.389 / 0.335 / 0.0669, and on
+  seeds 3–4 129.0 / 0.235 / 0.151 / 0.0449, 186 / 0.400 / 0.324 / 0.0678 against 140.6 / 0.227 /
+  0.152 / 0.0469, 203 / 0.392 / 0.341 / 0.0681 as it is: [α/M] with XP lower on 4 of 5 seeds (even
+  on the 5th), Teff lower on 4, [Fe/H] without XP −5 % on both seed sets: **kept**.
 """
 
 from __future__ import annotations
