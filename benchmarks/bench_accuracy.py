@@ -10,8 +10,8 @@ Trains, on the bundled demo (or any config), under the same inputs, splits and f
 each with XP and photometry only (``*_no_xp``: the networks with every XP column hidden, the
 baselines trained without XP), for several seeds, and prints NMAD per label (median over seeds) and
 the ratio of the model to the best yardstick, with its 90 % bootstrap interval over the scored
-stars (the same resamples for every variant and seed, so the ratio's interval is paired). Score on ``--split validation`` while choosing
-settings; only the final figures come from ``--split test``.
+stars (the same resamples for every variant and seed, so the ratio's interval is paired). Score
+on ``--split validation`` while choosing settings; only the final figures come from ``--split test``.
 
     python benchmarks/bench_accuracy.py --workdir /tmp/msa-acc --seeds 0 1 2 --split validation
     python benchmarks/bench_accuracy.py --workdir /tmp/msa-acc --set pretrain.epochs=60 --tag long

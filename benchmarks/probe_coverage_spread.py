@@ -11,9 +11,10 @@ does), and then, many times over, deals the pool afresh into a calibration and a
 run's sizes, fits the offsets (coarse and per G-bin/band group, as ``msa calibrate`` fits them; no
 emulated faint groups, which only stars fainter than the labelled ones take) and scores the test
 part. Printed per label, with and without XP: the run's own test coverage (``run``, from its
-``metrics.json``; ``refit``, the probe's fit of the run's own deal, which must repeat it), the mean, standard
-deviation and 5–95 % range of the re-dealt test coverage, the share of draws outside 0.68 ± 0.03,
-and the share of draws below the run's figure (its percentile). A run's coverage inside that range is what a calibrated model gives.
+``metrics.json``; ``refit``, the probe's fit of the run's own deal, which must repeat it), the
+mean, standard deviation and 5–95 % range of the re-dealt test coverage, the share of draws
+outside 0.68 ± 0.03, and the share of draws below the run's figure (its percentile). A run's
+coverage inside that range is what a calibrated model gives.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.calibrate import coverage_report, fit_calibration, fit_group_offsets, star_groups
+from msa.calibrate import calibration_views, coverage_report, fit_calibration, fit_group_offsets, star_groups
 from msa.config import load_config
 from msa.ensemble import Ensemble
 from msa.features import G_MAG
@@ -65,20 +66,15 @@ def main(argv=None) -> int:
     x = np.concatenate([samples[s].x for s in ("calibration", "test")])
     y = np.concatenate([samples[s].y for s in ("calibration", "test")])
     g = np.concatenate([samples[s].extra[G_MAG] for s in ("calibration", "test")])
-    xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
-    xp_hidden[ensemble.layout.xp_indices] = True
-    has_xp = ensemble.has_xp(x)
-    views = {
-        "with XP": (ensemble.predict(x)[has_xp], y[has_xp],
-                    [level[has_xp] for level in ensemble.calibration_levels(x, g, edges)], has_xp),
-        "without XP": (ensemble.predict(x, extra_hidden=xp_hidden), y,
-                       ensemble.calibration_levels(x, g, edges, xp_hidden=True), np.ones(len(y), bool)),
-    }
+    both = calibration_views(ensemble, x, g, edges, config["predict"]["batch_size"])
+    views = {"with XP": (both.q_xp, y[both.has_xp], both.levels_xp, both.has_xp),
+             "without XP": (both.q_no_xp, y, both.levels_no_xp, np.ones(len(y), bool))}
     metrics = json.loads((results / "evaluate" / args.label_set / "metrics.json").read_text())
     rng = np.random.default_rng(0)
     print(f"{results}: {n_cal} calibration + {len(y) - n_cal} test stars, {args.draws} re-dealt splits; "
           f"coverage of [q16, q84] on the test part, target {cfg['coverage']}")
-    print(f"{'view':>10} {'label':>8} {'run':>6} {'refit':>6} {'mean':>6} {'sd':>6} {'5%':>6} {'95%':>6} {'outside ±0.03':>13} {'run pct':>7}")
+    print(f"{'view':>10} {'label':>8} {'run':>6} {'refit':>6} {'mean':>6} {'sd':>6} {'5%':>6} {'95%':>6} "
+          f"{'outside ±0.03':>13} {'run pct':>7}")
     for view, (q, yv, levels, rows) in views.items():
         run_cal = np.arange(len(y))[rows] < n_cal  # the run's own deal, in this view's rows
         draws = []
@@ -95,8 +91,8 @@ def main(argv=None) -> int:
             run = metrics[key][name]["overall"]["coverage"]
             d = draws[:, j]
             outside = np.mean(np.abs(d - cfg["coverage"]) > TOLERANCE)
-            print(f"{view:>10} {name:>8} {run:6.3f} {own[j]:6.3f} {d.mean():6.3f} {d.std():6.3f} {np.quantile(d, 0.05):6.3f} "
-                  f"{np.quantile(d, 0.95):6.3f} {outside:13.0%} {np.mean(d < run):7.0%}")
+            print(f"{view:>10} {name:>8} {run:6.3f} {own[j]:6.3f} {d.mean():6.3f} {d.std():6.3f} "
+                  f"{np.quantile(d, 0.05):6.3f} {np.quantile(d, 0.95):6.3f} {outside:13.0%} {np.mean(d < run):7.0%}")
     return 0
 
 

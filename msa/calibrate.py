@@ -37,7 +37,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -301,6 +301,28 @@ def _num(v) -> float | None:
 
 
 # --- command line --------------------------------------------------------------------------------
+class CalibrationViews(NamedTuple):
+    """A set of stars as calibration fits and scores them: the stars with XP as predicted with it
+    (``q_xp``, ``levels_xp``: rows ``has_xp``), and every star with each XP column hidden."""
+    has_xp: np.ndarray
+    q_xp: np.ndarray
+    levels_xp: list[np.ndarray]
+    q_no_xp: np.ndarray
+    levels_no_xp: list[np.ndarray]
+
+
+def calibration_views(ensemble, x: np.ndarray, g_mag: np.ndarray, g_edges, batch: int) -> CalibrationViews:
+    """Predict scaled inputs ``x`` in both views, with each star's group at every level."""
+    xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
+    xp_hidden[ensemble.layout.xp_indices] = True
+    has_xp = ensemble.has_xp(x)  # labelled stars without a spectrum belong to the other group
+    q_xp = ensemble.predict(x, batch_size=batch)[has_xp]
+    levels_xp = [level[has_xp] for level in ensemble.calibration_levels(x, g_mag, g_edges)]
+    q_no_xp = ensemble.predict(x, extra_hidden=xp_hidden, batch_size=batch)
+    levels_no_xp = ensemble.calibration_levels(x, g_mag, g_edges, xp_hidden=True)
+    return CalibrationViews(has_xp, q_xp, levels_xp, q_no_xp, levels_no_xp)
+
+
 def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: dict, xp_hidden: np.ndarray,
                         seed: int, batch: int, shards: Sequence) -> dict:
     """Finer-group offsets from faint copies of the calibration stars (:mod:`msa.emulation`), each
@@ -314,25 +336,22 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
                                  cfg["faint_copies"]["faintest_g"], rng, parallax_label_columns(ensemble))
     if not len(copies):
         return {}
-    q = ensemble.predict(copies.x, batch_size=batch)
-    q_no_xp = ensemble.predict(copies.x, extra_hidden=xp_hidden, batch_size=batch)
-    has_xp = ensemble.has_xp(copies.x)
-    levels = [level[has_xp] for level in ensemble.calibration_levels(copies.x, copies.extra[G_MAG],
-                                                                      cfg["g_mag_bins"])]
-    levels_no_xp = ensemble.calibration_levels(copies.x, copies.extra[G_MAG], cfg["g_mag_bins"], xp_hidden=True)
+    views = calibration_views(ensemble, copies.x, copies.extra[G_MAG], cfg["g_mag_bins"], batch)
+    has_xp = views.has_xp
     log.info("%d emulated faint copies of %d calibration stars (%d keep XP)", len(copies), len(stars),
              int(has_xp.sum()))
-    levels_all = [np.concatenate(pair) for pair in zip(levels, levels_no_xp)]
+    levels_all = [np.concatenate(pair) for pair in zip(views.levels_xp, views.levels_no_xp)]
+    q_all = np.concatenate([views.q_xp, views.q_no_xp])
     weights = None
     if cfg["faint_copies"]["reweight"]:
         x_copies = np.concatenate([copies.x[has_xp], copies.x])
-        x_copies[len(levels[0]):, ensemble.layout.xp_indices] = np.nan  # the no-XP view, as the model saw it
+        x_copies[int(has_xp.sum()):, ensemble.layout.xp_indices] = np.nan  # the no-XP view, as the model saw it
         x_sky, q_sky, sky_groups = sky_as_calibrated(ensemble, shards, cfg, xp_hidden, batch)
-        weights = shift_weights(with_predictions(x_copies, np.concatenate([q[has_xp], q_no_xp])), levels_all[1],
+        weights = shift_weights(with_predictions(x_copies, q_all), levels_all[1],
                                 with_predictions(x_sky, q_sky), sky_groups, seed)
         log.info("covariate-shift weights of the copies: median %.3g, 5-95 %% %.3g-%.3g", np.median(weights),
                  *np.percentile(weights, [5, 95]))
-    return fit_group_offsets(np.concatenate([q[has_xp], q_no_xp]), np.concatenate([copies.y[has_xp], copies.y]),
+    return fit_group_offsets(q_all, np.concatenate([copies.y[has_xp], copies.y]),
                              names, levels_all, cfg["coverage"], cfg["mode"], cfg["min_group_size"], weights,
                              ensemble.log_labels)
 
@@ -425,21 +444,18 @@ def run(args) -> int:
     for split in ("calibration", "test"):
         part = samples[split]
         batch = config["predict"]["batch_size"]
-        q = ensemble.predict(part.x, batch_size=batch)
-        # the same stars as photometry-only stars: every XP column hidden
-        q_no_xp = ensemble.predict(part.x, extra_hidden=xp_hidden, batch_size=batch)
-        has_xp = ensemble.has_xp(part.x)  # labelled stars without a spectrum belong to the other group
-        levels = [level[has_xp] for level in ensemble.calibration_levels(part.x, part.extra[G_MAG], edges)]
-        levels_no_xp = ensemble.calibration_levels(part.x, part.extra[G_MAG], edges, xp_hidden=True)
+        # with XP, and the same stars as photometry-only stars: every XP column hidden
+        has_xp, q, levels, q_no_xp, levels_no_xp = calibration_views(ensemble, part.x, part.extra[G_MAG], edges,
+                                                                     batch)
         if split == "calibration":
             logs = ensemble.log_labels
-            result = fit_calibration(q[has_xp], part.y[has_xp], names, cfg["coverage"], cfg["mode"],
+            result = fit_calibration(q, part.y[has_xp], names, cfg["coverage"], cfg["mode"],
                                      log_labels=logs)
             result["per_label_without_xp"] = fit_calibration(q_no_xp, part.y, names, cfg["coverage"],
                                                              cfg["mode"], log_labels=logs)["per_label"]
             # both views together: every group name starts with xp/no_xp, so none mixes the two
             result["groups"] = fit_group_offsets(
-                np.concatenate([q[has_xp], q_no_xp]), np.concatenate([part.y[has_xp], part.y]), names,
+                np.concatenate([q, q_no_xp]), np.concatenate([part.y[has_xp], part.y]), names,
                 [np.concatenate(pair) for pair in zip(levels, levels_no_xp)], cfg["coverage"], cfg["mode"],
                 cfg["min_group_size"], log_labels=logs)
             g_cal = part.extra[G_MAG]
@@ -455,7 +471,7 @@ def run(args) -> int:
                 result["emulated_groups"] = sorted(emulated)
                 result["emulation"] = {"faintest_g": faint["faintest_g"], "relation": relation.to_dict()}
                 log.info("%d group(s) calibrated on emulated faint copies: %s", len(emulated), sorted(emulated))
-        reports["with_xp"][split] = coverage_report(q[has_xp], part.y[has_xp], result,
+        reports["with_xp"][split] = coverage_report(q, part.y[has_xp], result,
                                                     groups=star_groups(result, levels))
         reports["without_xp"][split] = coverage_report(q_no_xp, part.y, result,
                                                        groups=star_groups(result, levels_no_xp))

@@ -1,7 +1,8 @@
 # The foundation model's own outputs: every shard's reconstructed XP coefficients (Archive units),
 # their validation with XP hidden against a photometry kNN (with sampled-spectrum figures), and
 # every shard's embeddings; like predict, one job per batch of `shards_per_job` shards, one
-# Parquet file per shard in the batch's folder (written whole or not at all). Off by default (`reconstruct.enabled`, `embed.enabled`); on in the demo.
+# Parquet file per shard in the batch's folder (written whole or not at all). Off by default
+# (`reconstruct.enabled`, `embed.enabled`); on in the demo.
 # With `reconstruct.training.enabled` the spectra come from members of the pretrained autoencoder
 # trained further on the sampled flux (train_reconstruction), not from the pretrained model itself.
 
