@@ -268,6 +268,11 @@ def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_ru
     config = merge(config, {"reconstruct": {"shards_per_job": 1}})
     finished_run.write_config(config, "foundation_batches.yaml")
     assert planned_jobs(finished_run, "foundation_batches.yaml") == jobs | {"reconstruct[batch=batch-0001]"}
+    # a batch of reconstruct's is not one of predict's: no rule makes it (not a KeyError in the plan)
+    asked = finished_run.snakemake("--dry-run", "results/predict/spectro/batch-0001",
+                                   config="foundation_batches.yaml", check=False)
+    assert asked.returncode != 0 and "KeyError" not in asked.stdout + asked.stderr
+    assert "MissingRule" in asked.stdout + asked.stderr
     finished_run.snakemake("--cores", "2", "results/reconstruct/batch-0001", "results/embed/batch-0000",
                            config="foundation_batches.yaml")
     results = finished_run.path / "results"

@@ -122,6 +122,12 @@ BATCHES = {
 BATCH_NAMES = sorted({name for batches in BATCHES.values() for name in batches})
 
 
+def batch_constraint(section):
+    """A rule's `{batch}` constraint: only the batches of its own section (with fewer shards a
+    job, reconstruct has batches predict has not)."""
+    return "|".join(re.escape(b) for b in BATCHES[section]) or "(?!)"
+
+
 def batch_shard_files(section):
     """Input function: the store files of the `{batch}` of `section`."""
     return lambda wildcards: expand(

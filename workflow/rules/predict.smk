@@ -17,6 +17,8 @@ rule predict:
         f"{LOGS}/predict/{{label_set}}/{{batch}}.log",
     benchmark:
         f"{BENCHMARKS}/predict/{{label_set}}/{{batch}}.tsv"
+    wildcard_constraints:
+        batch=batch_constraint("predict"),
     conda:
         MSA_ENV
     threads: gpu_rule_threads(2)

@@ -53,6 +53,8 @@ rule reconstruct:
         f"{LOGS}/reconstruct/{{batch}}.log",
     benchmark:
         f"{BENCHMARKS}/reconstruct/{{batch}}.tsv"
+    wildcard_constraints:
+        batch=batch_constraint("reconstruct"),
     conda:
         MSA_ENV
     threads: gpu_rule_threads(2)
@@ -119,6 +121,8 @@ rule embed:
         f"{LOGS}/embed/{{batch}}.log",
     benchmark:
         f"{BENCHMARKS}/embed/{{batch}}.tsv"
+    wildcard_constraints:
+        batch=batch_constraint("embed"),
     conda:
         MSA_ENV
     threads: gpu_rule_threads(2)
