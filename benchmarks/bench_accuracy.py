@@ -122,7 +122,7 @@ from msa.baseline import GradientBoostingBaseline
 from msa.baseline_mlp import PlainMLPBaseline
 from msa.config import apply_overrides, config_hash, load_config, validate
 from msa.ensemble import Ensemble
-from msa.evaluate import NMAD_FACTOR, point_metrics
+from msa.robust_stats import nmad
 from msa.finetune import MemberRun, finetune_member, photometry_member_config
 from msa.splits import assign_splits, split_seed
 from msa.star_hash import unit_hash
@@ -223,16 +223,14 @@ def members(config: dict, set_name: str, pretrained_path: Path | None, shards, s
 
 def nmad_table(residuals: np.ndarray, names) -> dict:
     """NMAD per label of ``(n, L)`` residuals (NaN where a star has no label)."""
-    return {n: point_metrics(residuals[:, j], np.zeros(len(residuals)))["nmad"] for j, n in enumerate(names)}
+    values = {n: float(nmad(residuals[:, j])) for j, n in enumerate(names)}
+    return {n: v if np.isfinite(v) else None for n, v in values.items()}
 
 
 def bootstrap_nmad(residuals: np.ndarray, draws: np.ndarray) -> np.ndarray:
     """NMAD of 1-D ``residuals`` (NaN ignored) in each resample of stars: ``draws`` is ``(B, n)``
     star indices, the same for every variant and seed so that their ratios are paired."""
-    d = residuals[draws]
-    with np.errstate(all="ignore"):
-        med = np.nanmedian(d, axis=1, keepdims=True)
-        return NMAD_FACTOR * np.nanmedian(np.abs(d - med), axis=1)
+    return nmad(residuals[draws], axis=1)
 
 
 def ratio_interval(per_seed_residuals: list[dict], model: str, yardstick: str, j: int, draws: np.ndarray,

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from msa.errors import InputError
+from msa.robust_stats import nmad
 
 log = logging.getLogger(__name__)
 
-NMAD_FACTOR = 1.4826
 # the schema's evaluate.mlp_grid default, for callers without a config
 DEFAULT_GRID = {"width": [256, 512], "dropout": [0.2], "weight_decay": [1e-4], "loss": ["l1", "mse"]}
 
@@ -72,7 +72,7 @@ def _nmad_scaled(pred: np.ndarray, y: np.ndarray) -> float:
         ok = np.isfinite(y[:, j])
         if ok.sum() >= 2:
             d = pred[ok, j] - y[ok, j]
-            values.append(NMAD_FACTOR * np.median(np.abs(d - np.median(d))))
+            values.append(nmad(d))
     return float(np.mean(values)) if values else float("inf")
 
 

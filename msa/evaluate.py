@@ -39,13 +39,13 @@ from msa.baseline_mlp import PlainMLPBaseline
 from msa.calibrate import apply_calibration, interval_coverage, load_calibration, star_groups
 from msa.config import load_config
 from msa.labels import LabelSource, label_set, load_split_samples
+from msa.robust_stats import nmad
 from msa.splits import split_seed
 from msa.store import atomic_path
 from msa.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
 
-NMAD_FACTOR = 1.4826
 G_MAG = "phot_g_mean_mag"
 YARDSTICKS = ("baseline", "baseline_mlp", "from_scratch")  # metrics.json sections, each also *_no_xp
 
@@ -62,7 +62,7 @@ def point_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
         return {"n": 0, "rmse": None, "mae": None, "nmad": None, "bias": None}
     med = np.median(d)
     return {"n": int(len(d)), "rmse": _float(np.sqrt(np.mean(d ** 2))), "mae": _float(np.mean(np.abs(d))),
-            "nmad": _float(NMAD_FACTOR * np.median(np.abs(d - med))), "bias": _float(med)}
+            "nmad": _float(nmad(d)), "bias": _float(med)}
 
 
 def quantile_metrics(q: np.ndarray, q_calibrated: np.ndarray, true: np.ndarray) -> dict:

@@ -15,6 +15,7 @@ from msa.fit_scaler import fit_scaler
 from msa.ingest import ingest_shard
 from msa.layout import Layout
 from msa.pretrain import pretrain_segment
+from msa.robust_stats import nmad
 from msa.synthetic import synthetic_config, write_sky
 
 torch.set_num_threads(1)
@@ -129,3 +130,10 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
     assert faint["n"] > 0 and 0 <= faint["coverage"] <= 1 and faint["nmad"] > 0
     for png in ("predicted_vs_true.png", "residuals_vs_g.png", "coverage.png", "coverage_vs_g.png"):
         assert (out_dir / png).stat().st_size > 1000
+
+
+def test_nmad_ignores_nan_and_works_along_an_axis():
+    d = np.array([[0.0, 1.0, 2.0, 3.0, 100.0], [np.nan, 1.0, 2.0, 3.0, np.nan]])
+    # row 0: median 2, |d − 2| = 2, 1, 0, 1, 98 → median 1; row 1: median 2, |d − 2| = 1, 0, 1 → 1
+    assert nmad(d, axis=1) == pytest.approx([1.4826, 1.4826])
+    assert nmad(d[1]) == pytest.approx(1.4826)
