@@ -78,6 +78,89 @@ def _read_xp_streaming(xp_path: Path, extra_columns: Sequence[str], show_progres
     return concat_blocks(blocks, xp_path)
 
 
+def _check_inputs_exist(xp_path: Path, source_path, surveys: Mapping[str, Mapping], out) -> None:
+    for role, given in [("xp", xp_path), ("source", source_path),
+                        *((f"survey {n}", spec["path"]) for n, spec in surveys.items())]:
+        if given is not None and not Path(given).is_file():
+            raise IngestError(f"{given}: {role} file not found; fix the path (--xp/--source/--photometry "
+                              "or the config's ingest section)")
+    check_out_path(out, [xp_path, source_path, *(spec["path"] for spec in surveys.values())], SHARD_SUFFIXES)
+
+
+def _join_source(xp: dict, xp_path: Path, source_path: Path, source_columns: Sequence[str],
+                 keep_sources_without_xp: bool, counts: dict) -> dict[str, np.ndarray]:
+    """Shard columns of the source file's stars, with the XP of those that have it (NaN elsewhere)."""
+    xp_ids = xp[SOURCE_ID]
+    source = read_table(source_path, source_columns, optional=FLUX_OVER_ERROR_COLUMNS)
+    src_ids = source[SOURCE_ID]
+    check_unique_ids(src_ids, source_path)
+    counts["source_rows"] = int(len(src_ids))
+    has_xp = np.isin(src_ids, xp_ids)
+    orphans = np.setdiff1d(xp_ids, src_ids)
+    if len(orphans):
+        raise IngestError(
+            f"{len(orphans)} of {len(xp_ids)} stars in {xp_path} are not in {source_path}, "
+            f"e.g. {orphans[:3].tolist()}; pair each XP file with the gaia_source file of the same "
+            "sky region (same {shard})")
+    counts["sources_without_xp"] = int((~has_xp).sum())
+    if not keep_sources_without_xp and counts["sources_without_xp"]:
+        log.info("%s: dropping %d source(s) without XP (keep_sources_without_xp is false)",
+                 source_path.name, counts["sources_without_xp"])
+    keep = np.ones(len(src_ids), bool) if keep_sources_without_xp else has_xp
+    ids = src_ids[keep]
+    columns = {SOURCE_ID: ids, **{c: v[keep] for c, v in source.items() if c != SOURCE_ID}}
+    xp_order = np.argsort(xp_ids, kind="stable")
+    in_xp = has_xp[keep]
+    xp_rows = xp_order[np.searchsorted(xp_ids, ids[in_xp], sorter=xp_order)]
+    for list_column, store_names in _XP_STORE_NAMES.items():
+        block = np.full((len(ids), N_XP_COEFFICIENTS), np.nan, dtype=np.float32)
+        block[in_xp] = xp[list_column][xp_rows]
+        columns.update({n: block[:, i] for i, n in enumerate(store_names)})
+    return columns
+
+
+def _xp_only_columns(xp: dict, xp_path: Path, source_columns: Sequence[str], counts: dict) -> dict[str, np.ndarray]:
+    """Shard columns without a source file: the XP stars, and what source columns the XP file has."""
+    counts["sources_without_xp"] = 0
+    columns = {SOURCE_ID: xp[SOURCE_ID]}
+    for list_column, store_names in _XP_STORE_NAMES.items():
+        columns.update({n: xp[list_column][:, i] for i, n in enumerate(store_names)})
+    copied = [c for c in xp if c not in _XP_STORE_NAMES and c != SOURCE_ID]
+    absent = [c for c in source_columns if c not in copied]
+    if absent:
+        log.warning("%s: no gaia_source file given; source column(s) %s are not in the XP file and are "
+                    "left out of the shard", xp_path.name, absent)
+    columns.update({c: xp[c] for c in copied})
+    return columns
+
+
+def _join_surveys(columns: dict, surveys: Mapping[str, Mapping], xp_path: Path,
+                  min_survey_match_fraction: float, counts: dict, inputs: list) -> None:
+    """Add each survey's columns to ``columns`` (NaN for stars without a row), with counts and checks."""
+    ids = columns[SOURCE_ID]
+    for name, spec in surveys.items():
+        path = Path(spec["path"])
+        inputs.append({"role": f"survey:{name}", **file_fingerprint(path)})
+        table = read_survey(path, spec["columns"], spec.get("errors") or {})
+        clash = sorted(set(table) - {SOURCE_ID} & set(columns))
+        if clash:
+            raise IngestError(f"survey {name!r} ({path}): store name(s) {clash} are already taken by another "
+                              "input; rename them in ingest.surveys.{name}.columns/errors")
+        joined, matched = join_survey(ids, table)
+        columns.update(joined)
+        n_rows = int(len(table[SOURCE_ID]))
+        counts[f"survey_{name}_rows"] = n_rows
+        counts[f"survey_{name}_matched"] = matched
+        counts[f"survey_{name}_unmatched"] = n_rows - matched
+        log.info("survey %s (%s): %d of %d shard stars matched; %d of its %d rows are for other stars",
+                 name, path, matched, len(ids), n_rows - matched, n_rows)
+        if len(ids) and matched < min_survey_match_fraction * len(ids):
+            raise IngestError(
+                f"survey {name!r} ({path}): only {matched} of {len(ids)} stars of {xp_path} have a row "
+                f"(below ingest.min_survey_match_fraction = {min_survey_match_fraction}); check that the "
+                "file covers this shard and that its source_id column holds Gaia DR3 ids, or lower the fraction")
+
+
 def ingest_shard(
     xp_path: str | Path,
     source_path: str | Path | None,
@@ -99,87 +182,26 @@ def ingest_shard(
     ``min_survey_match_fraction`` of the shard's stars is an error (a wrong file or id column
     otherwise gives a shard without that survey, silently).
     """
-    xp_path = Path(xp_path)
-    for role, given in [("xp", xp_path), ("source", source_path),
-                        *((f"survey {n}", spec["path"]) for n, spec in (surveys or {}).items())]:
-        if given is not None and not Path(given).is_file():
-            raise IngestError(f"{given}: {role} file not found; fix the path (--xp/--source/--photometry "
-                              "or the config's ingest section)")
-    check_out_path(out, [xp_path, source_path, *(spec["path"] for spec in (surveys or {}).values())],
-                   SHARD_SUFFIXES)
+    xp_path, surveys = Path(xp_path), dict(surveys or {})
+    source_path = None if source_path is None else Path(source_path)
+    _check_inputs_exist(xp_path, source_path, surveys, out)
     inputs = [{"role": "xp", **file_fingerprint(xp_path)}]
     source_columns = list(dict.fromkeys(c for c in source_columns if c != SOURCE_ID))
     xp = _read_xp_streaming(xp_path, [] if source_path is not None
                             else [*source_columns, *FLUX_OVER_ERROR_COLUMNS], show_progress)
-    xp_ids = xp[SOURCE_ID]
-    check_unique_ids(xp_ids, xp_path)
-    if not len(xp_ids):
+    check_unique_ids(xp[SOURCE_ID], xp_path)
+    if not len(xp[SOURCE_ID]):
         log.warning("%s: no XP rows (a header only?); the shard will hold no XP spectrum", xp_path)
-    counts = {"xp_rows": int(len(xp_ids))}
+    counts = {"xp_rows": int(len(xp[SOURCE_ID]))}
 
     if source_path is not None:
-        source_path = Path(source_path)
         inputs.append({"role": "source", **file_fingerprint(source_path)})
-        source = read_table(source_path, source_columns, optional=FLUX_OVER_ERROR_COLUMNS)
-        src_ids = source[SOURCE_ID]
-        check_unique_ids(src_ids, source_path)
-        counts["source_rows"] = int(len(src_ids))
-        has_xp = np.isin(src_ids, xp_ids)
-        orphans = np.setdiff1d(xp_ids, src_ids)
-        if len(orphans):
-            raise IngestError(
-                f"{len(orphans)} of {len(xp_ids)} stars in {xp_path} are not in {source_path}, "
-                f"e.g. {orphans[:3].tolist()}; pair each XP file with the gaia_source file of the same "
-                "sky region (same {shard})")
-        counts["sources_without_xp"] = int((~has_xp).sum())
-        if not keep_sources_without_xp and counts["sources_without_xp"]:
-            log.info("%s: dropping %d source(s) without XP (keep_sources_without_xp is false)",
-                     source_path.name, counts["sources_without_xp"])
-        keep = np.ones(len(src_ids), bool) if keep_sources_without_xp else has_xp
-        ids = src_ids[keep]
-        columns = {SOURCE_ID: ids, **{c: v[keep] for c, v in source.items() if c != SOURCE_ID}}
-        xp_order = np.argsort(xp_ids, kind="stable")
-        in_xp = has_xp[keep]
-        xp_rows = xp_order[np.searchsorted(xp_ids, ids[in_xp], sorter=xp_order)]
-        for list_column, store_names in _XP_STORE_NAMES.items():
-            block = np.full((len(ids), N_XP_COEFFICIENTS), np.nan, dtype=np.float32)
-            block[in_xp] = xp[list_column][xp_rows]
-            columns.update({n: block[:, i] for i, n in enumerate(store_names)})
+        columns = _join_source(xp, xp_path, source_path, source_columns, keep_sources_without_xp, counts)
     else:
-        ids = xp_ids
-        counts["sources_without_xp"] = 0
-        columns = {SOURCE_ID: ids}
-        for list_column, store_names in _XP_STORE_NAMES.items():
-            columns.update({n: xp[list_column][:, i] for i, n in enumerate(store_names)})
-        copied = [c for c in xp if c not in _XP_STORE_NAMES and c != SOURCE_ID]
-        absent = [c for c in source_columns if c not in copied]
-        if absent:
-            log.warning("%s: no gaia_source file given; source column(s) %s are not in the XP file and are "
-                        "left out of the shard", xp_path.name, absent)
-        columns.update({c: xp[c] for c in copied})
+        columns = _xp_only_columns(xp, xp_path, source_columns, counts)
+    _join_surveys(columns, surveys, xp_path, min_survey_match_fraction, counts, inputs)
 
-    for name, spec in (surveys or {}).items():
-        path = Path(spec["path"])
-        inputs.append({"role": f"survey:{name}", **file_fingerprint(path)})
-        table = read_survey(path, spec["columns"], spec.get("errors") or {})
-        clash = sorted(set(table) - {SOURCE_ID} & set(columns))
-        if clash:
-            raise IngestError(f"survey {name!r} ({path}): store name(s) {clash} are already taken by another "
-                              "input; rename them in ingest.surveys.{name}.columns/errors")
-        joined, matched = join_survey(ids, table)
-        columns.update(joined)
-        counts[f"survey_{name}_rows"] = int(len(table[SOURCE_ID]))
-        counts[f"survey_{name}_matched"] = matched
-        counts[f"survey_{name}_unmatched"] = int(len(table[SOURCE_ID])) - matched
-        log.info("survey %s (%s): %d of %d shard stars matched; %d of its %d rows are for other stars",
-                 name, path, matched, len(ids), len(table[SOURCE_ID]) - matched, len(table[SOURCE_ID]))
-        if len(ids) and matched < min_survey_match_fraction * len(ids):
-            raise IngestError(
-                f"survey {name!r} ({path}): only {matched} of {len(ids)} stars of {xp_path} have a row "
-                f"(below ingest.min_survey_match_fraction = {min_survey_match_fraction}); check that the "
-                "file covers this shard and that its source_id column holds Gaia DR3 ids, or lower the fraction")
-
-    counts["written"] = int(len(ids))
+    counts["written"] = int(len(columns[SOURCE_ID]))
     attrs = {"inputs": inputs, "counts": counts, "msa_version": __version__,
              "keep_sources_without_xp": bool(keep_sources_without_xp),
              "created_by": "msa ingest"}
