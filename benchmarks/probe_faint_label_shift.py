@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.calibrate import conformal_offsets, parallax_label_columns
+from msa.calibrate import conformal_offsets, emulated_copies
 from msa.config import load_config
-from msa.emulation import emulate_faint_stars, fit_error_relation
+from msa.emulation import fit_error_relation
 from msa.ensemble import Ensemble
 from msa.features import G_MAG
 from msa.labels import LabelSource, label_set, load_split_samples
@@ -63,9 +63,7 @@ def main() -> None:
     stars = load_split_samples(shards, ensemble.transform, LabelSource(cfg["labels"], names), cfg["splits"],
                                split_seed(cfg), ("calibration",), None, columns)["calibration"]
     relation = fit_error_relation(shards, ensemble.layout, cal_cfg["faint_copies"]["max_rows_per_shard"])
-    copies = emulate_faint_stars(stars, ensemble.transform, relation, cal_cfg["g_mag_bins"],
-                                 cal_cfg["faint_copies"]["faintest_g"], np.random.default_rng([split_seed(cfg), 12]),
-                                 parallax_label_columns(ensemble))
+    copies = emulated_copies(ensemble, stars, relation, cal_cfg, split_seed(cfg))
     sky = load_split_samples(sky_shards, ensemble.transform, LabelSource(sky_cfg["labels"], names),
                              sky_cfg["splits"], split_seed(sky_cfg), ("test",), None, [G_MAG])["test"]
     hidden = np.zeros(ensemble.layout.n_features, dtype=bool)

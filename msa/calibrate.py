@@ -323,17 +323,25 @@ def calibration_views(ensemble, x: np.ndarray, g_mag: np.ndarray, g_edges, batch
     return CalibrationViews(has_xp, q_xp, levels_xp, q_no_xp, levels_no_xp)
 
 
+def emulated_copies(ensemble, stars, relation, cfg: dict, seed: int):
+    """The faint copies of the calibration ``stars`` that ``msa calibrate`` fits its finer groups on
+    (``cfg`` is the calibrate section; the same copies for the same run seed)."""
+    from msa.emulation import emulate_faint_stars
+
+    rng = np.random.default_rng([seed, 12])  # the issue's number: a stream of its own, fixed per run
+    return emulate_faint_stars(stars, ensemble.transform, relation, cfg["g_mag_bins"],
+                               cfg["faint_copies"]["faintest_g"], rng, parallax_label_columns(ensemble))
+
+
 def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: dict, xp_hidden: np.ndarray,
                         seed: int, batch: int, shards: Sequence) -> dict:
     """Finer-group offsets from faint copies of the calibration stars (:mod:`msa.emulation`), each
     copy seen with its (degraded) XP where it keeps one, and with every XP column hidden; with
     ``faint_copies.reweight`` the copies are weighted towards the store's own stars of their group."""
-    from msa.emulation import emulate_faint_stars, shift_weights
+    from msa.emulation import shift_weights
     from msa.features import G_MAG
 
-    rng = np.random.default_rng([seed, 12])  # the issue's number: a stream of its own, fixed per run
-    copies = emulate_faint_stars(stars, ensemble.transform, relation, cfg["g_mag_bins"],
-                                 cfg["faint_copies"]["faintest_g"], rng, parallax_label_columns(ensemble))
+    copies = emulated_copies(ensemble, stars, relation, cfg, seed)
     if not len(copies):
         return {}
     views = calibration_views(ensemble, copies.x, copies.extra[G_MAG], cfg["g_mag_bins"], batch)
