@@ -122,13 +122,13 @@ from msa.baseline import GradientBoostingBaseline
 from msa.baseline_mlp import PlainMLPBaseline
 from msa.config import apply_overrides, config_hash, load_config, validate
 from msa.ensemble import Ensemble
-from msa.robust_stats import nmad
 from msa.finetune import MemberRun, finetune_member, photometry_member_config
 from msa.splits import assign_splits, split_seed
 from msa.star_hash import unit_hash
 from msa.tables import read_frame, table_columns
 from msa.labels import LabelSource, label_set, load_labelled
 from msa.pretrain import pretrain_segment
+from msa.robust_stats import nmad
 
 log = logging.getLogger("bench_accuracy")
 REPO = Path(__file__).resolve().parents[1]
