@@ -101,6 +101,19 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   seeds 3–4 129.0 / 0.235 / 0.151 / 0.0449, 186 / 0.400 / 0.324 / 0.0678 against 140.6 / 0.227 /
   0.152 / 0.0469, 203 / 0.392 / 0.341 / 0.0681 as it is: [α/M] with XP lower on 4 of 5 seeds (even
   on the 5th), Teff lower on 4, [Fe/H] without XP −5 % on both seed sets: **kept**.
+* on another machine (2026-12-04, an AMD EPYC with AVX2; same code, config and seeds, validation,
+  ``--variants model mlp``, one thread) the config as it is gave 126.9 / 0.204 / 0.151 / 0.0425,
+  175.5 / 0.405 / 0.337 / 0.0716, and the MLP 165.1 / 0.261 / 0.144 / 0.0416, 223.8 / 0.417 /
+  0.327 / 0.0696: log g 11 % and the MLP's [Fe/H] 6 % away from the figures above. Training is
+  reproducible on one machine (the workflow tests check two runs give one catalogue), not across machines,
+  so compare variants only within one machine's runs. Against that, one change at a time (seeds
+  0–2 unless said): ``pretrain.xp_band_masking=true`` 132.3 / 0.212 / 0.142 / 0.0442, 184 / 0.403 /
+  0.331 / 0.0687, and on seeds 3–4 133 / 0.214 / 0.161 / 0.0474 against 136 / 0.208 / 0.141 /
+  0.0456 as it is ([Fe/H] −6 % on seeds 0–2, +14 % on 3–4: dropped again);
+  ``finetune.multitask_weight=0`` 129.8 / 0.218 / 0.149 / 0.0453 (log g and [α/M] +7 %);
+  ``finetune.multitask_weight=1.0`` 125.3 / 0.235 / 0.155 / 0.0468 (log g +16 %, [α/M] +10 %);
+  ``model.dropout=0.1`` 139.6 / 0.220 / 0.159 / 0.0470 (worse on every label with XP). All dropped:
+  the 0.1 multitask term stays.
 """
 
 from __future__ import annotations
