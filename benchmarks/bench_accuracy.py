@@ -112,7 +112,9 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   0.0456 as it is ([Fe/H] −6 % on seeds 0–2, +14 % on 3–4: dropped again);
   ``finetune.multitask_weight=0`` 129.8 / 0.218 / 0.149 / 0.0453 (log g and [α/M] +7 %);
   ``finetune.multitask_weight=1.0`` 125.3 / 0.235 / 0.155 / 0.0468 (log g +16 %, [α/M] +10 %);
-  ``model.dropout=0.1`` 139.6 / 0.220 / 0.159 / 0.0470 (worse on every label with XP). All dropped:
+  ``model.dropout=0.1`` 139.6 / 0.220 / 0.159 / 0.0470 (worse on every label with XP);
+  ``model.d_embedding=4`` 132.8 / 0.218 / 0.148 / 0.0441, 174.1 / 0.384 / 0.340 / 0.0665 (with XP
+  Teff +5 %, log g +7 %; without XP log g −5 %, [α/M] −7 %: a trade, not a gain). All dropped:
   the 0.1 multitask term stays.
 """
 
