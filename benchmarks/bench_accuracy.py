@@ -105,9 +105,9 @@ What the runs of 2026-12 showed (validation split, demo, 1–2 seeds, so ±5 % i
   ``--variants model mlp``, one thread) the config as it is gave 126.9 / 0.204 / 0.151 / 0.0425,
   175.5 / 0.405 / 0.337 / 0.0716, and the MLP 165.1 / 0.261 / 0.144 / 0.0416, 223.8 / 0.417 /
   0.327 / 0.0696: log g 11 % and the MLP's [Fe/H] 6 % away from the figures above. Training is
-  reproducible on one machine (the workflow tests check two runs give one catalogue), not across machines,
-  so compare variants only within one machine's runs. Against that, one change at a time (seeds
-  0–2 unless said): ``pretrain.xp_band_masking=true`` 132.3 / 0.212 / 0.142 / 0.0442, 184 / 0.403 /
+  reproducible on one machine (the workflow tests check two runs give one catalogue), not across
+  machines, so compare variants only within one machine's runs. Against that, one change at a
+  time (seeds 0–2 unless said): ``pretrain.xp_band_masking=true`` 132.3 / 0.212 / 0.142 / 0.0442, 184 / 0.403 /
   0.331 / 0.0687, and on seeds 3–4 133 / 0.214 / 0.161 / 0.0474 against 136 / 0.208 / 0.141 /
   0.0456 as it is ([Fe/H] −6 % on seeds 0–2, +14 % on 3–4: dropped again);
   ``finetune.multitask_weight=0`` 129.8 / 0.218 / 0.149 / 0.0453 (log g and [α/M] +7 %);
