@@ -4,8 +4,8 @@ Trains, on the bundled demo (or any config), under the same inputs, splits and f
 
 * ``model``        — the pipeline: masked-autoencoder pretraining, then the fine-tuned ensemble;
 * ``from_scratch`` — the same architecture and fine-tuning, encoder randomly initialised;
-* ``mlp``          — the plain supervised MLP yardstick (:mod:`msa.baseline_mlp`), tuned on validation;
-* ``gbt``          — the gradient-boosted trees of :mod:`msa.baseline`;
+* ``mlp``          — the plain supervised MLP yardstick (:mod:`msa.evaluation.baseline_mlp`), tuned on validation;
+* ``gbt``          — the gradient-boosted trees of :mod:`msa.evaluation.baselines`;
 
 each with XP and photometry only (``*_no_xp``: the networks with every XP column hidden, the
 baselines trained without XP), for several seeds, and prints NMAD per label (median over seeds) and
@@ -133,17 +133,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from msa.baseline import GradientBoostingBaseline
-from msa.baseline_mlp import PlainMLPBaseline
+from msa.calibration.ensemble import Ensemble
 from msa.config import apply_overrides, config_hash, load_config, validate
-from msa.ensemble import Ensemble
-from msa.finetune import MemberRun, finetune_member, photometry_member_config
-from msa.splits import assign_splits, split_seed
-from msa.star_hash import unit_hash
-from msa.tables import read_frame, table_columns
-from msa.labels import LabelSource, label_set, load_labelled
-from msa.pretrain import pretrain_segment
-from msa.robust_stats import nmad
+from msa.data.labels import LabelSource, label_set, load_labelled
+from msa.data.splits import assign_splits, split_seed
+from msa.data.star_hash import unit_hash
+from msa.data.tables import read_frame, table_columns
+from msa.evaluation.baseline_mlp import PlainMLPBaseline
+from msa.evaluation.baselines import GradientBoostingBaseline
+from msa.evaluation.robust_stats import nmad
+from msa.finetune.stage import MemberRun, finetune_member, photometry_member_config
+from msa.pretrain.stage import pretrain_segment
 
 log = logging.getLogger("bench_accuracy")
 REPO = Path(__file__).resolve().parents[1]
@@ -273,8 +273,8 @@ def run_seed(config: dict, set_name: str, shards, scaler, work: Path, split_name
         ensembles["from_scratch"] = Ensemble.load(members(config, set_name, None, shards, scaler, work))
     any_ens = next(iter(ensembles.values()), None)
     if any_ens is None:
-        from msa.features import FeatureTransform
-        from msa.scaling import Scaler
+        from msa.data.features import FeatureTransform
+        from msa.data.scaling import Scaler
         transform = FeatureTransform.from_config(config, Scaler.load(scaler))
     else:
         transform = any_ens.transform

@@ -3,8 +3,8 @@
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_catalog.py --stars 3896 --files 2
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/bench_catalog.py --stars 2000000 --files 8
 
-Prediction files are synthesised with the schema ``msa.predict`` writes (uniform sky, source_ids
-encoding each star's level-12 pixel); the old module is loaded from ``git show main:msa/catalog.py``.
+Prediction files are synthesised with the schema ``msa.catalogue.predict`` writes (uniform sky, source_ids
+encoding each star's level-12 pixel); the old module is loaded from ``git show main:msa/catalogue/catalog.py``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msa import catalog as new_catalog
-from msa.predict import output_schema
+from msa.catalogue import catalog as new_catalog
+from msa.catalogue.predict import output_schema
 
 LABELS = ["teff", "logg", "fe_h"]
 UNITS = {"teff": "K", "logg": "dex", "fe_h": "dex"}
@@ -56,7 +56,7 @@ def synthetic_predictions(n_stars: int, n_files: int, folder: Path) -> list[Path
 
 
 def main_module():
-    source = subprocess.run(["git", "show", "main:msa/catalog.py"], capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(["git", "show", "main:msa/catalogue/catalog.py"], capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.mkdtemp()) / "catalog_main.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("catalog_main", path)

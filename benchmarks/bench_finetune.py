@@ -34,9 +34,9 @@ import numpy as np
 import yaml
 
 from msa.config import validate
-from msa.fit_scaler import fit_scaler
-from msa.layout import Layout
-from msa.store import write_shard
+from msa.data.fit_scaler import fit_scaler
+from msa.data.layout import Layout
+from msa.data.store import write_shard
 
 IN_MEMORY_REF = "98ad868"  # the last commit whose `msa finetune` held the train split in memory
 SHARD_ROWS = 250_000

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from msa.store import Shard
-from msa.synthetic import synthetic_config, write_sky
+from msa.data.store import Shard
+from msa.data.synthetic import synthetic_config, write_sky
 
 MB = 1e6
 UPSTREAM_LIST_COLUMNS = ["bp_coefficients", "bp_coefficient_errors", "rp_coefficients", "rp_coefficient_errors"]

@@ -40,15 +40,15 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from msa.checkpoint import save_checkpoint
+from msa.calibration.ensemble import Ensemble, combine_members
+from msa.catalogue.predict import input_transform, predict_shard
 from msa.config import load_config
-from msa.ensemble import Ensemble, combine_members
-from msa.features import derive, store_columns, xp_normalises
-from msa.layout import Layout
-from msa.model import MaskedAutoencoder, QuantileHead
-from msa.predict import input_transform, predict_shard
-from msa.scaling import Scaler
-from msa.store import SOURCE_ID, Shard, write_shard
+from msa.data.features import derive, store_columns, xp_normalises
+from msa.data.layout import Layout
+from msa.data.scaling import Scaler
+from msa.data.store import SOURCE_ID, Shard, write_shard
+from msa.nn.checkpoint import save_checkpoint
+from msa.nn.model import MaskedAutoencoder, QuantileHead
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "config" / "config.yaml"
@@ -285,7 +285,7 @@ def main() -> None:
         log(f"(c) big shard: {args.big_rows:,} stars written in {time.perf_counter() - t0:.0f} s")
         tiny_model = {**model_cfg, "encoder_widths": [16], "d_embedding": 2, "n_frequencies": 2}
         tiny_members = write_members(work, layout, scaler, normalise, tiny_model, 1, "tiny")
-        code = ("import torch, msa.predict; "
+        code = ("import torch, msa.catalogue.predict; "
                 "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
         imports_mib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                          cwd=REPO).stdout.split()[-1]) / 1024

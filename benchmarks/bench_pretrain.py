@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from msa.batches import ShardStream
 from msa.config import validate
-from msa.features import FeatureTransform
-from msa.fit_scaler import fit_scaler
-from msa.layout import Layout
-from msa.losses import reconstruction_loss
-from msa.masking import MaskSpec, draw_mask
-from msa.model import MaskedAutoencoder
-from msa.store import Shard, write_shard
-from msa.training import make_optimizer
+from msa.data.batches import ShardStream
+from msa.data.features import FeatureTransform
+from msa.data.fit_scaler import fit_scaler
+from msa.data.layout import Layout
+from msa.data.store import Shard, write_shard
+from msa.nn.losses import reconstruction_loss
+from msa.nn.masking import MaskSpec, draw_mask
+from msa.nn.model import MaskedAutoencoder
+from msa.nn.training import make_optimizer
 
 SECTION = {"xp_masking_ratio": 0.3, "m_masking_ratio": 0.15, "force_mask_cols": [], "group_overrides": {}}
 
@@ -154,11 +154,11 @@ def measure_rates(paths, transform, layout, model_cfg, batch_size, n_batches, wa
 MEMORY_CHILD = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from msa.pretrain import pretrain_segment
+from msa.pretrain.stage import pretrain_segment
 config, shards, scaler, out, mode = json.loads(sys.argv[1])
 if mode == "model_only":
-    from msa.layout import Layout
-    from msa.model import MaskedAutoencoder
+    from msa.data.layout import Layout
+    from msa.nn.model import MaskedAutoencoder
     layout = Layout.from_config(config["features"])
     MaskedAutoencoder(layout.n_features, len(layout.reconstruct_indices), **config["model"])
     result = {"rows": 0}

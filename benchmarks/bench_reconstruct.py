@@ -27,10 +27,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_predict as bp  # noqa: E402  (the shared demo-tiling and child-process helpers)
 
-from msa.checkpoint import save_checkpoint  # noqa: E402
 from msa.config import load_config  # noqa: E402
-from msa.model import MaskedAutoencoder  # noqa: E402
-from msa.store import SOURCE_ID  # noqa: E402
+from msa.data.store import SOURCE_ID  # noqa: E402
+from msa.nn.checkpoint import save_checkpoint  # noqa: E402
+from msa.nn.model import MaskedAutoencoder  # noqa: E402
 
 
 def pretrained_model(work: Path, layout, scaler, model_cfg: dict) -> Path:
@@ -57,7 +57,7 @@ def main() -> None:
     members = bp.write_members(work, layout, scaler, normalise, tiny, 1, "tiny")
     pretrained = pretrained_model(work, layout, scaler, tiny)
     _, calibration = bp.zero_calibration(work)
-    code = "import torch, msa.predict, msa.reconstruct; print([l.split()[1] for l in open('/proc/self/status') " \
+    code = "import torch, msa.catalogue.predict, msa.spectra.reconstruct; print([l.split()[1] for l in open('/proc/self/status') " \
            "if l.startswith('VmHWM')][0])"
     imports = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  cwd=bp.REPO).stdout.split()[-1]) / 1024

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.calibrate import calibration_views, coverage_report, fit_calibration, fit_group_offsets, star_groups
+from msa.calibration.calibrate import calibration_views, coverage_report, fit_calibration, fit_group_offsets, star_groups
+from msa.calibration.ensemble import Ensemble
 from msa.config import load_config
-from msa.ensemble import Ensemble
-from msa.features import G_MAG
-from msa.labels import LabelSource, label_set, load_split_samples
-from msa.splits import split_seed
+from msa.data.features import G_MAG
+from msa.data.labels import LabelSource, label_set, load_split_samples
+from msa.data.splits import split_seed
 
 TOLERANCE = 0.03
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.calibrate import conformal_offsets, emulated_copies
+from msa.calibration.calibrate import conformal_offsets, emulated_copies
+from msa.calibration.emulation import fit_error_relation
+from msa.calibration.ensemble import Ensemble
 from msa.config import load_config
-from msa.emulation import fit_error_relation
-from msa.ensemble import Ensemble
-from msa.features import G_MAG
-from msa.labels import LabelSource, label_set, load_split_samples
-from msa.splits import split_seed
+from msa.data.features import G_MAG
+from msa.data.labels import LabelSource, label_set, load_split_samples
+from msa.data.splits import split_seed
 
 LABEL_SET = "spectro"
 CLIP = 20.0

@@ -22,21 +22,21 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 # sub-command -> (module, one-line help)
 COMMANDS = {
-    "ingest": ("msa.ingest", "Gaia Archive XP (+ gaia_source, survey) files -> one HDF5 shard"),
-    "synthesize": ("msa.synthetic", "write a synthetic sky in Gaia Archive formats, with known truth"),
-    "fit-scaler": ("msa.fit_scaler", "fit the robust feature scaler on a seeded sample of shards"),
-    "pretrain": ("msa.pretrain", "masked-autoencoder pretraining over the shard store (one segment)"),
-    "finetune": ("msa.finetune", "fine-tune one ensemble member on one label set"),
-    "calibrate": ("msa.calibrate", "split-conformal calibration of a label set's ensemble"),
-    "evaluate": ("msa.evaluate", "metrics and figures of a label set on the test split"),
-    "predict": ("msa.predict", "predict a shard or table into a Parquet file, or shards into a folder"),
-    "catalog": ("msa.catalog", "gather prediction files into a HATS catalogue (lsdb.read_hats opens it)"),
-    "train-reconstruction": ("msa.reconstruct_train",
+    "ingest": ("msa.data.ingest", "Gaia Archive XP (+ gaia_source, survey) files -> one HDF5 shard"),
+    "synthesize": ("msa.data.synthetic", "write a synthetic sky in Gaia Archive formats, with known truth"),
+    "fit-scaler": ("msa.data.fit_scaler", "fit the robust feature scaler on a seeded sample of shards"),
+    "pretrain": ("msa.pretrain.stage", "masked-autoencoder pretraining over the shard store (one segment)"),
+    "finetune": ("msa.finetune.stage", "fine-tune one ensemble member on one label set"),
+    "calibrate": ("msa.calibration.calibrate", "split-conformal calibration of a label set's ensemble"),
+    "evaluate": ("msa.evaluation.evaluate", "metrics and figures of a label set on the test split"),
+    "predict": ("msa.catalogue.predict", "predict a shard or table into a Parquet file, or shards into a folder"),
+    "catalog": ("msa.catalogue.catalog", "gather prediction files into a HATS catalogue (lsdb.read_hats opens it)"),
+    "train-reconstruction": ("msa.spectra.train",
                              "train the pretrained autoencoder further on XP inferred from photometry (flux loss)"),
-    "reconstruct": ("msa.reconstruct", "the autoencoder's XP coefficients of a shard or table, in Archive units"),
-    "evaluate-reconstruction": ("msa.reconstruct_eval",
+    "reconstruct": ("msa.spectra.reconstruct", "the autoencoder's XP coefficients of a shard or table, in Archive units"),
+    "evaluate-reconstruction": ("msa.spectra.evaluate",
                                 "XP reconstruction with XP hidden vs a photometry kNN, on held-out stars"),
-    "embed": ("msa.embed", "each star's encoder representation (embeddings) into Parquet"),
+    "embed": ("msa.spectra.embed", "each star's encoder representation (embeddings) into Parquet"),
 }
 
 

@@ -62,7 +62,7 @@ class WorkflowDir:
 @pytest.fixture(scope="session")
 def tiny_sky(tmp_path_factory):
     """Two shards of a synthetic sky (a few hundred stars, some without XP)."""
-    from msa.synthetic import write_sky
+    from msa.data.synthetic import write_sky
 
     return write_sky(tmp_path_factory.mktemp("sky"), n_stars=600, n_shards=2, seed=3)
 
@@ -70,7 +70,7 @@ def tiny_sky(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_config(tiny_sky):
     """Config of the tiny sky: one label set, one member, two one-epoch pretraining segments."""
-    from msa.synthetic import synthetic_config
+    from msa.data.synthetic import synthetic_config
 
     config = synthetic_config(tiny_sky.out_dir, "results", seed=7)
     # no tree or MLP yardstick in evaluate: the slowest steps, not what these tests check (test_evaluate

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from msa.cli import main
-from msa.gaia import XP_LIST_COLUMNS, iter_xp
-from msa.store import Shard, atomic_path, check_out_path, sweep_temporaries, write_shard
+from msa.data.gaia import XP_LIST_COLUMNS, iter_xp
+from msa.data.store import Shard, atomic_path, check_out_path, sweep_temporaries, write_shard
 from test_catalog import OPTIONS, predictions  # noqa: F401  (a fixture, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,11 +247,11 @@ def test_truncated_gzip_exits_cleanly_in_a_fresh_process(tmp_path):
 
 
 def test_a_failed_run_exits_1_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
-    import msa.ingest
+    import msa.data.ingest
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(msa.ingest, "ingest_shard", disk_full)
+    monkeypatch.setattr(msa.data.ingest, "ingest_shard", disk_full)
     assert main(ingest(tmp_path)) == 1
     assert capsys.readouterr().err.strip() == ("msa ingest: error: OSError: [Errno 28] No space left on device "
                                                "(run failed; --debug shows the traceback)")
@@ -407,7 +407,7 @@ def test_failed_write_leaves_no_temporary_and_stale_ones_are_swept(tmp_path):
 
 
 def test_corrupt_in_progress_checkpoint_is_moved_aside(tmp_path, caplog):
-    from msa.checkpoint import save_checkpoint, set_aside_if_corrupt
+    from msa.nn.checkpoint import save_checkpoint, set_aside_if_corrupt
 
     work = tmp_path / "work" / "state.pt"
     save_checkpoint(work, {"step": 3})
@@ -523,7 +523,7 @@ def _dead_pid() -> str:
 
 
 def test_catalogue_folder_is_group_readable_and_killed_builds_are_swept(predictions, tmp_path):
-    from msa.catalog import build_catalog
+    from msa.catalogue.catalog import build_catalog
 
     out = tmp_path / "catalog" / "spectro"
     out.parent.mkdir()
@@ -541,7 +541,7 @@ def _labelled_shard(tmp: Path):
     from test_ensemble import small_layout, unit_scaler
     from test_predict import star_columns
 
-    from msa.features import FeatureTransform
+    from msa.data.features import FeatureTransform
     cols = star_columns(150)
     write_shard(tmp / "shard.h5", cols)
     layout = small_layout()
@@ -549,8 +549,8 @@ def _labelled_shard(tmp: Path):
 
 
 def test_label_catalogue_with_float_text_id_is_refused(tmp_path):
-    from msa.labels import LabelSource
-    from msa.source_ids import SourceIdError
+    from msa.data.labels import LabelSource
+    from msa.data.source_ids import SourceIdError
 
     ids = [str(2**60 + 1), str(2**60 + 3) + ".0", str(2**60 + 5)]
     (tmp_path / "labels.csv").write_text("source_id,teff\n" + "".join(f"{i},5000\n" for i in ids))
@@ -559,7 +559,7 @@ def test_label_catalogue_with_float_text_id_is_refused(tmp_path):
 
 
 def test_label_join_is_logged_and_a_poor_one_fails(tmp_path, caplog):
-    from msa.labels import LabelError, LabelSource, load_labelled
+    from msa.data.labels import LabelError, LabelSource, load_labelled
 
     shard, transform, ids = _labelled_shard(tmp_path)
     catalogue_ids = [*ids[:30].tolist(), 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]  # 30 in the store, 10 not

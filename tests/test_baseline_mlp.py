@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from msa.baseline_mlp import MLPBaselineError, PlainMLPBaseline
+from msa.evaluation.baseline_mlp import MLPBaselineError, PlainMLPBaseline
 
 torch.set_num_threads(1)
 GRID = {"width": [32], "dropout": [0.0], "weight_decay": [1e-4], "loss": ["mse", "l1"]}

@@ -1,4 +1,4 @@
-"""ShardStream and load_rows on small shards written with msa.store.write_shard.
+"""ShardStream and load_rows on small shards written with msa.data.store.write_shard.
 
 ``make_store`` / ``small_features`` are also used by the fit-scaler, pretraining and DDP tests.
 """
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from msa.batches import ShardStream, assign_shards, hash_fraction, load_rows
-from msa.features import FeatureTransform
-from msa.layout import Layout
-from msa.scaling import Scaler
-from msa.store import StoreError, write_shard
+from msa.data.batches import ShardStream, assign_shards, hash_fraction, load_rows
+from msa.data.features import FeatureTransform
+from msa.data.layout import Layout
+from msa.data.scaling import Scaler
+from msa.data.store import StoreError, write_shard
 
 torch.set_num_threads(1)
 
@@ -184,7 +184,7 @@ def test_row_join_keeps_its_rows_and_attaches_their_values(tmp_path):
 
 
 def test_cached_epochs_are_the_read_epochs_and_read_no_file(tmp_path, monkeypatch):
-    import msa.batches as batches_module
+    import msa.data.batches as batches_module
 
     paths = make_store(tmp_path, n_shards=2, rows=300)
     kw = dict(chunk_rows=64, buffer_rows=128, batch_size=50, seed=4, row_join=lambda raw: (

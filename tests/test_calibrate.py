@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from msa.calibrate import (CalibrationError, apply_calibration, conformal_offsets, conformal_quantile,
-                           fit_calibration, fit_group_offsets, group_levels, interval_coverage, star_groups)
-from msa.model import QuantileHead
+from msa.calibration.calibrate import (CalibrationError, apply_calibration, conformal_offsets, conformal_quantile,
+                                       fit_calibration, fit_group_offsets, group_levels, interval_coverage, star_groups)
+from msa.nn.model import QuantileHead
 
 torch.set_num_threads(1)
 

@@ -18,11 +18,11 @@ import yaml
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
-from msa.catalog import CatalogError, build_catalog, output_paths
+from msa.calibration.ensemble import Ensemble
+from msa.catalogue.catalog import CatalogError, build_catalog, output_paths
+from msa.catalogue.predict import predict_shard
 from msa.cli import main
-from msa.ensemble import Ensemble
-from msa.predict import predict_shard
-from msa.store import write_shard
+from msa.data.store import write_shard
 from test_ensemble import FEATURES_CFG, LABELS, small_layout, unit_scaler, write_member
 from test_predict import CALIBRATION, star_columns
 
@@ -164,7 +164,7 @@ def test_summary_and_figures(predictions, catalogue):
 
 
 def test_sky_map_pixels_hold_the_median_of_their_stars(predictions):
-    from msa.catalog import full_sky_map
+    from msa.catalogue.catalog import full_sky_map
     import healpy
 
     sky = full_sky_map({5: 1.0, 7: 2.5}, 1)

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from msa.cli import COMMANDS, DefaultsHelpFormatter, build_parser, main
-from msa.training import DEVICE_HELP, device_choice
+from msa.nn.training import DEVICE_HELP, device_choice
 
 MODEL_COMMANDS = ["pretrain", "finetune", "predict", "reconstruct", "embed", "calibrate", "evaluate",
                   "evaluate-reconstruction"]

@@ -9,9 +9,9 @@ import torch.multiprocessing as mp
 from test_batches import make_store, small_features
 
 from msa.config import validate
-from msa.fit_scaler import fit_scaler
-from msa.layout import Layout
-from msa.model import MaskedAutoencoder
+from msa.data.fit_scaler import fit_scaler
+from msa.data.layout import Layout
+from msa.nn.model import MaskedAutoencoder
 
 torch.set_num_threads(1)
 
@@ -26,8 +26,8 @@ def worker(rank: int, world: int, port: int, paths, scaler_path, out_dir, config
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from msa.pretrain import pretrain_segment
-    from msa.training import DistributedContext
+    from msa.nn.training import DistributedContext
+    from msa.pretrain.stage import pretrain_segment
 
     ctx = DistributedContext.from_env()
     try:
@@ -72,8 +72,8 @@ def finetune_worker(rank: int, world: int, port: int, paths, scaler_path, out_di
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import msa.finetune as finetune
-    from msa.training import DistributedContext
+    import msa.finetune.stage as finetune
+    from msa.nn.training import DistributedContext
 
     built = []
     real_build = finetune.build_objective

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msa.emulation import ErrorRelation, degrade, faint_targets, fit_error_relation
-from msa.features import MAG_PER_LN
-from msa.layout import Layout
-from msa.store import write_shard
+from msa.calibration.emulation import ErrorRelation, degrade, faint_targets, fit_error_relation
+from msa.data.features import MAG_PER_LN
+from msa.data.layout import Layout
+from msa.data.store import write_shard
 
 FEATURES = {"xp": {"bp": 1, "rp": 0, "normalise": "g_flux"},
             "gaia_photometry": {"phot_g_mean_mag": "phot_g_mean_mag_error"},
@@ -92,8 +92,8 @@ def test_one_target_per_fainter_bin():
 def test_the_sky_is_seen_as_calibrated_with_xp_and_with_xp_hidden(tmp_path, monkeypatch):
     """The shift weights compare no-XP copies with the sky's stars in the no-XP view (every star's
     XP hidden, as no-XP coverage is measured), and beside the model's own predictions."""
-    from msa.calibrate import sky_as_calibrated, with_predictions
-    from msa.ensemble import Ensemble
+    from msa.calibration.calibrate import sky_as_calibrated, with_predictions
+    from msa.calibration.ensemble import Ensemble
     from test_ensemble import small_layout, unit_scaler, write_member
     from test_predict import star_columns
 
@@ -113,7 +113,7 @@ def test_the_sky_is_seen_as_calibrated_with_xp_and_with_xp_hidden(tmp_path, monk
     np.testing.assert_allclose(q[n_xp:], ensemble.predict(x[n_xp:]), rtol=1e-6)
     # the share per shard bounds the sample: two shards under a cap of 100 rows read 50 each
     write_shard(tmp_path / "t.h5", star_columns(300, seed=1))
-    monkeypatch.setattr("msa.calibrate.SKY_SAMPLE_ROWS", 100)
+    monkeypatch.setattr("msa.calibration.calibrate.SKY_SAMPLE_ROWS", 100)
     x_few, _, groups_few = sky_as_calibrated(ensemble, [tmp_path / "s.h5", tmp_path / "t.h5"], cfg, xp_hidden, 64)
     assert sum(g.startswith("no_xp|") for g in groups_few) == 100  # every star read has a no-XP view
     features = with_predictions(x, q)

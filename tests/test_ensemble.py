@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from msa.checkpoint import save_checkpoint
+from msa.nn.checkpoint import save_checkpoint
 from scipy.special import ndtr
 
-from msa.ensemble import Ensemble, EnsembleError, combine_members, member_distribution
-from msa.layout import Layout
-from msa.model import MaskedAutoencoder, QuantileHead
-from msa.scaling import Scaler
+from msa.calibration.ensemble import Ensemble, EnsembleError, combine_members, member_distribution
+from msa.data.layout import Layout
+from msa.data.scaling import Scaler
+from msa.nn.model import MaskedAutoencoder, QuantileHead
 
 torch.set_num_threads(1)
 
@@ -293,7 +293,7 @@ def test_head_that_reads_inputs_needs_them_and_uses_them():
 
 
 def test_log_labels_are_predicted_in_linear_units_above_zero(tmp_path, layout):
-    from msa.checkpoint import load_checkpoint
+    from msa.nn.checkpoint import load_checkpoint
 
     scaler = unit_scaler(layout)
     plain = write_member(tmp_path / "plain.pt", layout, scaler, seed=4, label_centre=[0.5, 0.0, 0.0],

@@ -9,14 +9,14 @@ import yaml
 
 from msa.cli import main
 from msa.config import validate
-from msa.evaluate import bin_masks, point_metrics
-from msa.features import xp_normalises
-from msa.fit_scaler import fit_scaler
-from msa.ingest import ingest_shard
-from msa.layout import Layout
-from msa.pretrain import pretrain_segment
-from msa.robust_stats import nmad
-from msa.synthetic import synthetic_config, write_sky
+from msa.data.features import xp_normalises
+from msa.data.fit_scaler import fit_scaler
+from msa.data.ingest import ingest_shard
+from msa.data.layout import Layout
+from msa.data.synthetic import synthetic_config, write_sky
+from msa.evaluation.evaluate import bin_masks, point_metrics
+from msa.evaluation.robust_stats import nmad
+from msa.pretrain.stage import pretrain_segment
 
 torch.set_num_threads(1)
 

@@ -8,21 +8,21 @@ import pandas as pd
 import pytest
 import torch
 
+from msa.calibration.ensemble import Ensemble
 from msa.config import validate
-from msa.ensemble import Ensemble
-from msa.features import xp_normalises
-from msa.finetune import EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member, photometry_member_config
-from msa.finetune_data import inverse_variance_weights
-from msa.splits import split_seed
-from msa.fit_scaler import fit_scaler
-from msa.ingest import ingest_shard
-from msa.labels import LabelSource, load_labelled
-from msa.layout import Layout
-from msa.losses import pinball_loss
-from msa.model import MaskedAutoencoder
-from msa.pretrain import load_pretrained, pretrain_segment
-from msa.splits import assign_splits
-from msa.synthetic import synthetic_config, write_sky
+from msa.data.features import xp_normalises
+from msa.data.fit_scaler import fit_scaler
+from msa.data.ingest import ingest_shard
+from msa.data.labels import LabelSource, load_labelled
+from msa.data.layout import Layout
+from msa.data.splits import split_seed
+from msa.data.splits import assign_splits
+from msa.data.synthetic import synthetic_config, write_sky
+from msa.finetune.data import inverse_variance_weights
+from msa.finetune.stage import EXIT_MORE_EPOCHS, FinetuneError, MemberRun, finetune_member, photometry_member_config
+from msa.nn.losses import pinball_loss
+from msa.nn.model import MaskedAutoencoder
+from msa.pretrain.stage import load_pretrained, pretrain_segment
 
 torch.set_num_threads(1)
 

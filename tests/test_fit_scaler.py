@@ -10,11 +10,11 @@ from sklearn.preprocessing import RobustScaler
 from test_batches import make_store, small_features
 
 from msa.cli import main
-from msa.features import FeatureTransform, derive, store_columns
-from msa.fit_scaler import choose_shards, fit_scaler, sample_derived
-from msa.layout import Layout
-from msa.scaling import Scaler
-from msa.store import Shard
+from msa.data.features import FeatureTransform, derive, store_columns
+from msa.data.fit_scaler import choose_shards, fit_scaler, sample_derived
+from msa.data.layout import Layout
+from msa.data.scaling import Scaler
+from msa.data.store import Shard
 
 
 def all_derived(paths, layout):
@@ -63,7 +63,7 @@ def test_constant_and_empty_features_get_scale_one(tmp_path):
         cols = s.read(s.columns)
     cols["phot_bp_mean_mag"] = np.full(200, 3.0)
     cols["phot_rp_mean_mag"] = np.full(200, np.nan)
-    from msa.store import write_shard
+    from msa.data.store import write_shard
     write_shard(paths[0], cols)
     layout = Layout.from_config(small_features())
     scaler, _ = fit_scaler(paths, layout, True, shards=1, max_rows=1000, seed=0)
@@ -86,7 +86,7 @@ def test_cli_writes_scaler_with_meta(tmp_path):
 
 
 def test_scaler_for_reordered_features_names_the_position():
-    from msa.scaling import Scaler, ScalerError
+    from msa.data.scaling import Scaler, ScalerError
 
     layout = Layout.from_config({"gaia_photometry": {"phot_g_mean_mag": None, "phot_bp_mean_mag": None}})
     scaler = Scaler.from_stats(["phot_bp_mean_mag", "phot_g_mean_mag"], [0, 0], [1, 1])

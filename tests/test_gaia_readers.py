@@ -7,9 +7,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from msa.gaia import (XP_LIST_COLUMNS, ArchiveFormatError, check_unique_ids, parse_list_column, read_table,
-                      read_xp)
-from msa.ingest import IngestError, ingest_shard
+from msa.data.gaia import (XP_LIST_COLUMNS, ArchiveFormatError, check_unique_ids, parse_list_column, read_table,
+                           read_xp)
+from msa.data.ingest import IngestError, ingest_shard
 
 SAMPLES = Path(__file__).parent / "data" / "gaia_archive_samples"
 DEMO = Path(__file__).parents[1] / "resources" / "demo"

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msa.healpix import n_pixels, pixel_centres, source_id_to_pixel
+from msa.data.healpix import n_pixels, pixel_centres, source_id_to_pixel
 
 DEMO_SOURCE = Path(__file__).resolve().parents[1] / "resources" / "demo" / "GaiaSource_demo.csv.gz"
 

@@ -10,10 +10,10 @@ import pytest
 
 from msa.cli import main
 from msa.config import load_config
-from msa.gaia import read_xp
-from msa.ingest import ingest_shard
-from msa.store import Shard
-from msa.synthetic import synthetic_config, write_sky
+from msa.data.gaia import read_xp
+from msa.data.ingest import ingest_shard
+from msa.data.store import Shard
+from msa.data.synthetic import synthetic_config, write_sky
 
 REPO = Path(__file__).parents[1]
 DEMO = REPO / "resources" / "demo"
@@ -119,7 +119,7 @@ def test_survey_rows_for_other_stars_are_ignored(sky, tmp_path):
 def test_duplicate_survey_id_is_an_error(sky, tmp_path):
     t = pd.read_csv(sky.tmass_paths[0])
     pd.concat([t, t.iloc[[0]]]).to_csv(tmp_path / "dup.csv", index=False)
-    from msa.surveys import SurveyError
+    from msa.data.surveys import SurveyError
     with pytest.raises(SurveyError, match=r"dup\.csv: 1 duplicate source_id"):
         ingest_shard(sky.xp_paths[0], sky.source_paths[0], {"t": {"path": tmp_path / "dup.csv", "columns": {"j_m": "J"}}},
                      tmp_path / "s.h5", ["phot_g_mean_mag"], show_progress=False)
@@ -186,7 +186,7 @@ def test_cli_explicit_form(sky, tmp_path):
 def test_survey_formats_agree_and_rename(tmp_path):
     from astropy.table import Table
 
-    from msa.surveys import SurveyError, read_survey
+    from msa.data.surveys import SurveyError, read_survey
 
     t = pd.read_csv(DEMO / "tmass_demo.csv").head(300)
     t.to_parquet(tmp_path / "t.parquet")
@@ -205,8 +205,8 @@ def test_survey_with_empty_or_float_source_ids_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from msa.source_ids import SourceIdError
-    from msa.surveys import read_survey
+    from msa.data.source_ids import SourceIdError
+    from msa.data.surveys import read_survey
 
     ids = pa.array([75527034260250932, None, 75527034260250934], pa.int64())
     pq.write_table(pa.table({"source_id": ids, "j_m": [10.0, 11.0, 12.0]}), tmp_path / "null.parquet")

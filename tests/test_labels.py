@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msa.labels import LabelError, LabelScaler, LabelSource, label_set
+from msa.data.labels import LabelError, LabelScaler, LabelSource, label_set
 
 CFG_COLUMNS = {
     "teff": {"value": "teff", "error": "teff_err"},
@@ -92,8 +92,8 @@ def test_split_samples_are_bounded_seeded_and_order_free(tmp_path):
     inputs and label; every star of the split when it holds fewer (as load_labelled gives them)."""
     from test_batches import identity_transform, make_store
 
-    from msa.labels import load_labelled, load_split_samples
-    from msa.splits import assign_splits
+    from msa.data.labels import load_labelled, load_split_samples
+    from msa.data.splits import assign_splits
 
     paths = make_store(tmp_path, n_shards=3, rows=400)  # G is NaN for 5 % of the stars: unlabelled
     source = LabelSource({"columns": {"g": {"store": "phot_g_mean_mag"}}}, ["g"])

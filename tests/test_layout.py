@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from msa.layout import Layout, LayoutError
+from msa.data.layout import Layout, LayoutError
 
 BASE = {
     "xp": {"bp": 3, "rp": 2},
@@ -105,7 +105,7 @@ def test_index_of_unknown_feature_names_it():
 def test_colours_relative_to_a_magnitude():
     import numpy as np
 
-    from msa.features import derive
+    from msa.data.features import derive
 
     cfg = {"xp": {"bp": 1, "rp": 0}, "gaia_photometry": {"phot_g_mean_mag": None, "phot_bp_mean_mag": None},
            "survey_photometry": {"K": None}, "astrometry": {"parallax": None},

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from msa.losses import per_group_loss, pinball_loss, reconstruction_loss, reconstruction_sums
+from msa.nn.losses import per_group_loss, pinball_loss, reconstruction_loss, reconstruction_sums
 
 torch.set_num_threads(1)
 nan = float("nan")
@@ -92,7 +92,7 @@ def test_pinball_hand_computation_nan_labels_and_weights():
 
 
 def test_group_balance_is_the_mean_of_group_means():
-    from msa.losses import reconstruction_objective
+    from msa.nn.losses import reconstruction_objective
 
     torch.manual_seed(0)
     recon, target = torch.randn(50, 5), torch.randn(50, 5)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from msa.layout import Layout
-from msa.masking import MaskingError, MaskSpec, draw_mask, fixed_validation_mask
+from msa.data.layout import Layout
+from msa.nn.masking import MaskingError, MaskSpec, draw_mask, fixed_validation_mask
 
 torch.set_num_threads(1)
 

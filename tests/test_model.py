@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from msa.model import MaskedAutoencoder
+from msa.nn.model import MaskedAutoencoder
 
 torch.set_num_threads(1)
 

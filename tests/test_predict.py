@@ -12,15 +12,16 @@ import torch
 import yaml
 from astropy.table import Table
 
-from msa.calibrate import apply_calibration
-from msa.checkpoint import file_sha256
+from msa.calibration.calibrate import apply_calibration
+from msa.calibration.ensemble import Ensemble, combine_members
+from msa.catalogue.predict import PredictionError, predict_shard, predict_table
 from msa.cli import main
-from msa.ensemble import Ensemble, combine_members
-from msa.layout import GROUP_ORDER
-from msa.predict import PredictionError, predict_shard, predict_table, verify_source_ids
-from msa.star_sources import SourceError, strictly_increasing_ids
-from msa.store import write_shard
-from msa.tables import TableError
+from msa.data.layout import GROUP_ORDER
+from msa.data.parquet_stream import OutputCheckError, verify_source_ids
+from msa.data.star_sources import SourceError, strictly_increasing_ids
+from msa.data.store import write_shard
+from msa.data.tables import TableError
+from msa.nn.checkpoint import file_sha256
 from test_ensemble import FEATURES_CFG, LABELS, small_layout, unit_scaler, write_member
 
 torch.set_num_threads(1)
@@ -213,11 +214,11 @@ def test_source_id_checks_refuse_mismatches(tmp_path):
     path = tmp_path / "ids.parquet"
     pq.write_table(pa.table({"source_id": np.array([5, 7, 9], dtype=np.int64)}), path)
     verify_source_ids(path, [np.array([5]), np.array([7, 9])], "x")
-    with pytest.raises(PredictionError, match="row 1 has source_id 7"):
+    with pytest.raises(OutputCheckError, match="row 1 has source_id 7"):
         verify_source_ids(path, [np.array([5, 8, 9])], "x")
-    with pytest.raises(PredictionError, match="fewer rows"):
+    with pytest.raises(OutputCheckError, match="fewer rows"):
         verify_source_ids(path, [np.array([5, 7, 9, 11])], "x")
-    with pytest.raises(PredictionError, match="more rows"):
+    with pytest.raises(OutputCheckError, match="more rows"):
         verify_source_ids(path, [np.array([5, 7])], "x")
     with pytest.raises(SourceError, match="strictly increasing"):
         list(strictly_increasing_ids([np.array([1, 2]), np.array([2, 3])], "shard.h5"))
@@ -349,7 +350,7 @@ def test_force_masked_xp_counts_as_predicted_without_xp(setup, tmp_path):
 
 def test_prediction_inputs_are_the_training_inputs_for_every_layout(tmp_path):
     """Prediction reads values only, but must derive them as training did: colours included."""
-    from msa.predict import input_transform
+    from msa.catalogue.predict import input_transform
 
     layout = small_layout({**FEATURES_CFG, "colours_relative_to": "phot_g_mean_mag"})
     assert layout.colour_reference == "phot_g_mean_mag"
@@ -396,7 +397,7 @@ def test_each_star_takes_its_own_groups_offsets_and_names_it(setup, tmp_path):
 
 
 def test_in_training_sample_flags_labelled_stars_outside_the_test_split(setup, tmp_path):
-    from msa.splits import assign_splits
+    from msa.data.splits import assign_splits
 
     ids = setup["cols"]["source_id"]
     labelled = ids[::2]

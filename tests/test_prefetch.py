@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from msa.prefetch import prefetch
+from msa.data.prefetch import prefetch
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])

@@ -14,15 +14,15 @@ import torch
 import yaml
 from test_batches import make_store, small_features
 
-from msa.checkpoint import CheckpointError, load_checkpoint
 from msa.config import validate
-from msa.fit_scaler import fit_scaler
-from msa.layout import Layout
-from msa.model import MaskedAutoencoder
-from msa.perturbation import perturb
-from msa.pretrain import PretrainError, load_pretrained, pretrain_segment
-from msa.store import StoreError, write_shard
-from msa.training import NonFiniteLossError, parameter_groups
+from msa.data.fit_scaler import fit_scaler
+from msa.data.layout import Layout
+from msa.data.store import StoreError, write_shard
+from msa.nn.checkpoint import CheckpointError, load_checkpoint
+from msa.nn.model import MaskedAutoencoder
+from msa.nn.perturbation import perturb
+from msa.nn.training import NonFiniteLossError, parameter_groups
+from msa.pretrain.stage import PretrainError, load_pretrained, pretrain_segment
 
 torch.set_num_threads(1)
 
@@ -177,7 +177,7 @@ def test_unreadable_shard_stops_the_run_naming_it(store, tmp_path):
 def test_non_finite_loss_names_the_step(store, tmp_path):
     paths, scaler = store
     bad = tmp_path / "shard-bad.h5"
-    from msa.store import Shard
+    from msa.data.store import Shard
     with Shard(paths[0]) as s:
         cols = s.read(s.columns)
     cols["phot_bp_mean_mag"] = np.full(len(cols["source_id"]), np.inf)
@@ -211,11 +211,11 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
 def test_labelled_calibration_and_test_stars_are_left_out(store, tmp_path):
     """exclude_label_splits: a star of the calibration or test split whose label comes from the
     store is no pretraining row; the same split's unlabelled stars and every train star are."""
-    from msa.features import FeatureTransform
-    from msa.labels import LabelSource, load_labelled
-    from msa.scaling import Scaler
-    from msa.splits import assign_splits
-    from msa.store import shard_rows
+    from msa.data.features import FeatureTransform
+    from msa.data.labels import LabelSource, load_labelled
+    from msa.data.scaling import Scaler
+    from msa.data.splits import assign_splits
+    from msa.data.store import shard_rows
 
     paths, scaler_path = store
     labels = {"labels": {"columns": {"bp": {"store": "phot_bp_mean_mag"}}}, "label_sets": {"bp": ["bp"]},
@@ -236,8 +236,8 @@ def test_labelled_calibration_and_test_stars_are_left_out(store, tmp_path):
 
 def test_perturbed_columns_resolve_groups_and_names_and_refuse_unknowns():
     from msa.config import ConfigError
-    from msa.layout import Layout
-    from msa.perturbation import perturbed_columns
+    from msa.data.layout import Layout
+    from msa.nn.perturbation import perturbed_columns
 
     layout = Layout.from_config({"xp": {"bp": 2, "rp": 2}, "gaia_photometry": {"phot_g_mean_mag": None},
                                  "survey_photometry": {"J": "J_err"}})

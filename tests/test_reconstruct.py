@@ -11,14 +11,14 @@ import pytest
 import torch
 from astropy.table import Table
 
-from msa.autoencoders import AutoencoderError, Autoencoders
 from msa.cli import main
-from msa.embed import embed_file
-from msa.features import FeatureTransform
-from msa.layout import GROUP_ORDER
-from msa.reconstruct import reconstruct_file, reconstruct_xp, scaled_xp_to_archive
-from msa.scaling import Scaler
-from msa.store import write_shard
+from msa.data.features import FeatureTransform
+from msa.data.layout import GROUP_ORDER
+from msa.data.scaling import Scaler
+from msa.data.store import write_shard
+from msa.nn.autoencoders import AutoencoderError, Autoencoders
+from msa.spectra.embed import embed_file
+from msa.spectra.reconstruct import reconstruct_file, reconstruct_xp, scaled_xp_to_archive
 from test_ensemble import FEATURES_CFG, small_layout, write_member
 from test_predict import N_NO_XP, star_columns
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from msa.autoencoders import Autoencoders
-from msa.features import FeatureTransform
-from msa.flux_loss import FluxMap, coefficient_rows, relative_flux_error
-from msa.pretrain import held_out_of_pretraining
-from msa.reconstruct import reconstruct_xp, scaled_xp_to_archive
-from msa.reconstruct_train import ReconstructTrainingError, train_reconstruction, training_stars
-from msa.spectra import relative_flux_error as archive_relative_flux_error
-from msa.spectra import sample_flux
-from msa.store import write_shard
+from msa.data.features import FeatureTransform
+from msa.data.store import write_shard
+from msa.data.xp_flux import relative_flux_error as archive_relative_flux_error
+from msa.data.xp_flux import sample_flux
+from msa.nn.autoencoders import Autoencoders
+from msa.nn.flux_loss import FluxMap, coefficient_rows, relative_flux_error
+from msa.pretrain.stage import held_out_of_pretraining
+from msa.spectra.reconstruct import reconstruct_xp, scaled_xp_to_archive
+from msa.spectra.train import ReconstructTrainingError, train_reconstruction, training_stars
 from test_ensemble import small_layout, write_member
 from test_predict import star_columns
 from test_reconstruct import spread_scaler
@@ -145,7 +145,7 @@ def test_when_no_epoch_beats_the_start_the_start_is_kept(run, tmp_path):
 
 
 def test_evaluation_refuses_a_member_of_other_held_out_stars(run, tmp_path):
-    from msa.reconstruct_eval import HeldOutMismatchError, require_same_held_out
+    from msa.spectra.evaluate import HeldOutMismatchError, require_same_held_out
 
     out = tmp_path / "member-0.pt"
     config = dict(run["config"], reconstruct={**run["config"]["reconstruct"],

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from msa.gaia import read_xp
-from msa.knn_baseline import fit_knn_spectra
-from msa.pretrain import held_out_of_pretraining
-from msa.batches import hash_fraction
-from msa.spectra import full_coefficients, relative_flux_error, sample_flux
+from msa.data.batches import hash_fraction
+from msa.data.gaia import read_xp
+from msa.data.xp_flux import full_coefficients, relative_flux_error, sample_flux
+from msa.pretrain.stage import held_out_of_pretraining
+from msa.spectra.knn_baseline import fit_knn_spectra
 
 torch.set_num_threads(1)
 SAMPLES = Path(__file__).parent / "data" / "gaia_archive_samples"
@@ -42,7 +42,7 @@ def test_gaiaxpy_progress_bar_stays_out_of_the_logs():
 
     import gaiaxpy.calibrator.calibrator as calibrator_module
 
-    from msa.spectra import calibrate_quietly, gaiaxpy_input
+    from msa.data.xp_flux import calibrate_quietly, gaiaxpy_input
 
     leak = io.StringIO()  # stands for the job log GaiaXPy's bar was bound to when it was imported
     saved, calibrator_module.stdout = calibrator_module.stdout, leak
@@ -103,7 +103,7 @@ def test_held_out_stars_are_pretrainings_validation_stars():
 
 @pytest.fixture()
 def small_run(tmp_path):
-    from msa.store import write_shard
+    from msa.data.store import write_shard
     from test_ensemble import small_layout, write_member
     from test_predict import star_columns
     from test_reconstruct import spread_scaler
@@ -123,8 +123,8 @@ def small_run(tmp_path):
 
 
 def test_reconstruction_validation_writes_metrics_and_figures(small_run, tmp_path):
-    from msa.autoencoders import Autoencoders
-    from msa.reconstruct_eval import evaluate_reconstruction
+    from msa.nn.autoencoders import Autoencoders
+    from msa.spectra.evaluate import evaluate_reconstruction
 
     aes = Autoencoders.load(small_run["members"])
     out = tmp_path / "evaluation"
@@ -138,9 +138,9 @@ def test_reconstruction_validation_writes_metrics_and_figures(small_run, tmp_pat
     assert overall["model_over_knn"] == pytest.approx(overall["model"] / overall["knn"])
     assert sum(b["n"] for b in metrics["by_g"]) == metrics["stars"]["held_out_with_xp"]
     assert len(metrics["each_model"]) == 2 and 0 <= metrics["within_one_spread"] <= 1
-    from msa.reconstruct import read_columns, reconstruct_xp
-    from msa.reconstruct_eval import band_sizes
-    from msa.store import Shard
+    from msa.data.store import Shard
+    from msa.spectra.evaluate import band_sizes
+    from msa.spectra.reconstruct import read_columns, reconstruct_xp
     with Shard(small_run["shard"]) as shard:
         raw = shard.read(["source_id", *read_columns(aes)])
     seen = reconstruct_xp({c: v[held] for c, v in raw.items()}, aes, hide_xp=False)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from msa.splits import SPLIT_NAMES, SplitError, assign_splits, split_fractions, split_mask
-from msa.star_hash import unit_hash
+from msa.data.splits import SPLIT_NAMES, SplitError, assign_splits, split_fractions, split_mask
+from msa.data.star_hash import unit_hash
 
 CFG = {"train": 0.5, "validation": 0.1, "calibration": 0.2, "test": 0.2}
 

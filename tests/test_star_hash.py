@@ -1,12 +1,12 @@
 import numpy as np
 
-from msa.star_hash import hash_uniform, unit_hash
+from msa.data.star_hash import hash_uniform, unit_hash
 
 IDS = np.array([0, 4295806720, 5937173300407220864, -1], dtype=np.int64)
 
 
 def test_values_are_pinned_so_published_splits_never_move():
-    # recorded before the two hashes of msa.splits and msa.masking were given one home: a change
+    # recorded before the two hashes of msa.data.splits and msa.nn.masking were given one home: a change
     # here reassigns every star's split and every fixed validation mask
     np.testing.assert_array_equal(unit_hash(IDS, 42), [0.34329192209867343, 0.7869769079567018,
                                                        0.8676459082495387, 0.7976691066913028])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msa.store import Shard, StoreError, atomic_dir, atomic_path, write_shard
+from msa.data.store import Shard, StoreError, atomic_dir, atomic_path, write_shard
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The synthetic sky: Archive-format files, known truth, determinism and learnable physics.
 
-The files are parsed here with plain pandas (not msa.gaia), so these tests check the generator
+The files are parsed here with plain pandas (not msa.data.gaia), so these tests check the generator
 independently of the readers.
 """
 
@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from msa.config import validate
-from msa.healpix import pixel_centres, source_id_to_pixel
-from msa.layout import Layout
-from msa.synthetic import (LABEL_COLUMNS, N_COEFF, N_CORRELATIONS, SOURCE_COLUMNS, XP_LIMIT_MAG,
-                           synthetic_config, write_sky, xp_column_names)
+from msa.data.healpix import pixel_centres, source_id_to_pixel
+from msa.data.layout import Layout
+from msa.data.synthetic import (LABEL_COLUMNS, N_COEFF, N_CORRELATIONS, SOURCE_COLUMNS, XP_LIMIT_MAG,
+                                synthetic_config, write_sky, xp_column_names)
 
 N_STARS = 1500
 
@@ -162,7 +162,7 @@ def test_cli_writes_sky_and_config(tmp_path):
 
 
 def test_a_killed_synthesize_leaves_no_complete_looking_file(tmp_path, monkeypatch):
-    """Every file goes through msa.store.atomic_path: a write cut short leaves nothing at the name."""
+    """Every file goes through msa.data.store.atomic_path: a write cut short leaves nothing at the name."""
     def write_half_then_die(frame, path, *args, **kwargs):
         Path(path).write_text("source_id\n1\n")
         raise OSError("disk full")

@@ -1,4 +1,4 @@
-"""msa.tables is the one reader of table formats: survey tables, label catalogues and Archive files
+"""msa.data.tables is the one reader of table formats: survey tables, label catalogues and Archive files
 take their format from it, and ECSV is read by astropy (declared types, delimiter and masks)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 from astropy import units as u
 from astropy.table import MaskedColumn, Table
 
-from msa.gaia import ArchiveFormatError, file_kind
-from msa.labels import LabelError, read_table as read_label_table
-from msa.surveys import SurveyError, read_survey
-from msa.tables import TableError, read_frame, table_format
+from msa.data.gaia import ArchiveFormatError, file_kind
+from msa.data.labels import LabelError, read_table as read_label_table
+from msa.data.surveys import SurveyError, read_survey
+from msa.data.tables import TableError, read_frame, table_format
 
 # ids above 2**53: exact only when never passed through float
 IDS = np.array([4295806720, 6917528997577384320, 6917528997577384321], dtype=np.int64)
@@ -69,7 +69,7 @@ def test_missing_columns_are_named_with_the_file(tmp_path):
 
 
 def test_a_gaia_source_ecsv_is_read_with_its_declared_types(tmp_path):
-    from msa.gaia import read_table as read_gaia_source
+    from msa.data.gaia import read_table as read_gaia_source
 
     path = tmp_path / "GaiaSource.ecsv"
     Table({"source_id": IDS, "parallax": MaskedColumn([1.5, 0.25, 2.0], mask=[False, False, True], unit=u.mas),

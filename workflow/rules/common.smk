@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from msa.config import validate as resolve_config
-from msa.store import atomic_path
+from msa.data.store import atomic_path
 
 # Nested defaults filled exactly as every `msa` command fills them.
 config.update(resolve_config(config, source="the workflow config"))

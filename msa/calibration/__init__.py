@@ -1,0 +1,11 @@
+"""The calibration stage: split-conformal offsets per group (calibrate, groups), the member
+mixture that every later stage predicts with (ensemble), faint copies of bright stars (emulation)."""
+
+# Other stages import only these names, from the package itself, never its modules.
+from msa.calibration.calibrate import (apply_calibration, interval_coverage, load_calibration,
+                                       parallax_label_columns, star_groups)
+from msa.calibration.emulation import ErrorRelation, emulate_faint_stars
+from msa.calibration.ensemble import Ensemble, combine_members
+
+__all__ = ["apply_calibration", "combine_members", "emulate_faint_stars", "Ensemble", "ErrorRelation",
+           "interval_coverage", "load_calibration", "parallax_label_columns", "star_groups"]

@@ -1,0 +1,1 @@
+"""The catalogue stages: ``msa predict`` (predict) and ``msa catalog`` (the HATS catalogue, catalog)."""

@@ -1,0 +1,486 @@
+"""``msa catalog``: prediction files → one HATS catalogue per label set (opened by LSDB, hats, astropy).
+
+Layout (HATS, https://www.ivoa.net/documents/Notes/HATS/)::
+
+    results/catalog/{label_set}/                    the HATS catalogue: ``lsdb.read_hats(this folder)``
+        properties                                  HATS properties (name, row count, ra/dec columns, ...)
+        partition_info.csv                          the partitions (Norder, Npix)
+        skymap.fits                                 star counts per HEALPix pixel at ``catalog.highest_order``
+        dataset/_metadata, dataset/_common_metadata  every row group's footer; the schema
+        dataset/Norder=K/Dir=D/Npix=N.parquet       the stars of nested HEALPix pixel N at order K
+    results/catalog/{label_set}.summary.json        row counts, fractions, per-label percentiles
+    results/catalog/{label_set}.skymap.png          median {catalog.sky_map_label}_q50 per pixel (two frames)
+    results/catalog/{label_set}.distributions.png   per-label q50 and interval-width histograms
+
+Partitions are adaptive: pixels of order ≤ ``catalog.highest_order`` holding at most
+``catalog.max_rows_per_partition`` stars each (hats' own alignment, so dense regions get small
+pixels). Rows in a partition are sorted by ``_healpix_29``, the nested HEALPix index of (ra, dec) at
+order 29 (hats' spatial index; for Gaia, ``_healpix_29 >> 34`` is the level-12 pixel that
+``source_id // 2**35`` encodes, bar stars on a pixel edge).
+
+Columns: ``_healpix_29``, ``source_id``, ``ra``, ``dec`` (deg, ICRS, epoch J2016.0, from the store);
+per label ``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (the label's unit): the 16th, 50th and 84th
+percentiles of the calibrated predictive distribution. In Gaia DR3's astrophysical-parameter tables
+the same three are ``{label}_lower``, ``{label}`` and ``{label}_upper`` (e.g. ``teff_gspphot_lower``):
+our q50 is their value column, q16 their ``_lower``, q84 their ``_upper``. Then ``has_xp``,
+``n_inputs``, ``flag_too_few_inputs``, ``calibration_group``, ``in_training_sample`` (see
+:mod:`msa.catalogue.predict`). Every column carries its unit and description twice: in the Arrow field
+metadata (``unit``, ``description``: what LSDB and pyarrow show) and in astropy's serialisation
+header (``table_meta_yaml``: ``astropy.table.Table.read(partition)`` gives ``Quantity``-ready units).
+The file metadata identifies the model (member sha256s, calibration, config hash); every input must
+come from the same model. An input folder (``msa predict --shards --out-dir``: one per batch of
+shards) stands for its ``*.parquet`` files, in name order.
+
+Memory: three passes, one input or one partition at a time. Pass 1 counts stars per pixel of
+``catalog.highest_order`` (positions only) and chooses the partitions; pass 2 splits each input
+into per-partition fragments; pass 3 joins each partition's fragments, sorts it, refuses a
+source_id found twice, writes the final file and adds to the summary. Percentiles and the sky map
+come from a deterministic sample of at most ``catalog.percentile_sample_rows`` stars (chosen by a
+hash of source_id; exact when smaller). The catalogue is built in a temporary folder beside the
+destination and renamed into place: a failed build leaves the old catalogue (or nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from msa.config import load_config
+from msa.data.star_hash import unit_hash
+from msa.data.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path, check_out_dir
+from msa.errors import InputError
+from msa.figures import plt, save_figure
+from msa.progress import progress
+
+log = logging.getLogger(__name__)
+
+IDENTITY_KEYS = ("label_set", "labels", "member_sha256", "calibration_sha256", "config_hash")
+PERCENTILES = (1, 5, 16, 50, 84, 95, 99)
+SPATIAL_INDEX = "_healpix_29"
+SPATIAL_ORDER = 29
+QUANTILE_WORDS = {"q16": ("16th percentile", "_lower"), "q50": ("median", ""), "q84": ("84th percentile", "_upper")}
+FIXED_DESCRIPTIONS = {
+    SPATIAL_INDEX: ("", "nested HEALPix index of (ra, dec) at order 29 (HATS spatial index)"),
+    SOURCE_ID: ("", "Gaia DR3 source_id"),
+    "ra": ("deg", "right ascension, ICRS, epoch J2016.0 (Gaia DR3)"),
+    "dec": ("deg", "declination, ICRS, epoch J2016.0 (Gaia DR3)"),
+    "has_xp": ("", "the prediction used the star's XP spectrum"),
+    "n_inputs": ("", "number of input features present and visible to the model"),
+    "flag_too_few_inputs": ("", "fewer inputs than predict.min_inputs: the predictions are NaN"),
+    "calibration_group": ("", "conformal calibration group whose offsets the star took"),
+    "in_training_sample": ("", "the star's labels were used for fine-tuning or calibration"),
+}
+
+
+class CatalogError(InputError, RuntimeError):
+    """Inputs that cannot form one catalogue: different models, duplicate stars, unreadable files."""
+
+
+def output_paths(out_dir: str | Path, label_set: str) -> dict[str, Path]:
+    """Where the catalogue of ``label_set`` and its summary files go (beside ``out_dir``)."""
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    return {"dataset": out_dir, "summary": parent / f"{label_set}.summary.json",
+            "skymap": parent / f"{label_set}.skymap.png",
+            "distributions": parent / f"{label_set}.distributions.png"}
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as err:
+        raise CatalogError(f"cannot read prediction file {path}: {err}") from err
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def prediction_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The inputs with each folder replaced by its ``*.parquet`` files, sorted; an empty folder is
+    refused (its shards' predictions would be missing from the catalogue without a word)."""
+    files = []
+    for given in map(Path, inputs):
+        if not given.is_dir():
+            files.append(given)
+            continue
+        found = sorted(given.glob("*.parquet"))
+        if not found:
+            raise CatalogError(f"--inputs folder {given} holds no .parquet file; is it an `msa predict --out-dir`?")
+        files += found
+    return files
+
+
+def check_same_model(inputs: Sequence[Path], label_set: str) -> dict[str, str]:
+    """All inputs carry the same model identity and label set; return the first one's metadata."""
+    if not inputs:
+        raise CatalogError("no prediction files given; pass --inputs results/predict/<label_set>/*.parquet")
+    first = _metadata(inputs[0])
+    missing = [k for k in IDENTITY_KEYS if k not in first]
+    if missing:
+        raise CatalogError(f"{inputs[0]} lacks metadata {missing}; is it an `msa predict` output?")
+    if first["label_set"] != label_set:
+        raise CatalogError(f"{inputs[0]} holds label set {first['label_set']!r}, not {label_set!r}")
+    for path in inputs[1:]:
+        meta = _metadata(path)
+        differ = [k for k in IDENTITY_KEYS if meta.get(k) != first[k]]
+        if differ:
+            raise CatalogError(f"{path} and {inputs[0]} differ in {differ}: they were predicted by different "
+                               "models; re-run `msa predict` for the stale files")
+    return first
+
+
+# --- positions and partitions ------------------------------------------------------------------
+def spatial_index(path: Path, table: pa.Table) -> np.ndarray:
+    """``_healpix_29`` (int64) of every row of ``table`` (read from ``path``), from its ra/dec."""
+    from hats.pixel_math.spatial_index import compute_spatial_index
+
+    missing = [c for c in (SOURCE_ID, *POSITION_COLUMNS) if c not in table.column_names]
+    if missing:
+        raise CatalogError(f"{path} has no column(s) {missing}: the catalogue needs each star's position. "
+                           "Re-run `msa predict` (it copies ra/dec from the store; ingest.source_columns must "
+                           "list ra and dec)")
+    ra, dec = (table.column(c).to_numpy(zero_copy_only=False) for c in POSITION_COLUMNS)
+    bad = ~(np.isfinite(ra) & np.isfinite(dec))
+    if bad.any():
+        sid = table.column(SOURCE_ID).to_numpy()[bad]
+        raise CatalogError(f"{path}: {int(bad.sum())} star(s) without a finite ra/dec, e.g. source_id "
+                           f"{sid[:3].tolist()}; a catalogue row needs a position")
+    return np.asarray(compute_spatial_index(ra, dec), dtype=np.int64)
+
+
+def count_stars(inputs: Sequence[Path], highest_order: int) -> np.ndarray:
+    """Pass 1: stars per nested pixel of ``highest_order`` over all inputs (reads positions only)."""
+    counts = np.zeros(12 * 4**highest_order, dtype=np.int64)
+    shift = 2 * (SPATIAL_ORDER - highest_order)
+    for path in progress(inputs, desc="catalogue: count", unit="file"):
+        table = pq.read_table(path, columns=[c for c in (SOURCE_ID, *POSITION_COLUMNS)
+                                             if c in pq.read_schema(path).names])
+        counts += np.bincount(spatial_index(path, table) >> shift, minlength=len(counts))
+    return counts
+
+
+def choose_partitions(counts: np.ndarray, highest_order: int, max_rows: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Adaptive partitions: (order, pixel) of each, and the partition of every ``highest_order`` pixel (−1: empty)."""
+    from hats.pixel_math.partition_stats import generate_alignment
+
+    if counts.max(initial=0) > max_rows:
+        raise CatalogError(f"a HEALPix pixel of order {highest_order} holds {int(counts.max())} stars, more than "
+                           f"catalog.max_rows_per_partition = {max_rows}; raise catalog.highest_order (finer "
+                           "pixels) or catalog.max_rows_per_partition")
+    alignment = generate_alignment(counts, highest_order=highest_order, lowest_order=0, threshold=max_rows,
+                                   drop_empty_siblings=True)
+    occupied = np.flatnonzero(counts)
+    destinations = sorted({(int(alignment[i][0]), int(alignment[i][1])) for i in occupied})
+    number = {dest: k for k, dest in enumerate(destinations)}
+    partition_of = np.full(len(counts), -1, dtype=np.int64)
+    partition_of[occupied] = [number[(int(alignment[i][0]), int(alignment[i][1]))] for i in occupied]
+    return destinations, partition_of
+
+
+def write_fragments(inputs: Sequence[Path], fragment_dir: Path, partition_of: np.ndarray,
+                    highest_order: int) -> None:
+    """Pass 2: each input's rows (with ``_healpix_29`` first) split into one file per partition."""
+    shift = 2 * (SPATIAL_ORDER - highest_order)
+    for i, path in enumerate(progress(inputs, desc="catalogue: partition", unit="file")):
+        table = pq.read_table(path)
+        index = spatial_index(path, table)
+        table = table.add_column(0, SPATIAL_INDEX, pa.array(index, pa.int64()))
+        partition = partition_of[index >> shift]
+        order = np.argsort(partition, kind="stable")
+        partition = partition[order]
+        table = table.take(pa.array(order))
+        bounds = np.flatnonzero(np.diff(partition)) + 1
+        for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(partition)]):
+            if stop == start:
+                continue
+            part_dir = fragment_dir / f"{int(partition[start]):07d}"
+            part_dir.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table.slice(start, stop - start), part_dir / f"part-{i:05d}.parquet")
+
+
+# --- per-column units and descriptions ---------------------------------------------------------
+def column_description(name: str, labels: Sequence[str], units: dict[str, str]) -> tuple[str, str]:
+    """(unit, description) of a catalogue column."""
+    if name in FIXED_DESCRIPTIONS:
+        return FIXED_DESCRIPTIONS[name]
+    label, _, suffix = name.rpartition("_")
+    if label in labels and suffix in QUANTILE_WORDS:
+        words, gaia = QUANTILE_WORDS[suffix]
+        return units.get(label, ""), (f"{label}: {words} of the calibrated predictive distribution "
+                                      f"(Gaia DR3 convention: {label}{gaia})")
+    if name.startswith("latent_"):
+        return "", "first ensemble member's latent representation"
+    return "", ""
+
+
+def astropy_header(schema: pa.Schema, described: dict[str, tuple[str, str]]) -> str:
+    """astropy's Parquet serialisation header (``table_meta_yaml``) giving each column's unit and description."""
+    from astropy.table import Column, Table
+    from astropy.table.meta import get_yaml_from_table
+
+    columns = []
+    for field in schema:
+        unit, description = described[field.name]
+        dtype = str if pa.types.is_string(field.type) else field.type.to_pandas_dtype()
+        columns.append(Column(np.empty(0, dtype=dtype), name=field.name, unit=unit or None,
+                              description=description or None))
+    return "\n".join(get_yaml_from_table(Table(columns)))
+
+
+def catalog_schema(schema: pa.Schema, labels: Sequence[str], units: dict[str, str],
+                   model_metadata: dict[str, str]) -> pa.Schema:
+    """The input schema with units/descriptions on every field and the model identity on the file."""
+    described = {f.name: column_description(f.name, labels, units) for f in schema}
+    fields = [f.with_metadata({**{k.decode(): v.decode() for k, v in (f.metadata or {}).items()},
+                               "unit": described[f.name][0], "description": described[f.name][1]})
+              for f in schema]
+    metadata = {k: v for k, v in model_metadata.items() if k != "input_file"}  # inputs differ; listed in the summary
+    metadata["table_meta_yaml"] = astropy_header(schema, described)
+    return pa.schema(fields, metadata=metadata)
+
+
+# --- pass 3: final partition files and the summary ---------------------------------------------
+def partition_file(catalog_dir: Path, order: int, pixel: int) -> Path:
+    """HATS path of a partition: Dir groups pixels by ten thousands."""
+    return catalog_dir / "dataset" / f"Norder={order}" / f"Dir={pixel // 10_000 * 10_000}" / f"Npix={pixel}.parquet"
+
+
+def check_unique(source_id: np.ndarray, where: str) -> None:
+    uniq, counts = np.unique(source_id, return_counts=True)
+    if np.any(counts > 1):
+        raise CatalogError(f"{int(np.sum(counts > 1))} source_id(s) appear more than once ({where}), e.g. "
+                           f"{uniq[counts > 1][:3].tolist()}; two inputs overlap — pass each shard's predictions once")
+
+
+class SummaryAccumulator:
+    """Counts, the percentile sample and the sky-map sample, added to one partition at a time."""
+
+    def __init__(self, labels: Sequence[str], sky_label: str, sky_order: int, sample_fraction: float, seed: int):
+        self.labels, self.sky_label, self.sky_order = list(labels), sky_label, sky_order
+        self.sample_fraction, self.seed = sample_fraction, seed
+        self.n_rows = self.n_without_xp = self.n_flagged = 0
+        self.samples: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.sky_pixels: list[np.ndarray] = []
+
+    def add(self, table: pa.Table) -> None:
+        sid = table.column(SOURCE_ID).to_numpy()
+        self.n_rows += len(sid)
+        self.n_without_xp += int(np.sum(~table.column("has_xp").to_numpy(zero_copy_only=False)))
+        self.n_flagged += int(np.sum(table.column("flag_too_few_inputs").to_numpy(zero_copy_only=False)))
+        keep = unit_hash(sid, self.seed) < self.sample_fraction
+        for label in self.labels:
+            for s in QUANTILE_WORDS:
+                self.samples[f"{label}_{s}"].append(table.column(f"{label}_{s}").to_numpy(zero_copy_only=False)[keep])
+        index = table.column(SPATIAL_INDEX).to_numpy()[keep]
+        self.sky_pixels.append(index >> (2 * (SPATIAL_ORDER - self.sky_order)))
+
+    def sample(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(v) if v else np.empty(0, np.float32) for k, v in self.samples.items()}
+
+    def pixel_median(self) -> dict[int, float]:
+        """Median sampled ``{sky_label}_q50`` per nested pixel of ``sky_order``."""
+        pixels = np.concatenate(self.sky_pixels) if self.sky_pixels else np.empty(0, np.int64)
+        values = self.sample().get(f"{self.sky_label}_q50", np.empty(0))
+        ok = np.isfinite(values)
+        pixels, values = pixels[ok], values[ok]
+        order = np.lexsort((values, pixels))
+        pixels, values = pixels[order], values[order]
+        bounds = np.r_[0, np.flatnonzero(np.diff(pixels)) + 1, len(pixels)]
+        return {int(pixels[a]): float(np.median(values[a:b])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
+
+
+def write_partition(fragments: Path, dest: Path, schema: pa.Schema, where: str) -> pa.Table:
+    """Join one partition's fragments, sort by ``_healpix_29``, refuse duplicates, write ``dest``."""
+    table = pa.concat_tables([pq.read_table(p) for p in sorted(fragments.glob("*.parquet"))])
+    table = table.sort_by([(SPATIAL_INDEX, "ascending"), (SOURCE_ID, "ascending")])
+    check_unique(table.column(SOURCE_ID).to_numpy(), where)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.cast(schema), dest, compression="zstd")
+    shutil.rmtree(fragments)
+    return table
+
+
+def write_partitions(fragment_dir: Path, catalog_dir: Path, partitions: Sequence[tuple[int, int]],
+                     schema: pa.Schema, summary: SummaryAccumulator) -> dict[tuple[int, int], int]:
+    """Pass 3: every partition's final file; return its row count."""
+    rows = {}
+    for k, (order, pixel) in enumerate(progress(partitions, desc="catalogue: write", unit="partition")):
+        table = write_partition(fragment_dir / f"{k:07d}", partition_file(catalog_dir, order, pixel), schema,
+                                f"partition Norder={order} Npix={pixel}")
+        summary.add(table)
+        rows[(order, pixel)] = table.num_rows
+    return rows
+
+
+def write_hats_metadata(catalog_dir: Path, name: str, partitions: Sequence[tuple[int, int]], counts: np.ndarray,
+                        total_rows: int, max_rows: int) -> None:
+    """``properties``, ``partition_info.csv``, ``skymap.fits``, ``dataset/_metadata`` and ``_common_metadata``."""
+    from hats.catalog import PartitionInfo, TableProperties
+    from hats.io.parquet_metadata import write_parquet_metadata
+    from hats.io.skymap import write_skymap
+    from hats.pixel_math import HealpixPixel
+
+    write_parquet_metadata(catalog_dir)
+    PartitionInfo.from_healpix([HealpixPixel(o, p) for o, p in partitions]).write_to_file(catalog_path=catalog_dir)
+    write_skymap(counts, catalog_dir)
+    TableProperties(catalog_name=name, catalog_type="object", total_rows=total_rows, ra_column="ra",
+                    dec_column="dec", healpix_column=SPATIAL_INDEX, healpix_order=SPATIAL_ORDER,
+                    hats_max_rows=max_rows).to_properties_file(catalog_dir)
+
+
+def label_statistics(samples: dict[str, np.ndarray], labels: Sequence[str], units: dict) -> dict:
+    out = {}
+    for label in labels:
+        q16, q50, q84 = (samples[f"{label}_{s}"].astype(np.float64) for s in ("q16", "q50", "q84"))
+        ok = np.isfinite(q50)
+        entry = {"unit": units.get(label, ""), "n_sampled": int(ok.sum())}
+        if ok.any():
+            values = np.percentile(q50[ok], PERCENTILES)
+            entry["q50_percentiles"] = {f"p{p}": float(v) for p, v in zip(PERCENTILES, values)}
+            entry["median_half_width"] = float(np.median((q84[ok] - q16[ok]) / 2))
+        out[label] = entry
+    return out
+
+
+def full_sky_map(pixel_median: dict[int, float], order: int) -> np.ndarray:
+    """Nested-scheme map of ``order`` with the medians; pixels without stars are healpy's UNSEEN."""
+    import healpy
+
+    sky = np.full(12 * 4**order, healpy.UNSEEN)
+    if pixel_median:
+        sky[np.fromiter(pixel_median, dtype=np.int64)] = np.fromiter(pixel_median.values(), dtype=np.float64)
+    return sky
+
+
+def plot_sky_map(pixel_median: dict[int, float], order: int, label: str, unit: str, path: Path) -> Path:
+    """Mollweide maps (equatorial and Galactic) of the median ``{label}_q50`` per HEALPix pixel of ``order``:
+    each pixel drawn as its true shape (healpy), longitude increasing to the left."""
+    import healpy
+
+    sky = full_sky_map(pixel_median, order)
+    fig = plt.figure(figsize=(13, 4.6))
+    seen = sky[sky != healpy.UNSEEN]
+    limits = dict(min=float(np.min(seen)), max=float(np.max(seen))) if len(seen) else {}
+    frames = ((["C"], "RA", "Dec", "equatorial (ICRS)"), (["C", "G"], "Galactic l", "Galactic b", "Galactic"))
+    for k, (coord, xlabel, ylabel, frame) in enumerate(frames):
+        healpy.projview(sky, nest=True, coord=coord, fig=fig.number, sub=(1, 2, k + 1), projection_type="mollweide",
+                        graticule=True, graticule_labels=True, xlabel=xlabel, ylabel=ylabel, cmap="viridis",
+                        unit=f"median {label} q50" + (f" [{unit}]" if unit else ""), cb_orientation="horizontal",
+                        title=f"{frame}: {len(pixel_median)} pixels of order {order}", fontsize={"title": 10},
+                        **limits)
+    return save_figure(fig, path)
+
+
+def plot_distributions(samples: dict[str, np.ndarray], labels: Sequence[str], units: dict, path: Path) -> Path:
+    """Per label: histogram of the medians (top) and of the half-widths (q84 − q16) / 2 (bottom)."""
+    fig, axes = plt.subplots(2, len(labels), figsize=(3.2 * len(labels), 5.2), squeeze=False)
+    for j, label in enumerate(labels):
+        q16, q50, q84 = (samples[f"{label}_{s}"] for s in ("q16", "q50", "q84"))
+        ok = np.isfinite(q50)
+        unit = units.get(label, "")
+        suffix = f" [{unit}]" if unit else ""
+        axes[0, j].hist(q50[ok], bins=60, color="C0")
+        axes[0, j].set_xlabel(f"{label} q50{suffix}")
+        axes[1, j].hist(((q84 - q16) / 2)[ok], bins=60, color="C1")
+        axes[1, j].set_xlabel(f"{label} (q84 − q16)/2{suffix}")
+        axes[1, j].set_yscale("log")
+    axes[0, 0].set_ylabel("stars")
+    axes[1, 0].set_ylabel("stars")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _sky_label(requested: str | None, labels: Sequence[str], label_set: str) -> str:
+    if requested is not None and requested not in labels:
+        log.warning("catalog.sky_map_label %r is not a label of %r (%s); sky map shows %r instead",
+                    requested, label_set, labels, labels[0])
+        return labels[0]
+    return requested or labels[0]
+
+
+def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: str, *,
+                  max_rows_per_partition: int = 1_000_000, highest_order: int = 8, sky_map_level: int = 5,
+                  sky_map_label: str | None = None, percentile_sample_rows: int = 2_000_000, seed: int = 0,
+                  paths: dict[str, Path] | None = None) -> dict:
+    """Build the HATS catalogue and its summary/figures; return the summary dict."""
+    inputs = prediction_files(inputs)
+    paths = paths or output_paths(out_dir, label_set)
+    meta = check_same_model(inputs, label_set)
+    labels = json.loads(meta["labels"])
+    units = json.loads(meta.get("units", "{}"))
+    sky_map_label = _sky_label(sky_map_label, labels, label_set)
+    total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
+    sample_fraction = min(1.0, percentile_sample_rows / max(total_rows, 1))
+    dest = paths["dataset"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(dest) as tmp_dir:  # readers see the old catalogue or the new one, never a mix
+        counts = count_stars(inputs, highest_order)
+        partitions, partition_of = choose_partitions(counts, highest_order, max_rows_per_partition)
+        write_fragments(inputs, tmp_dir / "fragments", partition_of, highest_order)
+        schema = catalog_schema(pq.read_schema(next((tmp_dir / "fragments").glob("*/*.parquet"))), labels, units,
+                                meta) if partitions else None
+        stats = SummaryAccumulator(labels, sky_map_label, sky_map_level, sample_fraction, seed)
+        rows = write_partitions(tmp_dir / "fragments", tmp_dir, partitions, schema, stats)
+        if stats.n_rows != total_rows or sum(rows.values()) != total_rows:
+            raise CatalogError(f"catalogue holds {stats.n_rows} rows but the inputs hold {total_rows}; "
+                               "a bug: the catalogue was not written")
+        shutil.rmtree(tmp_dir / "fragments", ignore_errors=True)
+        write_hats_metadata(tmp_dir, label_set, partitions, counts, total_rows, max_rows_per_partition)
+    n = max(stats.n_rows, 1)
+    samples = stats.sample()
+    pixel_median = stats.pixel_median()
+    summary = {
+        "label_set": label_set, "labels": labels, "units": units,
+        "dataset": str(dest), "format": "HATS (lsdb.read_hats / hats.read_hats)",
+        "partitioning": f"adaptive nested HEALPix pixels of order <= {highest_order}, at most "
+                        f"{max_rows_per_partition} rows each, sorted by {SPATIAL_INDEX}",
+        "n_partitions": len(partitions), "partition_orders": sorted({o for o, _ in partitions}),
+        "max_rows_per_partition": max_rows_per_partition, "highest_order": highest_order,
+        "n_inputs": len(inputs), "n_rows": stats.n_rows,
+        "n_without_xp": stats.n_without_xp, "fraction_without_xp": stats.n_without_xp / n,
+        "n_flagged_too_few_inputs": stats.n_flagged, "fraction_flagged": stats.n_flagged / n,
+        "percentile_sample_fraction": sample_fraction,
+        "per_label": label_statistics(samples, labels, units),
+        "sky_map_label": sky_map_label, "sky_map_level": sky_map_level, "sky_map_pixels": len(pixel_median),
+        "model": {k: meta.get(k) for k in ("msa_version", *IDENTITY_KEYS)},
+        "inputs": [str(p) for p in inputs],
+    }
+    with atomic_path(paths["summary"]) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    plot_sky_map(pixel_median, sky_map_level, sky_map_label, units.get(sky_map_label, ""), paths["skymap"])
+    plot_distributions(samples, labels, units, paths["distributions"])
+    log.info("catalogue %s: %d stars in %d partitions (%.1f %% without XP, %.2f %% flagged)", dest, stats.n_rows,
+             len(partitions), 100 * summary["fraction_without_xp"], 100 * summary["fraction_flagged"])
+    return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config (YAML)")
+    parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
+    parser.add_argument("--inputs", nargs="+", required=True, help="prediction Parquet files of that label set, or folders of them (`msa predict --out-dir`)")
+    parser.add_argument("--out-dir", required=True, help="catalogue folder, e.g. results/catalog/<label_set>")
+    parser.add_argument("--summary", help="summary JSON (default: <out-dir>/../<label_set>.summary.json)")
+    parser.add_argument("--skymap", help="sky map PNG (default: <out-dir>/../<label_set>.skymap.png)")
+    parser.add_argument("--distributions",
+                        help="distributions PNG (default: <out-dir>/../<label_set>.distributions.png)")
+
+
+def run(args) -> int:
+    check_out_dir(args.out_dir, [args.config, *args.inputs])  # the folder is replaced whole
+    config = load_config(args.config)
+    ccfg = config["catalog"]
+    paths = output_paths(args.out_dir, args.label_set)
+    for key in ("summary", "skymap", "distributions"):
+        if getattr(args, key):
+            paths[key] = Path(getattr(args, key))
+    build_catalog(args.inputs, args.out_dir, args.label_set, max_rows_per_partition=ccfg["max_rows_per_partition"],
+                  highest_order=ccfg["highest_order"], sky_map_level=ccfg["sky_map_level"],
+                  sky_map_label=ccfg["sky_map_label"], percentile_sample_rows=ccfg["percentile_sample_rows"],
+                  seed=config["seed"], paths=paths)
+    return 0

@@ -1,0 +1,408 @@
+"""``msa predict``: one shard (or a user's table) → one Parquet file of calibrated quantiles;
+``--shards`` many shards → one folder of such files, with the models loaded once.
+
+Three stages overlap, so the accelerator is never waiting on the disk:
+
+1. a reader thread streams ``predict.chunk_rows`` rows at a time, in file order, and applies the
+   members' own ``FeatureTransform`` (the one used in training, with the scaler stored in the
+   checkpoints), reading only the value columns: the encoder never sees the error columns;
+2. the calling thread runs the ensemble on large batches (``predict.batch_size``) and applies the
+   split-conformal calibration;
+3. a writer thread appends each chunk to the Parquet file as one row group.
+
+Output columns: ``source_id`` (int64, exactly the input's, in input order); ``ra``, ``dec``
+(float64 degrees, copied from the input when it has both, for the catalogue's positions); per label
+``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (float32, physical units, q16 ≤ q50 ≤ q84);
+``has_xp`` (the prediction used an XP spectrum); ``n_inputs`` (features present and visible to the
+model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN);
+``calibration_group`` (the conformal group whose offsets the star took: XP or not, G bin, bands
+present; see :mod:`msa.calibration.calibrate`); ``in_training_sample`` (its labels were used for fine-tuning
+or calibration, as the flag of Andrae et al. 2023); with
+``predict.save_latent`` also ``latent_000`` … (the first member's latent). The file's key-value
+metadata identifies the model (member sha256s, calibration hash, config hash, msa version), the
+label set, the labels and their units, and the input file.
+
+The file is written to a temporary name, its ``source_id`` column read back and checked against
+the input's (same ids, same order, none twice), and only then renamed into place. A ``--shards``
+folder is built the same way: in a temporary folder, renamed into place once every shard's file is
+written, so a failed shard leaves no partial folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from msa import __version__
+from msa.calibration import apply_calibration, load_calibration, star_groups
+from msa.calibration import Ensemble, combine_members
+from msa.config import config_hash, load_config
+from msa.data.features import G_MAG, FeatureTransform
+from msa.data.labels import LabelSource, label_set
+from msa.data.layout import Feature, Layout
+from msa.data.parquet_stream import BackgroundParquetWriter, OutputCheckError, verify_source_ids
+from msa.data.prefetch import prefetch
+from msa.data.splits import assign_splits, split_seed
+from msa.data.star_sources import (StarSource, add_star_source_arguments, check_outputs, open_shard, open_table,
+                                   write_each_source)
+from msa.data.store import POSITION_COLUMNS, SOURCE_ID, atomic_path
+from msa.nn.checkpoint import file_sha256
+from msa.nn.training import add_device_argument, resolve_device
+from msa.progress import progress
+
+log = logging.getLogger(__name__)
+
+QUANTILE_SUFFIXES = ("q16", "q50", "q84")
+
+
+class PredictionError(OutputCheckError):
+    """The inputs do not fit the model, or the written predictions fail the exactness checks."""
+
+
+# --- one chunk -----------------------------------------------------------------------------------
+@dataclass
+class PreparedChunk:
+    source_id: np.ndarray  # int64 (n,)
+    x: torch.Tensor  # float32 (n, F) scaled inputs, NaN = missing (pinned when predicting on CUDA)
+    n_inputs: np.ndarray  # int16 (n,)
+    has_xp: np.ndarray  # bool (n,)
+    calibration_group: np.ndarray  # object (n,): the group whose offsets the star takes ("" uncalibrated)
+    in_training_sample: np.ndarray  # bool (n,)
+    positions: dict = field(default_factory=dict)  # ra, dec float64 (n,) when the input has them
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """Which stars' labels the model was fitted or calibrated on: a label of the set, and a split
+    other than test (train and validation fine-tune, calibration calibrates)."""
+
+    labels: LabelSource
+    splits_cfg: dict
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict, label_set_name: str) -> "TrainingSample | None":
+        """None (with a warning) when the config does not say where the label set's labels come from."""
+        names = list((config.get("label_sets") or {}).get(label_set_name) or [])
+        known = (config.get("labels") or {}).get("columns") or {}
+        if not names or any(n not in known for n in names):
+            log.warning("labels.columns lacks label(s) of %r: in_training_sample is written false for every "
+                        "star; predict with the config the members were fine-tuned with", label_set_name)
+            return None
+        return cls(LabelSource(config["labels"], label_set(config, label_set_name)), config["splits"],
+                   split_seed(config))
+
+    @property
+    def store_columns(self) -> list[str]:
+        return self.labels.store_columns
+
+    def contains(self, source_id: np.ndarray, raw: dict[str, np.ndarray]) -> np.ndarray:
+        """Bool ``(n,)``; ``raw`` holds the stars' store columns that labels come from."""
+        y, _ = self.labels.lookup(source_id, raw)
+        labelled = np.any(np.isfinite(y), axis=1)
+        return labelled & (assign_splits(source_id, self.splits_cfg, self.seed) != "test")
+
+
+def input_transform(ensemble: Ensemble) -> FeatureTransform:
+    """The members' transform without the error columns: the encoder reads values only, so prediction
+    reads about half the XP bytes of training. Values are derived and scaled exactly as in training."""
+    layout = ensemble.layout
+    # replace() keeps every other property of the layout (colours relative to a reference, ...)
+    values_only = dataclasses.replace(layout, features=tuple(Feature(f.name, f.group, None) for f in layout.features))
+    return FeatureTransform(values_only, ensemble.scaler, ensemble.normalise_xp)
+
+
+def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: FeatureTransform,
+                  pin: bool = False, calibration: dict | None = None,
+                  training: TrainingSample | None = None) -> PreparedChunk:
+    """Raw store columns → scaled inputs, per-star input counts, calibration group and training flag
+    (runs in the reader thread)."""
+    x, _ = transform(raw)
+    infinite = np.isinf(x)
+    if infinite.any():
+        # an infinite value (e.g. a zero flux turned into a magnitude) carries no information
+        x[infinite] = np.nan
+    visible = ensemble.visible_inputs(x)
+    has_xp = ensemble.has_xp(x, visible)
+    source_id = np.asarray(raw[SOURCE_ID], dtype=np.int64)
+    if calibration is None:
+        groups = np.full(len(x), "", dtype=object)
+    else:
+        g_mag = raw[G_MAG] if G_MAG in raw else np.full(len(x), np.nan)
+        groups = star_groups(calibration, ensemble.calibration_levels(
+            x, g_mag, calibration.get("g_mag_bins") or [], visible=visible))
+    in_training = training.contains(source_id, raw) if training is not None else np.zeros(len(x), dtype=bool)
+    tensor = torch.from_numpy(x)
+    positions = {c: np.asarray(raw[c], dtype=np.float64) for c in POSITION_COLUMNS if c in raw}
+    return PreparedChunk(source_id, tensor.pin_memory() if pin else tensor, visible.sum(axis=1).astype(np.int16),
+                         has_xp, groups, in_training, positions)
+
+
+def extra_read_columns(training: TrainingSample | None) -> list[str]:
+    """Store columns read besides the model's inputs: G (the calibration group) and store labels."""
+    return [G_MAG, *(training.store_columns if training is not None else [])]
+
+
+def position_columns(present) -> list[str]:
+    """``ra`` and ``dec`` when the input has both (the catalogue needs both or neither)."""
+    return list(POSITION_COLUMNS) if all(c in present for c in POSITION_COLUMNS) else []
+
+
+def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int | None,
+                  metadata: dict[str, str], positions: Sequence[str] = ()) -> pa.Schema:
+    fields = [pa.field(SOURCE_ID, pa.int64(), nullable=False)]
+    fields += [pa.field(c, pa.float64(), metadata={"unit": "deg"}) for c in positions]
+    for label in labels:
+        for suffix in QUANTILE_SUFFIXES:
+            fields.append(pa.field(f"{label}_{suffix}", pa.float32(), metadata={"unit": units.get(label, "")}))
+    fields += [pa.field("has_xp", pa.bool_(), nullable=False), pa.field("n_inputs", pa.int16(), nullable=False),
+               pa.field("flag_too_few_inputs", pa.bool_(), nullable=False),
+               pa.field("calibration_group", pa.string(), nullable=False),
+               pa.field("in_training_sample", pa.bool_(), nullable=False)]
+    if latent_dim:
+        fields += [pa.field(latent_column(i), pa.float32()) for i in range(latent_dim)]
+    return pa.schema(fields, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def latent_column(i: int) -> str:
+    return f"latent_{i:03d}"
+
+
+def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent: np.ndarray | None,
+                schema: pa.Schema, labels: Sequence[str]) -> pa.Table:
+    columns = [pa.array(chunk.source_id, pa.int64())]
+    columns += [pa.array(chunk.positions[c], pa.float64()) for c in POSITION_COLUMNS if c in schema.names]
+    for j in range(len(labels)):
+        for k in range(3):
+            columns.append(pa.array(q[:, j, k], pa.float32()))
+    columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged),
+                pa.array(chunk.calibration_group, pa.string()), pa.array(chunk.in_training_sample)]
+    if latent is not None:
+        columns += [pa.array(latent[:, i], pa.float32()) for i in range(latent.shape[1])]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+# --- a whole input -------------------------------------------------------------------------------
+@dataclass
+class PredictSummary:
+    n_rows: int = 0
+    n_without_xp: int = 0
+    n_flagged: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def stars_per_second(self) -> float:
+        return self.n_rows / self.seconds if self.seconds > 0 else float("nan")
+
+
+def predict_chunks(
+    chunks: Iterable[dict[str, np.ndarray]],
+    expected_ids: Callable[[], Iterable[np.ndarray]],
+    ensemble: Ensemble,
+    calibration: dict | None,
+    out: str | Path,
+    *,
+    batch_size: int,
+    min_inputs: int,
+    save_latent: bool = False,
+    units: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+    n_chunks: int | None = None,
+    prefetch_depth: int = 2,
+    training: TrainingSample | None = None,
+    positions: Sequence[str] = (),
+) -> PredictSummary:
+    """Predict raw store-column chunks into the Parquet file ``out`` (atomically).
+
+    ``expected_ids()`` re-reads the input's source_ids (chunk by chunk, in order) for the final
+    check; ``calibration`` None leaves the ensemble quantiles uncalibrated; ``training`` None
+    writes ``in_training_sample`` False for every star; ``positions`` names the position columns
+    (``ra``, ``dec``) the chunks carry, copied to the output.
+    """
+    labels = ensemble.labels
+    pin = ensemble.device.type == "cuda"
+    schema = output_schema(labels, units or {}, ensemble.latent_dim if save_latent else None, metadata or {},
+                           positions)
+    summary = PredictSummary()
+    t0 = time.perf_counter()
+    with atomic_path(out) as tmp:
+        writer = BackgroundParquetWriter(tmp, schema)
+        try:
+            transform = input_transform(ensemble)
+            prepared = prefetch((prepare_chunk(raw, ensemble, transform, pin, calibration, training)
+                                 for raw in chunks),
+                                depth=prefetch_depth)
+            for chunk in progress(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk"):
+                result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
+                member_q, latent = result if save_latent else (result, None)
+                q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
+                flagged = chunk.n_inputs < min_inputs
+                q[flagged] = np.nan
+                if latent is not None:
+                    latent[flagged] = np.nan
+                _check_quantiles(q, flagged, chunk.source_id, out)
+                writer.put(chunk_table(chunk, q, flagged, latent, schema, labels))
+                summary.n_rows += len(chunk.source_id)
+                summary.n_without_xp += int(np.sum(~chunk.has_xp))
+                summary.n_flagged += int(np.sum(flagged))
+        finally:
+            writer.close()
+        verify_source_ids(tmp, expected_ids(), out)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _combine_and_calibrate(member_q: np.ndarray, calibration: dict | None, labels: Sequence[str],
+                           groups: np.ndarray) -> np.ndarray:
+    q = combine_members(member_q)
+    if calibration is not None:
+        q = apply_calibration(q, calibration, labels, groups=groups).astype(np.float32, copy=False)
+    return q
+
+
+def _check_quantiles(q: np.ndarray, flagged: np.ndarray, source_id: np.ndarray, out) -> None:
+    ok = ~flagged
+    finite = np.all(np.isfinite(q[ok]), axis=(1, 2))
+    if not np.all(finite):
+        bad = source_id[ok][~finite]
+        raise PredictionError(f"{out}: non-finite predictions for {len(bad)} star(s), e.g. source_id "
+                              f"{bad[:3].tolist()}; check those stars' inputs for extreme values")
+    if not (np.all(q[ok, :, 0] <= q[ok, :, 1]) and np.all(q[ok, :, 1] <= q[ok, :, 2])):
+        raise PredictionError(f"{out}: quantiles out of order (q16 ≤ q50 ≤ q84 violated); this is a bug")
+
+
+def predict_shard(shard_path: str | Path, ensemble: Ensemble, calibration: dict | None, out: str | Path,
+                  *, chunk_rows: int, batch_size: int, min_inputs: int, **kwargs) -> PredictSummary:
+    """Predict every row of one shard, in order; see :func:`predict_chunks` for the other arguments."""
+    # G and store labels where the shard has them (a missing G falls back to the coarse group)
+    source = open_shard(shard_path, input_transform(ensemble).store_columns, chunk_rows,
+                        optional=[*extra_read_columns(kwargs.get("training")), *POSITION_COLUMNS])
+    return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
+
+
+def predict_table(table_path: str | Path, ensemble: Ensemble, calibration: dict | None, out: str | Path,
+                  *, chunk_rows: int, batch_size: int, min_inputs: int, allow_missing: bool = False,
+                  **kwargs) -> PredictSummary:
+    """Predict a user's CSV/ECSV/FITS/Parquet table (store column names), keeping its row order."""
+    source = open_table(table_path, input_transform(ensemble).store_columns, chunk_rows, allow_missing,
+                        optional=[*extra_read_columns(kwargs.get("training")), *POSITION_COLUMNS])
+    return predict_source(source, ensemble, calibration, out, batch_size=batch_size, min_inputs=min_inputs, **kwargs)
+
+
+def predict_source(source: StarSource, ensemble: Ensemble, calibration: dict | None, out: str | Path,
+                   **kwargs) -> PredictSummary:
+    return predict_chunks(source.chunks(), source.expected_ids, ensemble, calibration, out,
+                          n_chunks=source.n_chunks, positions=position_columns(source.present), **kwargs)
+
+
+# --- metadata and command line -------------------------------------------------------------------
+def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibration_path: str | Path | None,
+                  config: dict, label_set: str, units: dict[str, str], input_path: str | Path,
+                  min_inputs: int, calibration: dict | None = None,
+                  training: "TrainingSample | None" = None) -> dict[str, str]:
+    """Key-value metadata that identifies the model and the input of a prediction file."""
+    return {
+        "msa_version": __version__,
+        "label_set": label_set,
+        "labels": json.dumps(ensemble.labels),
+        "units": json.dumps({label: units.get(label, "") for label in ensemble.labels}),
+        "member_sha256": json.dumps(ensemble.checksums),
+        "member_paths": json.dumps([str(p) for p in member_paths]),
+        "calibration_sha256": file_sha256(calibration_path) if calibration_path else "uncalibrated",
+        "config_hash": config_hash(config),
+        "input_file": str(input_path),
+        "min_inputs": str(min_inputs),
+        "quantiles": "q16/q50/q84: 16th, 50th, 84th percentiles of the equal-weight mixture of the members' "
+                     "predictive distributions, with split-conformal offsets of each star's calibration_group",
+        "calibration_guarantee": calibration_guarantee(calibration),
+        "in_training_sample": "true: the star's labels were used for fine-tuning (train and validation splits) or "
+                              "for calibration; its predictions are not out-of-sample" if training is not None else
+                              "unknown (false everywhere): the config names no label columns for this label set",
+    }
+
+
+def calibration_guarantee(calibration: dict | None) -> str:
+    """Which coverage promise holds for which stars, in words, for the prediction files' metadata."""
+    if calibration is None:
+        return "none: uncalibrated ensemble quantiles"
+    coverage = calibration.get("coverage_target")
+    groups = sorted(calibration.get("groups") or {})
+    g_max = calibration.get("calibration_g_mag_max")
+    text = (f"split-conformal, finite-sample: P(q16 <= true <= q84) >= {coverage} for a star exchangeable with the "
+            f"calibration stars of its calibration_group. Groups with their own offsets (G bin and bands "
+            f"present, >= {calibration.get('min_group_size')} calibration stars each): {groups or 'none'}; "
+            "stars in no such group take the offsets of their coarse group (xp or no_xp), whose promise holds "
+            "only on average over the calibration stars")
+    emulated = calibration.get("emulated_groups") or []
+    if g_max is not None:
+        text += (f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars outside the emulated "
+                 "groups below the promise is extrapolated" if emulated else
+                 f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars the promise is extrapolated")
+    if emulated:
+        text += (f". Groups {sorted(emulated)} were calibrated on bright stars degraded to fainter magnitudes "
+                 "with the store's own error-versus-magnitude relation: their promise assumes that emulation")
+    return text
+
+
+def check_config_fits(config: dict, label_set: str, ensemble: Ensemble) -> None:
+    label_sets = config.get("label_sets") or {}
+    if label_set not in label_sets:
+        raise PredictionError(f"label set {label_set!r} is not in the config's label_sets {sorted(label_sets)}")
+    if list(label_sets[label_set]) != ensemble.labels:
+        raise PredictionError(f"label_sets.{label_set} is {label_sets[label_set]} in the config but the members "
+                              f"were trained for {ensemble.labels}; pass that label set's members")
+    Layout.from_config(config["features"]).require_same(ensemble.layout, "the members")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config (YAML)")
+    parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
+    parser.add_argument("--members", nargs="+", required=True, help="fine-tuned member model.pt files")
+    parser.add_argument("--calibration", required=True, help="calibration JSON from `msa calibrate`")
+    add_star_source_arguments(parser, several_shards=True)
+    add_device_argument(parser)
+
+
+def log_summary(out: str | Path, summary: PredictSummary, min_inputs: int) -> None:
+    log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions) "
+             "in %.1f s (%.0f stars/s)", out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
+             min_inputs, summary.seconds, summary.stars_per_second)
+
+
+def run(args) -> int:
+    check_outputs(args, [args.config, args.calibration, *args.members])
+    config = load_config(args.config)
+    pcfg = config["predict"]
+    ensemble = Ensemble.load(args.members, device=resolve_device(args.device), amp=pcfg["amp"])
+    check_config_fits(config, args.label_set, ensemble)
+    calibration = load_calibration(args.calibration)
+    units = pcfg["label_units"]
+    training = TrainingSample.from_config(config, args.label_set)
+    common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],
+                  save_latent=pcfg["save_latent"], units=units, training=training)
+
+    def predict_one(source: Path, out: Path, shown: Path) -> PredictSummary:
+        """One input with the loaded models: ``out`` is written, ``shown`` is logged (its final path)."""
+        metadata = file_metadata(ensemble, args.members, args.calibration, config, args.label_set, units, source,
+                                 pcfg["min_inputs"], calibration, training)
+        if args.table:
+            summary = predict_table(source, ensemble, calibration, out, allow_missing=args.allow_missing_columns,
+                                    metadata=metadata, **common)
+        else:
+            summary = predict_shard(source, ensemble, calibration, out, metadata=metadata, **common)
+        log_summary(shown, summary, pcfg["min_inputs"])
+        return summary
+
+    write_each_source(args, predict_one, "predict")
+    return 0
