@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from msa.calibration.calibrate import (CalibrationError, apply_calibration, conformal_offsets, conformal_quantile,
-                                       fit_calibration, fit_group_offsets, group_levels, interval_coverage, star_groups)
+                                       fit_calibration, fit_group_offsets, interval_coverage, star_groups)
+from msa.calibration.groups import group_levels
 from msa.nn.model import QuantileHead
 
 torch.set_num_threads(1)
