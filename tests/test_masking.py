@@ -137,3 +137,49 @@ def test_photometry_only_hides_every_xp_column():
     only = MaskSpec.from_config(layout, {**section, "photometry_only": True})
     assert set(plain.force_indices) == {layout.index("phot_bp_mean_mag")}
     assert set(only.force_indices) == set(layout.xp_indices) | {layout.index("phot_bp_mean_mag")}
+
+
+def wide_layout():
+    return Layout.from_config({"xp": {"bp": 55, "rp": 55}, "gaia_photometry": {"phot_g_mean_mag": None}})
+
+
+def test_entry_masking_hides_its_fraction_of_each_band_in_runs_and_singles():
+    layout = wide_layout()
+    spec = MaskSpec.from_config(layout, {**SECTION, "xp_masking_ratio": 0.0, "xp_entry_masking_ratio": 0.6,
+                                         "xp_span": 5})
+    hidden = draw_mask(spec, 20000, torch.Generator().manual_seed(1)).numpy()
+    bp, rp = hidden[:, :55], hidden[:, 55:110]
+    for band in (bp, rp):
+        assert abs(band.mean() - 0.6) < 0.01
+        assert band.mean(axis=1).std() > 0.05  # rows differ: not one pattern for all
+    # runs: neighbours are hidden together more often than independent entries would be
+    p = 1 - np.sqrt(1 - 0.6)
+    together = (bp[:, :-1] & bp[:, 1:]).mean()
+    assert together > 0.6 ** 2 + 0.05
+    # the two bands draw their runs independently
+    assert abs((bp[:, 10] & rp[:, 10]).mean() - 0.36) < 0.015
+    # the single entries alone would give p² for a neighbour pair; runs add their share
+    assert together > p ** 2
+    # photometry keeps its element ratio
+    assert abs(hidden[:, 110].mean() - 0.2) < 0.015
+
+
+def test_entry_masking_off_keeps_the_draws_of_earlier_runs():
+    """Without entry masking a generator gives the same masks as before the option existed."""
+    layout = wide_layout()
+    spec = MaskSpec.from_config(layout, SECTION)
+    assert spec.n_row_draws == 1
+    a = draw_mask(spec, 64, torch.Generator().manual_seed(3))
+    u = torch.rand((64, layout.n_features + 1), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[:, 0], (u[:, layout.n_features] < 0.3))
+
+
+def test_entry_masking_is_pretrainings_own_and_validated():
+    layout = wide_layout()
+    pretrain = {**SECTION, "xp_entry_masking_ratio": 0.5}
+    spec = MaskSpec.from_config(layout, {"xp_masking_ratio": None, "m_masking_ratio": None}, fallback=pretrain)
+    assert spec.xp_entry_ratio == 0.0  # fine-tuning does not inherit it
+    with pytest.raises(MaskingError, match="xp_span"):
+        MaskSpec.from_config(layout, {**pretrain, "xp_span": 0})
+    fixed = fixed_validation_mask(MaskSpec.from_config(layout, pretrain), np.arange(4000, dtype=np.int64), 5).numpy()
+    assert abs(fixed[:, :110][~fixed[:, :110].all(1)].mean() - 0.5) < 0.02

@@ -3,7 +3,10 @@
 Two masking groups: the XP block (all XP coefficients of a star hidden together, for a fraction
 ``xp_ratio`` of rows, so the model learns to predict a whole spectrum from photometry; with
 ``xp_band_masking`` a chosen row loses BP only, RP only or both, a third of the time each, so the
-model also learns one band from the other) and the element group (every other feature hidden
+model also learns one band from the other; with ``xp_entry_masking_ratio`` every row also loses
+that fraction of its BP and of its RP coefficients, half of it in contiguous runs of ``xp_span``
+coefficients and half as single entries, as a masked autoencoder hides most of each sample, so the
+encoder must infer one part of a spectrum from the rest) and the element group (every other feature hidden
 independently with probability ``element_ratio``). Forced columns (``force_mask_cols`` plus the
 layout's ``force_mask``) are always hidden. The fixed validation mask draws from the per-star hash
 (:func:`msa.data.star_hash.hash_uniform`), so it does not depend on row order.
@@ -11,6 +14,7 @@ layout's ``force_mask``) are always hidden. The fixed validation mask draws from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -38,14 +42,31 @@ class MaskSpec:
     # per-band XP masking: positions of the BP coefficients, of the RP coefficients, and of any
     # other column of the XP group (moved there by group_overrides: hidden with either band)
     band_indices: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # entry masking inside the spectrum: per band, the positions of its coefficients in order
+    xp_entry_ratio: float = 0.0
+    xp_span: int = 4
+    entry_bands: tuple[np.ndarray, ...] = ()
+
+    @property
+    def _runs_per_band(self) -> int:
+        """Runs of ``xp_span`` a band spans, with room for the row's random phase."""
+        return max((len(b) for b in self.entry_bands), default=0) // self.xp_span + 2
+
+    @property
+    def _entry_draws(self) -> int:
+        """Per-row numbers of entry masking: the runs' phase, then one per run of each band."""
+        return 1 + len(self.entry_bands) * self._runs_per_band if self.xp_entry_ratio > 0 else 0
 
     @property
     def n_row_draws(self) -> int:
-        """Uniform numbers drawn per row besides one per feature: the XP choice (+ the band)."""
-        return 2 if self.band_indices is not None else 1
+        """Uniform numbers drawn per row besides one per feature: the XP choice (+ the band,
+        + entry masking's); without entry masking the draws are exactly those of earlier runs."""
+        return (2 if self.band_indices is not None else 1) + self._entry_draws
 
     def __post_init__(self) -> None:
-        for name in ("xp_ratio", "element_ratio"):
+        if self.xp_span < 1:
+            raise MaskingError(f"masking: xp_span = {self.xp_span} must be at least 1")
+        for name in ("xp_ratio", "element_ratio", "xp_entry_ratio"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise MaskingError(f"masking: {name} = {value} must lie in [0, 1]")
@@ -99,8 +120,15 @@ class MaskSpec:
             bands = tuple(np.array([i for i, b in band_of.items() if keep(b)], dtype=np.int64)
                           for keep in (lambda b: b == "bp_", lambda b: b == "rp_",
                                        lambda b: b not in ("bp_", "rp_")))
+        # entry masking is the section's own (fine-tuning does not inherit pretraining's)
+        entry_ratio = float(section.get("xp_entry_masking_ratio") or 0.0)
+        xp_set = set(xp_idx.tolist())
+        entry_bands = tuple(np.array([i for i, f in enumerate(layout.features) if i in xp_set
+                                      and f.name.startswith(prefix)], dtype=np.int64)
+                            for prefix in ("bp_", "rp_"))
         return cls(pick("xp_masking_ratio"), pick("m_masking_ratio"), force_idx, xp_idx, el_idx,
-                   layout.n_features, bands)
+                   layout.n_features, bands, entry_ratio, int(4 if section.get("xp_span") is None else section["xp_span"]),
+                   tuple(b for b in entry_bands if len(b)))
 
     def _assemble(self, row_u: torch.Tensor, elem_u: torch.Tensor) -> torch.Tensor:
         """Mask from per-row uniforms (n, n_row_draws) and per-entry uniforms (n, F)."""
@@ -116,12 +144,28 @@ class MaskSpec:
         elif len(self.xp_indices):
             xp_cols = torch.as_tensor(self.xp_indices, device=elem_u.device)
             hidden[:, xp_cols] = chosen.unsqueeze(1).expand(n, len(self.xp_indices))
+        if self._entry_draws:
+            self._hide_entries(hidden, row_u[:, row_u.shape[1] - self._entry_draws:], elem_u)
         if len(self.element_indices):
             el_cols = torch.as_tensor(self.element_indices, device=elem_u.device)
             hidden[:, el_cols] = elem_u[:, el_cols] < self.element_ratio
         if len(self.force_indices):
             hidden[:, torch.as_tensor(self.force_indices, device=elem_u.device)] = True
         return hidden
+
+
+    def _hide_entries(self, hidden: torch.Tensor, draws: torch.Tensor, elem_u: torch.Tensor) -> None:
+        """Hide runs and single coefficients of each band, each with probability p, so that a
+        fraction 1 − (1 − p)² = ``xp_entry_ratio`` of the entries is hidden on average."""
+        p = 1.0 - math.sqrt(1.0 - self.xp_entry_ratio)
+        phase = (draws[:, 0] * self.xp_span).long().clamp_max(self.xp_span - 1)
+        runs = self._runs_per_band
+        for b, cols in enumerate(self.entry_bands):
+            pos = torch.arange(len(cols), device=elem_u.device)
+            run_of = (pos.unsqueeze(0) + phase.unsqueeze(1)) // self.xp_span
+            run_hidden = torch.gather(draws[:, 1 + b * runs:1 + (b + 1) * runs], 1, run_of) < p
+            cols_t = torch.as_tensor(cols, device=elem_u.device)
+            hidden[:, cols_t] |= run_hidden | (elem_u[:, cols_t] < p)
 
 
 def draw_mask(spec: MaskSpec, n_rows: int, generator: torch.Generator,
