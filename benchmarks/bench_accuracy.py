@@ -141,8 +141,8 @@ from msa.data.star_hash import unit_hash
 from msa.data.tables import read_frame, table_columns
 from msa.evaluation.baseline_mlp import PlainMLPBaseline
 from msa.evaluation.baselines import GradientBoostingBaseline
-from msa.evaluation.robust_stats import nmad
 from msa.finetune.stage import MemberRun, finetune_member, photometry_member_config
+from msa.nn.robust_stats import nmad
 from msa.pretrain.stage import pretrain_segment
 
 log = logging.getLogger("bench_accuracy")
@@ -201,7 +201,7 @@ def build_store(config: dict, work: Path) -> tuple[list[Path], Path]:
 
 
 def pretrained(config: dict, shards, scaler, work: Path) -> Path:
-    out = work / "pretrain" / config_hash(config, ["seed", "features", "model", "pretrain"])
+    out = work / "pretrain" / config_hash(config, ["seed", "ingest", "features", "model", "pretrain"])
     final = out / "model.pt"
     if final.exists():
         return final
