@@ -15,7 +15,7 @@ from msa.data.ingest import ingest_shard
 from msa.data.layout import Layout
 from msa.data.synthetic import synthetic_config, write_sky
 from msa.evaluation.evaluate import bin_masks, point_metrics
-from msa.evaluation.robust_stats import nmad
+from msa.nn.robust_stats import nmad
 from msa.pretrain.stage import pretrain_segment
 
 torch.set_num_threads(1)

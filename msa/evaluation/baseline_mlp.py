@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from msa.errors import InputError
-from msa.evaluation.robust_stats import nmad
+from msa.nn.robust_stats import nmad
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from msa.data.splits import split_seed
 from msa.data.store import atomic_path
 from msa.evaluation.baseline_mlp import PlainMLPBaseline
 from msa.evaluation.baselines import GradientBoostingBaseline
-from msa.evaluation.robust_stats import nmad
+from msa.nn.robust_stats import nmad
 from msa.nn.training import add_device_argument, resolve_device
 
 log = logging.getLogger(__name__)
