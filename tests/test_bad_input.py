@@ -3,6 +3,12 @@
 Every case asserts the exit status (2 = bad input), a one-line ``msa <command>: error: ...``
 message naming the file or key, that no output or temporary is left, that a pre-existing output
 is unchanged and that no input was modified. Cases that must give an exact result say so.
+
+Cases of issue 27 (reliability, second round), what happened before and what happens now:
+
+| case | before | now | test |
+|---|---|---|---|
+| ``--out-dir`` of ``catalog`` / ``predict`` / ``embed`` / ``reconstruct --shards`` holds a file msa did not write (a note, a subfolder, an empty folder, a foreign Parquet file) | the folder was replaced whole: the user's files deleted, the summary beside it overwritten, rc 0 | rc 2 before any work, naming the file: move it out or choose another folder; a rerun over the command's own output (and Snakemake's ``.snakemake_timestamp``) still replaces it | ``test_catalog_out_dir_holding_other_files_is_refused``, ``test_catalog_reruns_over_its_own_catalogue``, ``test_predict_out_dir_holding_other_files_is_refused_and_its_own_is_replaced`` |
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from hypothesis import strategies as st
 from msa.cli import main
 from msa.data.gaia import XP_LIST_COLUMNS, iter_xp
 from msa.data.store import Shard, atomic_path, check_out_path, sweep_temporaries, write_shard
-from test_catalog import OPTIONS, predictions  # noqa: F401  (a fixture, used by name)
+import test_catalog
+from test_catalog import OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 # ten real DR3 stars in the Archive CSV schema, shipped with the tests
@@ -36,6 +43,7 @@ XP_SAMPLE = REPO / "tests" / "data" / "gaia_archive_samples" / "example_file_coe
 SOURCE_COLUMNS = ["ra", "dec", "parallax", "parallax_error", "pmra", "pmra_error", "pmdec", "pmdec_error",
                   "phot_g_mean_mag", "phot_bp_mean_mag", "phot_rp_mean_mag"]
 OLD_OUTPUT = b"an output written before: must survive a failed run"
+predictions = test_catalog.predictions  # a fixture, used by name (an assignment: no unused import)
 
 
 def xp_lines() -> list[str]:
@@ -572,3 +580,98 @@ def test_label_join_is_logged_and_a_poor_one_fails(tmp_path, caplog):
     with pytest.raises(LabelError, match=r"labels\.csv: only 30 of its 40 stars are in the store "
                                          r"\(below labels\.min_match_fraction = 0\.9\)"):
         load_labelled([shard], transform, LabelSource({**cfg, "min_match_fraction": 0.9}, ["teff"]))
+
+
+# --- existing output folders: replaced only when the command wrote them (issue 27) ------------------
+
+FOREIGN = {"notes.txt": "a file of the user's", "sub/deep.txt": "a file in a subfolder",
+           "empty-sub/": "an empty subfolder", "theirs.parquet": "a Parquet file msa did not write"}
+
+
+def _add_foreign(folder: Path, entry: str) -> Path:
+    path = folder / entry.rstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if entry.endswith("/"):
+        path.mkdir()
+    elif entry.endswith(".parquet"):
+        pd.DataFrame({"source_id": [1, 2]}).to_parquet(path)
+    else:
+        path.write_text("keep me")
+    return path
+
+
+def _catalog_argv(predictions, tmp: Path, out: Path) -> list[str]:
+    from test_ensemble import FEATURES_CFG, LABELS
+
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"features": FEATURES_CFG, "label_sets": {"spectro": LABELS},
+                                   "catalog": {"max_rows_per_partition": 400, "highest_order": 6}}))
+    return ["catalog", "--config", str(cfg), "--label-set", "spectro",
+            "--inputs", *map(str, predictions["files"]), "--out-dir", str(out)]
+
+
+def _refused_naming(argv: list[str], entry: str, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"msa {argv[0]}: error: "), err
+    assert entry.rstrip("/") in err[0] and "msa did not write" in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("entry", FOREIGN, ids=FOREIGN.get)
+def test_catalog_out_dir_holding_other_files_is_refused(predictions, tmp_path, capsys, entry):
+    """Before: the folder was replaced whole (the user's files deleted) and the summary beside it
+    overwritten, rc 0. Now: refused before any work, naming the file; nothing changes."""
+    out = tmp_path / "d"
+    out.mkdir()
+    foreign = _add_foreign(out, entry)
+    summary = tmp_path / "spectro.summary.json"
+    summary.write_text("the user's")
+    argv = _catalog_argv(predictions, tmp_path, out)
+    before = file_digests(tmp_path)
+    _refused_naming(argv, entry, capsys)
+    assert foreign.exists() and file_digests(tmp_path) == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_catalog_reruns_over_its_own_catalogue(predictions, tmp_path, capsys):
+    """The workflow (and a user) rebuild into the same folder: the command's own output, with the
+    timestamp file `snakemake --touch` leaves in a directory output, is replaced."""
+    out = tmp_path / "results" / "catalog" / "spectro"
+    argv = _catalog_argv(predictions, tmp_path, out)
+    assert main(argv) == 0
+    (out / ".snakemake_timestamp").touch()
+    assert main(argv) == 0
+    assert (out / "properties").exists() and not (out / ".snakemake_timestamp").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    assert main(argv[:-1] + [str(tmp_path / "empty")]) == 0
+    _add_foreign(out, "notes.txt")  # the user's file added to the command's own catalogue: kept
+    _refused_naming(argv, "notes.txt", capsys)
+    assert (out / "notes.txt").exists() and (out / "properties").exists()
+
+
+def _predict_shards_argv(s, tmp: Path, out: Path) -> list[str]:
+    from test_predict import star_columns
+
+    shard = tmp / "shard-0.h5"
+    if not shard.exists():
+        write_shard(shard, star_columns(150))
+    return ["predict", "--config", s["config"], "--label-set", "spectro", "--members", *map(str, s["members"]),
+            "--calibration", str(s["calibration"]), "--shards", str(shard), "--out-dir", str(out),
+            "--device", "cpu"]
+
+
+@pytest.mark.parametrize("entry", FOREIGN, ids=FOREIGN.get)
+def test_predict_out_dir_holding_other_files_is_refused_and_its_own_is_replaced(predict_setup, tmp_path, capsys,
+                                                                                entry):
+    out = tmp_path / "predict" / "batch-0000"
+    argv = _predict_shards_argv(predict_setup, tmp_path, out)
+    assert main(argv) == 0
+    (out / ".snakemake_timestamp").touch()
+    assert main(argv) == 0  # a rerun over the command's own files
+    assert sorted(p.name for p in out.iterdir()) == ["shard-0.parquet"]
+    foreign = _add_foreign(out, entry)
+    before = file_digests(tmp_path)
+    _refused_naming(argv, entry, capsys)
+    assert foreign.exists() and file_digests(tmp_path) == before

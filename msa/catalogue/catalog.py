@@ -80,6 +80,13 @@ FIXED_DESCRIPTIONS = {
 }
 
 
+# what the catalogue folder holds (HATS, written by hats and by this module): a rebuild replaces a
+# folder of these and refuses one holding anything else, which the replacement would delete
+OWN_LAYOUT = {"properties": False, "hats.properties": False, "partition_info.csv": False, "skymap*.fits": False,
+              "dataset/_metadata": True, "dataset/_common_metadata": True, "dataset/*.parquet": True,
+              "dataset/Norder=*/Dir=*/Npix=*.parquet": True}
+
+
 class CatalogError(InputError, RuntimeError):
     """Inputs that cannot form one catalogue: different models, duplicate stars, unreadable files."""
 
@@ -419,7 +426,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
     sample_fraction = min(1.0, percentile_sample_rows / max(total_rows, 1))
     dest = paths["dataset"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(dest) as tmp_dir:  # readers see the old catalogue or the new one, never a mix
+    with atomic_dir(dest, own=OWN_LAYOUT) as tmp_dir:  # readers see the old catalogue or the new one, never a mix
         counts = count_stars(inputs, highest_order)
         partitions, partition_of = choose_partitions(counts, highest_order, max_rows_per_partition)
         write_fragments(inputs, tmp_dir / "fragments", partition_of, highest_order)
@@ -472,7 +479,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    check_out_dir(args.out_dir, [args.config, *args.inputs])  # the folder is replaced whole
+    check_out_dir(args.out_dir, [args.config, *args.inputs], own=OWN_LAYOUT)  # the folder is replaced whole
     config = load_config(args.config)
     ccfg = config["catalog"]
     paths = output_paths(args.out_dir, args.label_set)

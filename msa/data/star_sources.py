@@ -21,6 +21,11 @@ from msa.errors import InputError
 from msa.progress import progress
 
 
+# what --out-dir holds after a run: one <shard name>.parquet per shard, each with msa's metadata; a
+# rerun replaces a folder of these, and refuses one holding anything else (it would be deleted)
+OWN_OUTPUTS = {"*.parquet": True}
+
+
 class SourceError(InputError, RuntimeError):
     """A shard or table that cannot be read as the model needs: missing columns, repeated ids."""
 
@@ -148,7 +153,7 @@ def check_outputs(args, inputs: Sequence[str | Path | None]) -> None:
         return
     if args.out_dir is None:
         raise SourceError("--shards writes one file per shard: give --out-dir FOLDER, not --out")
-    check_out_dir(args.out_dir, inputs)
+    check_out_dir(args.out_dir, inputs, own=OWN_OUTPUTS)
     shard_outputs(shards, args.out_dir)
     missing = [s for s in shards if not Path(s).is_file()]
     if missing:
@@ -168,7 +173,7 @@ def write_each_source(args, write_one: Callable[[Path, Path, Path], Summary], de
         return [write_one(Path(args.shard or args.table), out, out)]
     outs = shard_outputs(shards, args.out_dir)
     summaries = []
-    with atomic_dir(args.out_dir) as tmp:
+    with atomic_dir(args.out_dir, own=OWN_OUTPUTS) as tmp:
         for shard, out in progress(list(zip(shards, outs)), desc=f"{desc} {Path(args.out_dir).name}", unit="shard"):
             summaries.append(write_one(Path(shard), tmp / out.name, out))
     return summaries

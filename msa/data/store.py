@@ -15,6 +15,7 @@ This module is a leaf: it imports nothing from the package but the version and t
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -141,17 +142,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, own: Mapping[str, bool] | None = None,
+               option: str = "--out-dir") -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; put it at ``path`` only if the block succeeds.
 
     An existing ``path`` is moved aside first and removed after, so readers see the old folder or
-    the new one, never a mix; the temporary is removed on any failure."""
+    the new one, never a mix; the temporary is removed on any failure. With ``own`` (the layout the
+    command writes, see :func:`foreign_entry`) an existing folder holding anything else is refused,
+    before the build and again just before the replacement."""
     path = Path(path)
+    if own is not None:
+        refuse_foreign(path, own, option)
     tmp = make_temp_dir(path)  # sweeps the folders of killed writers first
     try:
         yield tmp
         old = None
         if path.exists():
+            if own is not None:
+                refuse_foreign(path, own, option)  # a file put there during the build
             old = make_temp_dir(path)
             os.replace(path, old / path.name)
         os.replace(tmp, path)
@@ -160,6 +168,71 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"  # `snakemake --touch` marks a directory output with it
+
+
+def _matches(rel: Sequence[str], pattern: str) -> bool:
+    parts = pattern.split("/")
+    return len(parts) == len(rel) and all(fnmatch.fnmatchcase(r, p) for r, p in zip(rel, parts))
+
+
+def _carries_msa_metadata(path: Path) -> bool:
+    import pyarrow.parquet as pq  # a footer read; pyarrow only where a folder output is checked
+
+    try:
+        return b"msa_version" in (pq.read_schema(path).metadata or {})
+    except Exception:  # not Parquet, truncated, unreadable: not the command's own file
+        return False
+
+
+def _first_file(folder: Path) -> Path:
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if files:
+            return Path(root) / sorted(files)[0]
+    return folder
+
+
+def foreign_entry(folder: str | os.PathLike, own: Mapping[str, bool]) -> Path | None:
+    """The first file (or empty folder, or link) in ``folder`` that its command would not have written.
+
+    ``own`` maps the paths the command writes, relative to the folder and matched part by part
+    (``fnmatch``: ``dataset/Norder=*/Dir=*/Npix=*.parquet``), to whether the file is Parquet and must
+    carry the ``msa_version`` metadata every msa output has; the folders on the way are the command's
+    too, and so is Snakemake's ``.snakemake_timestamp``. None when everything is the command's own."""
+    folder = Path(folder)
+    dir_patterns = {"/".join(p.split("/")[:k]) for p in own for k in range(1, p.count("/") + 1)}
+    for root, dirs, files in os.walk(folder):
+        base = Path(root)
+        rel = base.relative_to(folder).parts
+        for name in sorted(files):
+            path, parts = base / name, (*rel, name)
+            if parts == (SNAKEMAKE_TIMESTAMP,):
+                continue
+            pattern = next((p for p in own if _matches(parts, p)), None)
+            if path.is_symlink() or pattern is None or (own[pattern] and not _carries_msa_metadata(path)):
+                return path
+        for name in sorted(dirs):
+            path = base / name
+            if path.is_symlink() or not any(_matches((*rel, name), p) for p in dir_patterns):
+                return path if path.is_symlink() else _first_file(path)
+        dirs.sort()
+    return None
+
+
+def refuse_foreign(out_dir: str | os.PathLike, own: Mapping[str, bool], option: str = "--out-dir") -> None:
+    """Refuse an existing output folder that holds a file its command did not write: the folder is
+    replaced whole, so that file would be deleted. A rerun over the command's own output passes."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    foreign = foreign_entry(out_dir, own)
+    if foreign is not None:
+        raise StoreError(f"{option} {out_dir} holds {foreign}, which msa did not write; the folder is replaced "
+                         f"whole, so it would be deleted. Move it out of the folder, or choose another (new or "
+                         f"empty) {option}")
 
 
 def check_out_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
@@ -185,9 +258,10 @@ def check_out_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
 
 
 def check_out_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
-                  option: str = "--out-dir") -> None:
+                  option: str = "--out-dir", own: Mapping[str, bool] | None = None) -> None:
     """Refuse an output folder that is a file or that holds an input: :func:`atomic_dir` replaces
-    the folder whole, so an input inside it would be deleted."""
+    the folder whole, so an input inside it would be deleted; with ``own`` (the command's layout,
+    see :func:`foreign_entry`) also one that holds any other file the command did not write."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise StoreError(f"{option} {out_dir} is a file; give a folder (it is written whole)")
@@ -199,6 +273,8 @@ def check_out_dir(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike
         if folder == given.resolve() or folder in given.resolve().parents:
             raise StoreError(f"{option} {out_dir} holds the input {given}; writing the folder would delete "
                              f"that input. Choose another {option}")
+    if own is not None:
+        refuse_foreign(out_dir, own, option)
 
 
 def write_shard(
