@@ -9,6 +9,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | case | before | now | test |
 |---|---|---|---|
 | ``--out-dir`` of ``catalog`` / ``predict`` / ``embed`` / ``reconstruct --shards`` holds a file msa did not write (a note, a subfolder, an empty folder, a foreign Parquet file) | the folder was replaced whole: the user's files deleted, the summary beside it overwritten, rc 0 | rc 2 before any work, naming the file: move it out or choose another folder; a rerun over the command's own output (and Snakemake's ``.snakemake_timestamp``) still replaces it | ``test_catalog_out_dir_holding_other_files_is_refused``, ``test_catalog_reruns_over_its_own_catalogue``, ``test_predict_out_dir_holding_other_files_is_refused_and_its_own_is_replaced`` |
+| ``predict --table`` with a boolean ``phot_g_mean_mag`` column (Parquet; FITS/ECSV booleans and text alike) | read as G = 0 or 1 mag, rc 0 | rc 2: ``column 'phot_g_mean_mag' has type bool, not a number``, naming the file | ``test_predict_refuses_bad_input[table-boolean-magnitude]`` |
 """
 
 from __future__ import annotations
@@ -316,7 +317,18 @@ PREDICT_CASES = [
          r"--out .*stars\.parquet is the input .*stars\.parquet", out="stars.parquet"),
     Case("out-wrong-suffix", lambda s: predict_argv(s, out=Path(s["table"]).parent / "out" / "p.pt"),
          r"--out .*p\.pt: expected a file ending in \.parquet", out="out/p.pt"),
+    # issue 27: a boolean column was read as 0/1 (G = 0 or 1 mag)
+    Case("table-boolean-magnitude", lambda s: predict_argv(s, _boolean_parquet(s)),
+         r"bools\.parquet: column 'phot_g_mean_mag' has type bool, not a number", out="out/p.parquet"),
 ]
+
+
+def _boolean_parquet(s) -> Path:
+    path = Path(s["table"]).with_name("bools.parquet")
+    frame = pd.read_csv(s["table"])
+    frame["phot_g_mean_mag"] = frame["phot_g_mean_mag"] > 15
+    frame.to_parquet(path)
+    return path
 
 
 def _truncated_table(s) -> Path:

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msa.data.source_ids import SOURCE_ID, parse_source_ids
@@ -137,10 +138,32 @@ def _astropy_columns(table, columns: list[str], id_column: str | None) -> dict:
     return out
 
 
+def _non_numeric_type(values) -> str | None:
+    """The type of a feature column that is not a number (None when it is one): booleans would
+    read as 0 and 1, text as whatever digits it holds; an Arrow column is judged by its type."""
+    arrow_type = getattr(values, "type", None)
+    if isinstance(arrow_type, pa.DataType):
+        numeric = pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type) or \
+            pa.types.is_decimal(arrow_type) or pa.types.is_null(arrow_type)
+        return None if numeric else str(arrow_type)
+    kind = getattr(getattr(values, "dtype", None), "kind", None)
+    if kind in ("b", "U", "S"):
+        return {"b": "bool", "U": "string", "S": "bytes"}[kind]
+    if kind == "O" and any(isinstance(v, (bool, np.bool_)) for v in np.asarray(values).ravel()):
+        return "bool"
+    return None
+
+
 def _as_columns(frame_like, names: Sequence[str], path: Path, first_row: int) -> dict[str, np.ndarray]:
     out = {SOURCE_ID: parse_source_ids(frame_like[SOURCE_ID], path, SOURCE_ID, first_row)}
     for c in names:
         values = frame_like[c]
+        wrong = _non_numeric_type(values)
+        if wrong is not None:
+            raise TableError(f"{path}: column {c!r} has type {wrong}, not a number; the model reads it as a "
+                             "number: write it as floats or integers (missing values empty, NaN or null)")
+        if isinstance(getattr(values, "type", None), pa.DataType):
+            values = values.to_numpy(zero_copy_only=False)
         if hasattr(values, "filled"):  # astropy masked column → NaN where masked
             values = values.astype(np.float64).filled(np.nan)
         try:
@@ -201,8 +224,8 @@ def _iter_raw(path: Path, fmt: str, wanted: list[str], chunk_rows: int) -> Itera
             first_row += len(frame)
     elif fmt == "parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=[SOURCE_ID, *wanted]):
-            frame = {SOURCE_ID: batch.column(SOURCE_ID),
-                     **{c: batch.column(c).to_numpy(zero_copy_only=False) for c in wanted}}
+            # Arrow columns: _as_columns judges them by their type before converting
+            frame = {SOURCE_ID: batch.column(SOURCE_ID), **{c: batch.column(c) for c in wanted}}
             yield _as_columns(frame, wanted, path, first_row)
             first_row += batch.num_rows
     else:
