@@ -10,6 +10,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 |---|---|---|---|
 | ``--out-dir`` of ``catalog`` / ``predict`` / ``embed`` / ``reconstruct --shards`` holds a file msa did not write (a note, a subfolder, an empty folder, a foreign Parquet file) | the folder was replaced whole: the user's files deleted, the summary beside it overwritten, rc 0 | rc 2 before any work, naming the file: move it out or choose another folder; a rerun over the command's own output (and Snakemake's ``.snakemake_timestamp``) still replaces it | ``test_catalog_out_dir_holding_other_files_is_refused``, ``test_catalog_reruns_over_its_own_catalogue``, ``test_predict_out_dir_holding_other_files_is_refused_and_its_own_is_replaced`` |
 | ``predict --table`` with a boolean ``phot_g_mean_mag`` column (Parquet; FITS/ECSV booleans and text alike) | read as G = 0 or 1 mag, rc 0 | rc 2: ``column 'phot_g_mean_mag' has type bool, not a number``, naming the file | ``test_predict_refuses_bad_input[table-boolean-magnitude]`` |
+| ``reconstruct`` of a star with G = 1e300 (or -1e300, inf) | 110 coefficients of 0 (inf for -1e300) | NaN coefficients; every other star unchanged | ``test_reconstruct_writes_nan_for_a_star_it_cannot_reconstruct`` |
 """
 
 from __future__ import annotations
@@ -687,3 +688,38 @@ def test_predict_out_dir_holding_other_files_is_refused_and_its_own_is_replaced(
     before = file_digests(tmp_path)
     _refused_naming(argv, entry, capsys)
     assert foreign.exists() and file_digests(tmp_path) == before
+
+
+# --- msa reconstruct: a star it cannot reconstruct gets NaN, not zeros (issue 27) -------------------
+
+@pytest.mark.parametrize("g_mag", ["1e300", "-1e300", "inf"])
+def test_reconstruct_writes_nan_for_a_star_it_cannot_reconstruct(tmp_path, g_mag):
+    """Before: G = 1e300 (inf in float32) undid the G normalisation with a factor 10^(0.4 G) = inf,
+    and the star got 110 coefficients of 0; G = -1e300 gave inf. Now both are NaN."""
+    import json
+
+    import pyarrow.parquet as pq
+    from test_ensemble import FEATURES_CFG, small_layout, write_member
+    from test_predict import star_columns
+    from test_reconstruct import spread_scaler
+
+    from msa.data.layout import GROUP_ORDER
+
+    layout = small_layout()
+    member = write_member(tmp_path / "m.pt", layout, spread_scaler(layout))
+    frame = pd.DataFrame(star_columns(150))
+    frame["phot_g_mean_mag"] = frame["phot_g_mean_mag"].astype(object)
+    frame.loc[3, "phot_g_mean_mag"] = g_mag
+    table = tmp_path / "stars.csv"
+    frame.to_csv(table, index=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"features": {**FEATURES_CFG, "reconstruct": list(GROUP_ORDER)}}))
+    out = tmp_path / "rec.parquet"
+    assert main(["reconstruct", "--config", str(config), "--table", str(table), "--out", str(out),
+                 "--device", "cpu", "--models", str(member)]) == 0
+    got = pq.read_table(out).to_pandas()
+    rec = got[[c for c in got.columns if c.endswith("_reconstructed")]].to_numpy()
+    assert np.isnan(rec[3]).all(), rec[3]
+    g_known = np.isfinite(star_columns(150)["phot_g_mean_mag"])
+    g_known[3] = False
+    assert np.isfinite(rec[g_known]).all()  # every other star with a G is reconstructed

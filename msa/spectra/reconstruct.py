@@ -3,7 +3,9 @@
 The decoder reconstructs scaled, derived features; this stage undoes both steps exactly, the
 scaler (``Scaler.inverse_values``) and the G normalisation (``features.xp_to_archive_units``), so
 its coefficients compare directly with ``XpContinuousMeanSpectrum`` rows and feed GaiaXPy
-(``msa.data.xp_flux``). Stars without a G magnitude get NaN coefficients: their scale is unknown.
+(``msa.data.xp_flux``). Stars without a G magnitude get NaN coefficients: their scale is unknown; so
+do stars the models cannot reconstruct (a G so extreme that the scale over- or underflows, a
+non-finite output), never 0 or inf.
 
 Output (Parquet, one row per input star, input order, ``source_id`` checked as in prediction):
 ``source_id``; ``has_xp`` (the input had an XP spectrum); per coefficient ``c`` in ``bp_1`` …
@@ -28,7 +30,7 @@ import pyarrow as pa
 
 from msa import __version__
 from msa.config import config_hash, load_config
-from msa.data.features import G_MAG, xp_to_archive_units
+from msa.data.features import G_MAG, g_flux_factor, xp_to_archive_units
 from msa.data.layout import Layout
 from msa.data.parquet_stream import stream_to_parquet
 from msa.data.star_sources import add_star_source_arguments, check_outputs, write_each_source
@@ -82,8 +84,17 @@ def scaled_xp_to_archive(scaled_xp: np.ndarray, g_mag: np.ndarray | None, aes: A
     undone, then the G normalisation."""
     derived = aes.scaler.inverse_values(scaled_xp, aes.layout.xp_indices)
     if derived.ndim == 3:
-        return np.stack([xp_to_archive_units(d, g_mag if aes.normalise_xp else None) for d in derived])
-    return xp_to_archive_units(derived, g_mag if aes.normalise_xp else None)
+        archive = np.stack([xp_to_archive_units(d, g_mag if aes.normalise_xp else None) for d in derived])
+    else:
+        archive = xp_to_archive_units(derived, g_mag if aes.normalise_xp else None)
+    if aes.normalise_xp and g_mag is not None:
+        # a G so far out that 10^(0.4 (G − 15)) overflows (G = 1e300) or underflows would give 0 or inf
+        with np.errstate(over="ignore"):
+            factor = g_flux_factor(g_mag)
+        archive[..., ~(np.isfinite(factor) & (factor > 0)), :] = np.nan
+    # a star the models cannot reconstruct gets no coefficient at all: NaN, never 0 or inf
+    archive[~np.isfinite(archive).all(axis=-1)] = np.nan
+    return archive
 
 
 def read_columns(aes: Autoencoders) -> list[str]:
