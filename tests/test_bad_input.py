@@ -11,6 +11,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``--out-dir`` of ``catalog`` / ``predict`` / ``embed`` / ``reconstruct --shards`` holds a file msa did not write (a note, a subfolder, an empty folder, a foreign Parquet file) | the folder was replaced whole: the user's files deleted, the summary beside it overwritten, rc 0 | rc 2 before any work, naming the file: move it out or choose another folder; a rerun over the command's own output (and Snakemake's ``.snakemake_timestamp``) still replaces it | ``test_catalog_out_dir_holding_other_files_is_refused``, ``test_catalog_reruns_over_its_own_catalogue``, ``test_predict_out_dir_holding_other_files_is_refused_and_its_own_is_replaced`` |
 | ``predict --table`` with a boolean ``phot_g_mean_mag`` column (Parquet; FITS/ECSV booleans and text alike) | read as G = 0 or 1 mag, rc 0 | rc 2: ``column 'phot_g_mean_mag' has type bool, not a number``, naming the file | ``test_predict_refuses_bad_input[table-boolean-magnitude]`` |
 | ``reconstruct`` of a star with G = 1e300 (or -1e300, inf) | 110 coefficients of 0 (inf for -1e300) | NaN coefficients; every other star unchanged | ``test_reconstruct_writes_nan_for_a_star_it_cannot_reconstruct`` |
+| ``predict`` / ``evaluate`` with a calibration made for other members (sha256s not those the calibration JSON records, or more or fewer members) | applied, and the coverage guarantee written into the output | rc 2 naming the member file and the calibration file: calibrate these members or pass the ones it was made for | ``test_predict_refuses_bad_input[calibration-of-other-members]``, ``[calibration-of-more-members]``, ``test_evaluate_refuses_a_calibration_of_other_members`` |
 """
 
 from __future__ import annotations
@@ -318,10 +319,43 @@ PREDICT_CASES = [
          r"--out .*stars\.parquet is the input .*stars\.parquet", out="stars.parquet"),
     Case("out-wrong-suffix", lambda s: predict_argv(s, out=Path(s["table"]).parent / "out" / "p.pt"),
          r"--out .*p\.pt: expected a file ending in \.parquet", out="out/p.pt"),
+    # issue 27: a calibration made for other members was applied, its guarantee written
+    Case("calibration-of-other-members", lambda s: predict_argv(_other_members_calibration(s)),
+         r"member-0\.pt .*not among the members .*other-calibration\.json was made for", out="out/p.parquet"),
+    Case("calibration-of-more-members", lambda s: predict_argv(_other_members_calibration(s, extra=True)),
+         r"other-calibration\.json was made for 2 member\(s\), --members gives 1", out="out/p.parquet"),
     # issue 27: a boolean column was read as 0/1 (G = 0 or 1 mag)
     Case("table-boolean-magnitude", lambda s: predict_argv(s, _boolean_parquet(s)),
          r"bools\.parquet: column 'phot_g_mean_mag' has type bool, not a number", out="out/p.parquet"),
 ]
+
+
+def _other_members_calibration(s, extra: bool = False) -> dict:
+    """The setup with a calibration that records other members' sha256s (``extra``: these members
+    and one more)."""
+    import json
+
+    from msa.nn.checkpoint import file_sha256
+    calibration = json.loads(Path(s["calibration"]).read_text())
+    mine = [file_sha256(m) for m in s["members"]]
+    calibration["member_sha256"] = [*mine, "0123456789abcdef"] if extra else ["0123456789abcdef"]
+    path = Path(s["calibration"]).with_name("other-calibration.json")
+    path.write_text(json.dumps(calibration))
+    return {**s, "calibration": path}
+
+
+def test_evaluate_refuses_a_calibration_of_other_members(predict_setup, tmp_path):
+    """``evaluate`` scored a calibration made for other members and reported its coverage as theirs."""
+    from msa.calibration.calibrate import CalibrationError
+    from msa.config import load_config
+    from msa.evaluation.evaluate import evaluate
+
+    s = _other_members_calibration(predict_setup)
+    config = load_config(s["config"])
+    config["labels"]["columns"] = {name: {"store": name} for name in config["label_sets"]["spectro"]}
+    with pytest.raises(CalibrationError, match=r"member-0\.pt .*not among the members .*other-calibration\.json"):
+        evaluate(config, "spectro", s["members"], s["calibration"], [], tmp_path / "eval", device="cpu")
+    assert not (tmp_path / "eval").exists()
 
 
 def _boolean_parquet(s) -> Path:

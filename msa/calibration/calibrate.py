@@ -239,14 +239,34 @@ def apply_calibration(q: np.ndarray, calibration: dict, labels: Sequence[str] | 
     return q
 
 
-def load_calibration(path: str | Path) -> dict:
+def load_calibration(path: str | Path, ensemble=None) -> dict:
+    """The calibration JSON; with ``ensemble``, refused unless it was made for exactly those members
+    (the sha256s ``msa calibrate`` records): offsets fitted to other members promise nothing."""
     try:
         calibration = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CalibrationError(f"cannot read calibration {path}: {err}") from err
     if "per_label" not in calibration or "labels" not in calibration:
         raise CalibrationError(f"{path} is not an `msa calibrate` output (no 'labels'/'per_label')")
+    if ensemble is not None:
+        check_members(calibration, path, ensemble)
     return calibration
+
+
+def check_members(calibration: dict, path: str | Path, ensemble) -> None:
+    """Refuse members whose sha256s are not those ``calibration`` (read from ``path``) was made for."""
+    recorded = calibration.get("member_sha256")
+    if recorded is None:  # written by hand or before msa recorded its members: nothing to compare
+        log.warning("%s records no member_sha256: cannot check it was made for these members", path)
+        return
+    fix = "pass the members it was made for, or calibrate these members with `msa calibrate`"
+    for member in ensemble.members:
+        if member.sha256 not in recorded:
+            raise CalibrationError(f"member {member.path} (sha256 {member.sha256}) is not among the members "
+                                   f"{path} was made for ({', '.join(recorded)}); {fix}")
+    if sorted(recorded) != sorted(ensemble.checksums):
+        raise CalibrationError(f"{path} was made for {len(recorded)} member(s), --members gives "
+                               f"{len(ensemble.checksums)}; {fix}")
 
 
 def coverage_report(q: np.ndarray, y: np.ndarray, calibration: dict, has_xp: np.ndarray | None = None,

@@ -386,7 +386,7 @@ def run(args) -> int:
     pcfg = config["predict"]
     ensemble = Ensemble.load(args.members, device=resolve_device(args.device), amp=pcfg["amp"])
     check_config_fits(config, args.label_set, ensemble)
-    calibration = load_calibration(args.calibration)
+    calibration = load_calibration(args.calibration, ensemble)  # made for these members, or refused
     units = pcfg["label_units"]
     training = TrainingSample.from_config(config, args.label_set)
     common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],

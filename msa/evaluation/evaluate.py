@@ -151,7 +151,7 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     if ensemble.labels != names:
         raise ValueError(f"members predict {ensemble.labels}, label set {label_set_name!r} is {names}; "
                          "pass the members fine-tuned for this label set")
-    calibration = load_calibration(calibration_path)
+    calibration = load_calibration(calibration_path, ensemble)  # made for these members, or refused
     ecfg = config["evaluate"]
     # faint copies of the test stars are made from their raw store columns
     raw_columns = [G_MAG, *(ensemble.transform.store_columns if calibration.get("emulation") else [])]
