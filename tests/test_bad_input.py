@@ -12,6 +12,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``predict --table`` with a boolean ``phot_g_mean_mag`` column (Parquet; FITS/ECSV booleans and text alike) | read as G = 0 or 1 mag, rc 0 | rc 2: ``column 'phot_g_mean_mag' has type bool, not a number``, naming the file | ``test_predict_refuses_bad_input[table-boolean-magnitude]`` |
 | ``reconstruct`` of a star with G = 1e300 (or -1e300, inf) | 110 coefficients of 0 (inf for -1e300) | NaN coefficients; every other star unchanged | ``test_reconstruct_writes_nan_for_a_star_it_cannot_reconstruct`` |
 | ``predict`` / ``evaluate`` with a calibration made for other members (sha256s not those the calibration JSON records, or more or fewer members) | applied, and the coverage guarantee written into the output | rc 2 naming the member file and the calibration file: calibrate these members or pass the ones it was made for | ``test_predict_refuses_bad_input[calibration-of-other-members]``, ``[calibration-of-more-members]``, ``test_evaluate_refuses_a_calibration_of_other_members`` |
+| ``finetune`` killed, rerun with another ``--pretrained`` (or an edited label catalogue, scaler or shard list) | the old run's state resumed: only the config sections were compared | the state is ignored and the member starts afresh, the log naming the changed input | ``tests/test_finetune.py::test_a_rerun_with_other_inputs_starts_afresh`` |
 """
 
 from __future__ import annotations

@@ -253,3 +253,42 @@ def test_an_epoch_of_max_train_rows_and_the_cache_change_nothing_else(pipeline, 
     for part in ("model", "head"):
         for key in cached[part]:
             torch.testing.assert_close(cached[part][key], read[part][key], msg=f"{part}.{key}")
+
+
+@pytest.mark.parametrize("changed", ["pretrained", "labels"])
+def test_a_rerun_with_other_inputs_starts_afresh(pipeline, tmp_path, caplog, changed):
+    """Issue 27: the in-progress state was resumed whenever the config sections matched, so a rerun
+    with another --pretrained (or an edited label catalogue) continued the old run. Now every
+    input is hashed (pretrained model, scaler, label catalogue, shard list): a mismatch starts
+    afresh, and the log says which input changed."""
+    from msa.nn.checkpoint import load_checkpoint, save_checkpoint
+
+    base = pipeline["config"]
+    catalogue = tmp_path / "labels.csv"
+    shutil.copy(base["labels"]["catalogue"], catalogue)
+    config = validate({**base, "labels": {**base["labels"], "catalogue": str(catalogue)},
+                       "finetune": {**base["finetune"], "epochs": 2, "epochs_per_job": 1}})
+    out = tmp_path / "member"
+    assert finetune_member(member_job(pipeline, "mixed", out, config)) == EXIT_MORE_EPOCHS
+    assert (out / "work" / "state.pt").exists()
+    job = member_job(pipeline, "mixed", out, config)
+    if changed == "pretrained":  # another pretrained model, at another path
+        ckpt = load_checkpoint(job.pretrained)
+        key = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+        ckpt["model"][key] = ckpt["model"][key] + 0.01
+        job.pretrained = tmp_path / "other-pretrained.pt"
+        save_checkpoint(job.pretrained, ckpt)
+    else:  # the same catalogue file, edited in place
+        frame = pd.read_csv(catalogue)
+        frame["teff"] = frame["teff"] + 10.0
+        frame.to_csv(catalogue, index=False)
+    caplog.set_level("INFO")
+    steps = []
+    assert finetune_member(job, steps.append) == EXIT_MORE_EPOCHS
+    assert steps[0] == 1  # a fresh start, not the old run's epoch 1
+    changed_input = "pretrained" if changed == "pretrained" else "label_catalogue"
+    assert f"made from other inputs ({changed_input}); this member starts afresh" in caplog.text
+    # and with the inputs unchanged, the next rerun resumes where this one stopped
+    steps = []
+    assert finetune_member(job, steps.append) == 0
+    assert steps[0] > 1

@@ -4,8 +4,11 @@ In: the pretrained masked autoencoder, the shard store, the pipeline's feature s
 refitted) and a label catalogue. Out (in ``--out-dir``): ``model.pt`` (the member checkpoint, format
 below), ``metrics.jsonl`` (one line per epoch) and ``loss.png``; the in-progress state lives in
 ``out-dir/work/state.pt`` and a rerun resumes from it (after a kill, SIGTERM, or a job that
-stopped after ``finetune.epochs_per_job`` epochs), exactly: the batches of an epoch are a pure
-function of (member seed, epoch, rank), so a resumed epoch skips the batches already done.
+stopped after ``finetune.epochs_per_job`` epochs) when it was made with the same config sections
+and the same inputs (sha256 of the pretrained model, the scaler and the label catalogue; the shard
+list with sizes and times), else starts afresh and logs why. A resume is exact: the batches of an
+epoch are a pure function of (member seed, epoch, rank), so a resumed epoch skips the batches
+already done.
 
 The training objective per batch (all labels standard-scaled with train-split statistics):
 
@@ -58,6 +61,7 @@ Member checkpoint (``kind: finetune``): ``model``, ``model_hparams``, ``head``, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -79,8 +83,8 @@ from msa.data.store import atomic_path
 from msa.finetune.data import LabelJoin, TrainSplit, summarise_train_split, to_tensors
 from msa.finetune.engine import train_one_epoch, validation_loss
 from msa.finetune.model import FinetuneError, ParallaxSetup, build_objective, parallax_setup
-from msa.nn.checkpoint import (CheckpointError, load_checkpoint, restore_rng_state, rng_state, set_aside_if_corrupt,
-                               save_checkpoint)
+from msa.nn.checkpoint import (CheckpointError, file_sha256, load_checkpoint, restore_rng_state, rng_state,
+                               set_aside_if_corrupt, save_checkpoint)
 from msa.nn.training import (DistributedContext, GracefulStop, add_device_argument, autocast_context,
                              make_scheduler, select_device)
 from msa.progress import progress
@@ -157,17 +161,37 @@ def load_member_data(job: MemberRun, ctx: DistributedContext) -> MemberData:
     return MemberData(layout, scaler, transform, names, plx, shards, train_join, train, val_stars, n_batches)
 
 
+def input_hashes(job: MemberRun) -> dict[str, str]:
+    """What a member is trained from besides the config: the pretrained model, the scaler and the
+    label catalogue by content (sha256), the shard list by path, size and modification time (the
+    shards are too large to read at every start). An in-progress state of other inputs is not resumed."""
+    catalogue = job.config["labels"].get("catalogue")
+    shards = [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns]
+              for p in sorted(Path(p) for p in job.shards)]
+    return {"pretrained": file_sha256(job.pretrained) if job.pretrained is not None else "from scratch",
+            "scaler": file_sha256(job.scaler_path),
+            "label_catalogue": file_sha256(catalogue) if catalogue and Path(catalogue).is_file() else "none",
+            "shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]}
+
+
 def initial_state(work_path: Path, chash: str, model, head, optimizer, scheduler, generator, n_batches: int,
-                  ctx: DistributedContext) -> dict:
-    """A fresh run's state, or that of this member's in-progress checkpoint made with the same settings."""
+                  ctx: DistributedContext, inputs: dict[str, str] | None = None) -> dict:
+    """A fresh run's state, or that of this member's in-progress checkpoint made with the same
+    settings and, given ``inputs`` (:func:`input_hashes`), the same inputs."""
     state = {"epoch": 0, "batch": 0, "step": 0, "rows": 0, "metrics": [], "best_val": float("inf"),
              "bad_epochs": 0, "best": None, "sums": {}}
     set_aside_if_corrupt(work_path)  # a corrupt in-progress checkpoint must not block every retry
-    if work_path.exists() and load_checkpoint(work_path).get("config_hash") != chash:
+    saved = load_checkpoint(work_path) if work_path.exists() else None
+    changed = sorted(k for k in inputs or {} if (saved.get("inputs") or {}).get(k) != inputs[k]) if saved else []
+    if saved is not None and saved.get("config_hash") != chash:
         # a killed run with other settings: its state must not leak into this one
         log.warning("ignoring %s: it was made with other fine-tuning settings; this member starts afresh",
                     work_path)
-    elif work_path.exists():
+    elif changed:
+        # a killed run of another pretrained model, scaler, label catalogue or store: not this run's state
+        log.warning("ignoring %s: it was made from other inputs (%s); this member starts afresh", work_path,
+                    ", ".join(changed))
+    elif saved is not None:
         state = _resume(work_path, model, head, optimizer, scheduler, generator, n_batches, ctx.world_size)
         log.info("resuming %s at epoch %d, batch %d (step %d)", work_path, state["epoch"], state["batch"],
                  state["step"])
@@ -235,12 +259,13 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     row_join = data.train_join.scaled(train.label_scaler, train.err_reference, cfg["inverse_variance"])
     # a small train split stays in memory after its first epoch; a large one is read every epoch
     cache = ChunkCache(enabled=train.n_rows <= cfg["cache_rows"])
-    state = initial_state(work_path, chash, model, head, optimizer, scheduler, generator, n_batches, ctx)
+    inputs = input_hashes(job)  # after the loads above: a missing file is reported by the step that reads it
+    state = initial_state(work_path, chash, model, head, optimizer, scheduler, generator, n_batches, ctx, inputs)
 
     def save_work() -> None:
         if ctx.is_main:
             save_checkpoint(work_path, {
-                "kind": "finetune-work", "config_hash": chash, "model": model.state_dict(),
+                "kind": "finetune-work", "config_hash": chash, "inputs": inputs, "model": model.state_dict(),
                 "head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(), "rng": rng_state(), "n_batches_per_epoch": n_batches,
                 "world_size": ctx.world_size, **state})
