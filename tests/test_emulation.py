@@ -119,3 +119,16 @@ def test_the_sky_is_seen_as_calibrated_with_xp_and_with_xp_hidden(tmp_path, monk
     features = with_predictions(x, q)
     assert features.shape == (len(x), layout.n_features + 2 * q.shape[1])
     np.testing.assert_array_equal(features[:, -1], q[:, -1, 2] - q[:, -1, 0])
+
+
+def test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals():
+    """σ_mag = 2.5 / ln 10 / (flux / σ_flux): written out here, not through MAG_PER_LN, whose wrong
+    value the other tests would share and so never notice."""
+    from msa.calibration.emulation import _errors
+    from msa.data.features import mag_error_from_flux_over_error
+
+    np.testing.assert_allclose(mag_error_from_flux_over_error(np.array([100.0, 50.0, 0.0, -3.0])),
+                               [0.010857, 0.021715, np.nan, np.nan], rtol=5e-5)
+    raw = {"phot_g_mean_mag": np.array([15.0, 16.0]), "phot_g_mean_flux_over_error": np.array([100.0, 50.0])}
+    np.testing.assert_allclose(_errors(raw, "phot_g_mean_mag", "phot_g_mean_flux_over_error"),
+                               [0.010857, 0.021715], rtol=5e-5)
