@@ -152,14 +152,16 @@ def test_entry_masking_hides_its_fraction_of_each_band_in_runs_and_singles():
     for band in (bp, rp):
         assert abs(band.mean() - 0.6) < 0.01
         assert band.mean(axis=1).std() > 0.05  # rows differ: not one pattern for all
-    # runs: neighbours are hidden together more often than independent entries would be
+    # runs: neighbours are hidden together more often than independent entries would be; exactly,
+    # with p = 1 - sqrt(0.4) each for runs and singles and a pair in one run of 5 four times in five,
+    # P(both seen) = (1-p)^2 [0.8 (1-p) + 0.2 (1-p)^2] and P(both hidden) = 1 - 2 (0.4) + P(both seen)
     p = 1 - np.sqrt(1 - 0.6)
     together = (bp[:, :-1] & bp[:, 1:]).mean()
+    both_seen = (1 - p) ** 2 * (0.8 * (1 - p) + 0.2 * (1 - p) ** 2)
+    assert abs(together - (1 - 0.8 + both_seen)) < 0.01
     assert together > 0.6 ** 2 + 0.05
     # the two bands draw their runs independently
     assert abs((bp[:, 10] & rp[:, 10]).mean() - 0.36) < 0.015
-    # the single entries alone would give p² for a neighbour pair; runs add their share
-    assert together > p ** 2
     # photometry keeps its element ratio
     assert abs(hidden[:, 110].mean() - 0.2) < 0.015
 
