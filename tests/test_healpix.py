@@ -65,3 +65,26 @@ def test_real_gaia_stars_lie_in_the_pixel_their_source_id_names():
     ra5, dec5 = pixel_centres(source_id_to_pixel(sid, 5), 5)
     assert np.all(angular_distance_deg(ra5, dec5, stars["ra"], stars["dec"])
                   < np.degrees(np.sqrt(4 * np.pi / n_pixels(5))))
+
+
+def test_pixel_centres_match_the_former_hand_written_formulae():
+    # (ra, dec) that msa computed by hand (Górski et al. 2005) before it used healpy, frozen for
+    # levels 0–29: all pixels of levels 0–3, polar, face-corner and random pixels of the others
+    ref = np.load(Path(__file__).parent / "data" / "healpix_centres_before_healpy.npz")
+    for level in np.unique(ref["level"]):
+        rows = ref["level"] == level
+        ra, dec = pixel_centres(ref["pixel"][rows], int(level))
+        np.testing.assert_allclose(((ra - ref["ra"][rows] + 180) % 360) - 180, 0, atol=1e-12)
+        # within 0.1° of a pole the former arccos(z) lost digits (by 1e-7° at level 29)
+        polar = np.abs(ref["dec"][rows]) > 89.9
+        np.testing.assert_allclose(dec[~polar], ref["dec"][rows][~polar], rtol=0, atol=1e-12)
+        # there: the pixels touching the south pole (each of faces 8–11 starts with one) sit on the
+        # ring z = −1 + 1/(3 nside²), i.e. exactly 2·arcsin(1 / (√6 nside)) from the pole
+        nside = 2.0**level
+        corners = ref["pixel"][rows][polar] % nside**2 == 0
+        assert polar.sum() == 4 * (level >= 9) and corners.all()
+        np.testing.assert_allclose(dec[polar] + 90, np.degrees(2 * np.arcsin(1 / (np.sqrt(6) * nside))),
+                                   rtol=0, atol=1e-12)
+    assert ref["pixel"][ref["level"] == 29].max() > 12 * 4**28  # the deepest level is in the file
+    with pytest.raises(ValueError, match="outside"):
+        pixel_centres([12], 0)
