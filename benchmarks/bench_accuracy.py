@@ -143,7 +143,7 @@ from msa.evaluation.baseline_mlp import PlainMLPBaseline
 from msa.evaluation.baselines import GradientBoostingBaseline
 from msa.finetune.stage import MemberRun, finetune_member, photometry_member_config
 from msa.nn.robust_stats import nmad
-from msa.pretrain.stage import pretrain_segment
+from msa.pretrain.stage import pretrain_segment, settings_sections
 
 log = logging.getLogger("bench_accuracy")
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,8 @@ def build_store(config: dict, work: Path) -> tuple[list[Path], Path]:
 
 
 def pretrained(config: dict, shards, scaler, work: Path) -> Path:
-    out = work / "pretrain" / config_hash(config, ["seed", "ingest", "features", "model", "pretrain"])
+    # what the segment's own resume check hashes (with label targets: the labels and splits too), and the store
+    out = work / "pretrain" / config_hash(config, ["ingest", *settings_sections(config)])
     final = out / "model.pt"
     if final.exists():
         return final

@@ -54,7 +54,13 @@ def residual_stack(d_in: int, widths: list[int], norm: str, activation: str, dro
 
 class MaskedAutoencoder(nn.Module):
     """Encoder: periodic embeddings + indicator channels → residual MLP → latent.
-    Decoder: residual MLP → linear reconstruction of the ``n_reconstruct`` target features."""
+    Decoder: residual MLP → linear reconstruction of the ``n_reconstruct`` target features.
+
+    With ``n_label_targets`` > 0 a linear ``label_head`` reads the latent too (target-aware
+    pretraining: the scaled labels of the stars that have them are targets beside the hidden
+    inputs). It is linear on purpose: what it learns must be in the latent itself, where a
+    fine-tuning head or a linear probe finds it, not in a deeper head of its own.
+    """
 
     def __init__(
         self,
@@ -71,6 +77,7 @@ class MaskedAutoencoder(nn.Module):
         dropout: float = 0.0,
         indicators: bool = True,
         raw_inputs: bool = False,
+        n_label_targets: int = 0,
     ):
         super().__init__()
         _check_choice("norm", norm, NORMS)
@@ -83,6 +90,8 @@ class MaskedAutoencoder(nn.Module):
             encoder_widths=encoder_widths, decoder_widths=decoder_widths, norm=norm,
             activation=activation, dropout=dropout, indicators=indicators, raw_inputs=raw_inputs,
         )
+        if n_label_targets:  # only then: older checkpoints' hparams stay valid as they are
+            self.hparams["n_label_targets"] = int(n_label_targets)
         self.indicators, self.raw_inputs = bool(indicators), bool(raw_inputs)
         self.embed = PeriodicEmbeddings(
             n_features, d_embedding, n_frequencies=n_frequencies,
@@ -96,6 +105,7 @@ class MaskedAutoencoder(nn.Module):
         self.decoder = residual_stack(self.latent_dim, decoder_widths, norm, activation, dropout)
         d_dec = decoder_widths[-1] if decoder_widths else self.latent_dim
         self.reconstruct = nn.Linear(d_dec, n_reconstruct)
+        self.label_head = nn.Linear(self.latent_dim, n_label_targets) if n_label_targets else None
 
     def encode(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Latent ``(batch, latent_dim)`` from values (NaN = missing) and the hidden mask."""

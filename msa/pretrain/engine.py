@@ -22,6 +22,7 @@ from msa.nn.masking import MaskSpec, draw_mask, fixed_validation_mask
 from msa.nn.model import MaskedAutoencoder
 from msa.nn.perturbation import perturb
 from msa.nn.training import DistributedContext, GracefulStop, NonFiniteLossError, autocast_context
+from msa.pretrain.label_targets import label_target_loss
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -62,6 +63,7 @@ class PretrainState:
     ctx: DistributedContext
     generator: torch.Generator
     amp: bool
+    label_weight: float = 0.0  # weight of the label-target term (pretrain.label_targets); 0 = none
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The masked, error-weighted reconstruction loss of one batch (inputs perturbed, targets clean)."""
@@ -75,6 +77,9 @@ class PretrainState:
                                         s["min_error"])
         if s["latent_l1"]:
             loss = loss + s["latent_l1"] * latent.float().abs().mean()
+        if self.label_weight:
+            predicted = self.model.label_head(latent)
+            loss = loss + self.label_weight * label_target_loss(predicted, batch.extra["label_targets"])
         return loss
 
 

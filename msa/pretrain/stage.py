@@ -56,6 +56,7 @@ from msa.nn.model import MaskedAutoencoder
 from msa.nn.perturbation import perturbed_columns
 from msa.nn.training import DistributedContext, GracefulStop, add_device_argument, make_optimizer, make_scheduler
 from msa.pretrain.engine import EpochPosition, PretrainState, train_one_epoch, validate
+from msa.pretrain.label_targets import LabelTargets
 from msa.progress import progress
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ HELD_OUT_SPLITS = ("calibration", "test")  # what exclude_label_splits keeps out
 def settings_sections(config: dict) -> list[str]:
     """Config sections that decide a segment's result (with exclude_label_splits, also the splits
     and the labels: they decide which stars are left out)."""
-    extra = ["splits", "labels", "label_sets"] if config["pretrain"]["exclude_label_splits"] else []
+    section = config["pretrain"]
+    extra = ["splits", "labels", "label_sets"] if section["exclude_label_splits"] or section["label_targets"] else []
     return SETTINGS_SECTIONS + extra
 
 
@@ -181,19 +183,22 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def _build_state(config: dict, layout: Layout, ctx: DistributedContext) -> PretrainState:
+def _build_state(config: dict, layout: Layout, ctx: DistributedContext,
+                 targets: LabelTargets | None = None) -> PretrainState:
     """A fresh model (the same initial weights on every rank), its optimiser and schedule, the masks."""
     section, seed = config["pretrain"], int(config["seed"])
     torch.manual_seed(seed)
     recon_idx = torch.as_tensor(layout.reconstruct_indices)
-    model = MaskedAutoencoder(layout.n_features, len(recon_idx), **config["model"])
+    model = MaskedAutoencoder(layout.n_features, len(recon_idx), **config["model"],
+                              n_label_targets=len(targets.names) if targets else 0)
     optimizer = make_optimizer(model, section["lr"], section["weight_decay"])
     scheduler = make_scheduler(optimizer, section["restart_epochs"], section["restart_mult"], section["min_lr"])
     pert_cols = torch.as_tensor(perturbed_columns(layout, section["pert_features"], "pretrain.pert_features"))
     return PretrainState(model=model, forward=model, optimizer=optimizer, scheduler=scheduler,
                          spec=MaskSpec.from_config(layout, section), recon_idx=recon_idx,
                          groups=layout.reconstruct_groups_positions(), pert_cols=pert_cols, section=section,
-                         seed=seed, ctx=ctx, generator=torch.Generator(device=ctx.device), amp=bool(section["amp"]))
+                         seed=seed, ctx=ctx, generator=torch.Generator(device=ctx.device), amp=bool(section["amp"]),
+                         label_weight=targets.weight if targets else 0.0)
 
 
 def _resume_from(out_dir: Path, work_path: Path, segment: int, settings_hash: str, ctx) -> Path | None:
@@ -286,7 +291,8 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     layout = Layout.from_config(config["features"])
     scaler = scaler if isinstance(scaler, Scaler) else Scaler.load(scaler)
     transform = FeatureTransform(layout, scaler, xp_normalises(config["features"]))
-    state = _build_state(config, layout, ctx)
+    targets = LabelTargets.from_config(config)
+    state = _build_state(config, layout, ctx, targets)
     pos, metrics, ckpt = EpochPosition(epoch=start_epoch), [], None
     settings_hash = config_hash(config, settings_sections(config))
     resume_from = _resume_from(out_dir, work_path, segment, settings_hash, ctx)
@@ -297,9 +303,12 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
 
     train_paths, val_paths, train_filter, val_filter = _split_shards(shard_paths, section, seed)
     held_out = held_out_labelled_stars(config)
+    train_join = targets.row_join(held_out[0]) if targets else held_out[0]
+    if targets and ctx.is_main:
+        log.info("label targets %s: the train split's labels, weight %g", ", ".join(targets.names), targets.weight)
     stream_kw = dict(chunk_rows=section["chunk_rows"], buffer_rows=section["buffer_rows"],
                      batch_size=section["batch_size"], seed=seed, rank=ctx.rank, world_size=ctx.world_size,
-                     prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=held_out[0],
+                     prefetch_batches=6 if section["num_workers"] > 0 else 0, row_join=train_join,
                      join_columns=held_out[1])
     n_batches = _common_batches(ShardStream(train_paths, transform, row_filter=train_filter, **stream_kw), ctx)
     if ckpt is not None and pos.batch_in_epoch and ckpt.get("n_batches_per_epoch") != n_batches:
@@ -314,7 +323,8 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
                 "epoch_partial": pos.partial(), "segment": segment, "segment_complete": at_segment_end,
                 "n_batches_per_epoch": n_batches, "world_size": ctx.world_size, "rng": rng_state(),
                 "config": config, "config_hash": settings_hash, "layout": layout.to_dict(),
-                "scaler": scaler.to_dict(), "metrics": metrics}
+                "scaler": scaler.to_dict(), "metrics": metrics,
+                "label_targets": targets.to_dict() if targets else None}
 
     def save_work() -> None:
         if ctx.is_main:
