@@ -17,6 +17,7 @@ from torch import nn
 from msa.data.batches import Batch
 from msa.finetune.data import Tensors
 from msa.finetune.model import Objective
+from msa.finetune.schedule import apply_encoder_schedule
 from msa.nn.losses import pinball_loss
 from msa.nn.training import DistributedContext, GracefulStop, check_finite
 
@@ -58,6 +59,7 @@ def train_one_epoch(objective: Objective, optimizer: torch.optim.Optimizer, sche
             nn.utils.clip_grad_norm_(parameters, cfg["grad_clip"])
         optimizer.step()
         scheduler.step(epoch + (state["batch"] + 1) / n_batches)
+        apply_encoder_schedule(optimizer, epoch + (state["batch"] + 1) / n_batches, cfg)
         state["step"] += 1
         state["batch"] += 1
         state["rows"] = state.get("rows", 0) + len(batch)

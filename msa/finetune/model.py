@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from msa.data.labels import LabelScaler
+from msa.finetune.schedule import encoder_parameter_groups
 from msa.data.layout import Layout
 from msa.data.scaling import Scaler
 from msa.nn.checkpoint import load_checkpoint
@@ -104,7 +105,7 @@ class Objective:
         wd = self.cfg["weight_decay"]
         groups = parameter_groups(self.head, wd, lr=self.cfg["lr_head"])
         if not self.frozen:
-            groups += parameter_groups(self.model, wd, lr=self.cfg["lr_encoder"])
+            groups += encoder_parameter_groups(self.model, wd, self.cfg["lr_encoder"], self.cfg["layer_lr_decay"])
         return groups
 
     def train(self) -> None:

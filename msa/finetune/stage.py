@@ -83,6 +83,7 @@ from msa.data.store import atomic_path
 from msa.finetune.data import LabelJoin, TrainSplit, summarise_train_split, to_tensors
 from msa.finetune.engine import train_one_epoch, validation_loss
 from msa.finetune.model import FinetuneError, ParallaxSetup, build_objective, parallax_setup
+from msa.finetune.schedule import apply_encoder_schedule
 from msa.nn.checkpoint import (CheckpointError, file_sha256, load_checkpoint, restore_rng_state, rng_state,
                                set_aside_if_corrupt, save_checkpoint)
 from msa.nn.training import (DistributedContext, GracefulStop, add_device_argument, autocast_context,
@@ -252,6 +253,7 @@ def finetune_member(job: MemberRun, step_callback: Callable[[int], None] | None 
     model, head = objective.model, objective.head
     optimizer = torch.optim.AdamW(objective.parameter_groups())
     scheduler = make_scheduler(optimizer, restart_epochs=cfg["epochs"], min_lr=0.0)
+    apply_encoder_schedule(optimizer, 0.0, cfg)  # the first step too (a resumed state brings its own rates)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + RANK_SEED_STRIDE * ctx.rank)
     val_t = to_tensors(data.val_stars, data.train_join, train.label_scaler, False, train.err_reference, device)
