@@ -85,3 +85,39 @@ def tiny_config(tiny_sky):
 def workflow_dir(tmp_path, tiny_config):
     """A fresh workflow folder with the tiny config."""
     return WorkflowDir(tmp_path / "run", tiny_config)
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A folder laid out like the repository's root (its workflow, profiles, config and demo data
+    linked in): a documented command runs there as written, and its results stay out of the repo."""
+    root = tmp_path / "checkout"
+    root.mkdir()
+    for name in ("workflow", "profiles", "config", "resources"):
+        (root / name).symlink_to(REPO / name)
+    return root
+
+
+# A sitecustomize that makes `import msa` fail: the snakemake process of a `--sdm conda` run, where
+# only the jobs' environments have the package.
+BLOCK_MSA = '''
+import sys
+
+
+class NoMsa:
+    def find_spec(self, name, path=None, target=None):
+        if name == "msa" or name.startswith("msa."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+
+sys.meta_path.insert(0, NoMsa())
+'''
+
+
+@pytest.fixture
+def without_msa(tmp_path) -> dict:
+    """Environment variables under which a Python process cannot import `msa`."""
+    folder = tmp_path / "no_msa"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(BLOCK_MSA)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}

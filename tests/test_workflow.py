@@ -87,6 +87,35 @@ def test_conda_env_installs_this_checkout_by_absolute_path(workflow_dir):
     assert pip_deps == next(d["pip"] for d in base["dependencies"] if isinstance(d, dict))
 
 
+def snakemake_in(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` run in `root` as a user types it (no --snakefile, no profile named)."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PATH": BIN_PATH, **(env or {})})
+
+
+def test_the_demo_plans_with_msa_not_importable_in_the_snakemake_process(checkout, without_msa):
+    from msa.config import validate
+
+    probe = subprocess.run([sys.executable, "-c", "import msa"], capture_output=True, text=True,
+                           env={**os.environ, **without_msa})
+    assert "No module named 'msa'" in probe.stderr, "the block must work for the test to mean anything"
+    done = snakemake_in(checkout, "--dry-run", env=without_msa)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    planned = {m.group(1) for line in done.stdout.splitlines() if (m := JOB_HEADER.match(line))}
+    assert {"ingest", "pretrain_segment", "finetune", "calibrate", "predict", "catalog"} <= planned
+    # the workflow fills the schema's defaults without msa exactly as msa fills them
+    resolved = yaml.safe_load((checkout / "results" / ".msa" / "config.yaml").read_text())
+    assert resolved == validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+
+
+def test_a_config_typo_is_a_short_message_naming_the_key(checkout, without_msa):
+    done = snakemake_in(checkout, "--dry-run", "--config", "bogus_key=1", env=without_msa)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "(top level): Additional properties are not allowed ('bogus_key' was unexpected)" in out
+    assert len(out.splitlines()) <= 30, out
+
+
 def test_no_matching_input_files_is_an_error_naming_the_key(workflow_dir):
     config = merge(workflow_dir.config, {"ingest": {"xp": str(workflow_dir.path / "nothing_{shard}.csv")}})
     workflow_dir.write_config(config, "empty.yaml")

@@ -9,17 +9,35 @@ import re
 import shutil
 from pathlib import Path
 
+import tempfile
+
 import yaml
 
-from msa.config import validate as resolve_config
-from msa.data.store import atomic_path
-
-# Nested defaults filled exactly as every `msa` command fills them.
-config.update(resolve_config(config, source="the workflow config"))
+# Every default filled as every `msa` command fills it (rules/config.smk).
+config.update(resolved_config(config, CONFIG_SCHEMA, source="the workflow config"))
 
 RESULTS = config["results"]
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
+
+
+def write_atomically(path, text):
+    """`text` into `path` through a temporary file beside it: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(tmp, 0o666 & ~UMASK)  # the umask's mode, not mkstemp's 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def write_if_changed(path, text):
@@ -28,8 +46,7 @@ def write_if_changed(path, text):
     path = Path(path)
     if path.exists() and path.read_text() == text:
         return
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_atomically(path, text)
 
 
 # The one file every `msa --config` call reads: the validated config with all defaults.
@@ -142,8 +159,7 @@ def batch_folders(section, folder):
 
 def write_shard_list(shards, path, log_path):
     """One shard path a line, as argparse reads `@file` arguments."""
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{shard}\n" for shard in shards))
+    write_atomically(path, "".join(f"{shard}\n" for shard in shards))
     Path(log_path).write_text(f"{len(shards)} shards listed in {path}\n")
 
 
