@@ -1,10 +1,11 @@
-"""The plain-MLP yardstick: learns, is chosen on validation only, drops hidden columns, is seeded."""
+"""The plain-MLP yardstick: learns, is chosen on validation only, drops hidden columns, is seeded;
+its ensemble: one grid search, members of their own seeds, the mean of their predictions."""
 
 import numpy as np
 import pytest
 import torch
 
-from msa.evaluation.baseline_mlp import MLPBaselineError, PlainMLPBaseline
+from msa.evaluation.baseline_mlp import MLPBaselineError, PlainMLPBaseline, PlainMLPEnsemble
 
 torch.set_num_threads(1)
 GRID = {"width": [32], "dropout": [0.0], "weight_decay": [1e-4], "loss": ["mse", "l1"]}
@@ -67,3 +68,23 @@ def test_fits_on_one_thread_and_gives_the_caller_its_threads_back(monkeypatch):
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_ensemble_has_n_seeded_members_sharing_the_first_ones_grid_choice():
+    x, y = data(600, 0)
+    xv, yv = data(200, 1)
+    xt, _ = data(100, 2)
+    ens = PlainMLPEnsemble(["a", "b"], n_members=3, seed=7, grid=GRID).fit(x, y, xv, yv)
+    assert [m.seed for m in ens.members] == [7, 8, 9]
+    # the grid is searched once; the other members train only at its choice
+    assert [len(m.validation_scores) for m in ens.members] == [2, 1, 1]
+    assert all(m.chosen == ens.chosen for m in ens.members)
+    each = ens.predict_members(xt)
+    assert each.shape == (3, 100, 2)
+    assert not np.allclose(each[0], each[1])  # other seeds, other networks
+    np.testing.assert_allclose(ens.predict(xt), each.mean(axis=0))
+    # the first member is the single network of the same seed and grid
+    np.testing.assert_array_equal(each[0], PlainMLPBaseline(["a", "b"], seed=7, grid=GRID).fit(x, y, xv, yv)
+                                  .predict(xt))
+    with pytest.raises(MLPBaselineError, match="n_members"):
+        PlainMLPEnsemble(["a", "b"], n_members=0)

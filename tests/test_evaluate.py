@@ -102,16 +102,32 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
                  "--shards", str(shard), "--out-dir", str(out_dir),
                  "--scratch-members", str(scratch / "model.pt")]) == 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    yardsticks = [y + s for y in ("baseline", "baseline_mlp", "from_scratch") for s in ("", "_no_xp")]
-    for section in ("model", "model_no_xp", *yardsticks, "comparison"):
+    kinds = ("baseline", "baseline_mlp", "baseline_mlp_single", "from_scratch")
+    yardsticks = [y + s for y in kinds for s in ("", "_no_xp")]
+    for section in ("model", "model_no_xp", *yardsticks, "model_member_mean", "model_member_mean_no_xp",
+                    "comparison"):
         assert set(metrics[section]) == {"teff", "fe_h", "parallax"}, section
     for tag in ("with_xp", "no_xp"):
         entry = metrics["comparison"]["teff"][tag]
-        best = min(("baseline", "baseline_mlp", "from_scratch"), key=lambda y: entry[f"nmad_{y}"])
+        best = min(kinds, key=lambda y: entry[f"nmad_{y}"])
         assert entry["best_yardstick"] == best
         assert entry["ratio_to_best"] == pytest.approx(entry["nmad_model"] / entry[f"nmad_{best}"])
+        assert entry["ratio_to_member_mean"] == pytest.approx(entry["nmad_model"] / entry["nmad_member_mean"])
+        # the MLP yardstick is an ensemble of as many networks as the model has members, seeded as they are
+        assert metrics["baseline_mlp_seeds"][tag] == seeds
     # the MLP was chosen on the validation split from the configured grid
     assert metrics["baseline_mlp_settings"]["with_xp"]["loss"] in ("l1", "mse")
+    for suffix in ("", "_no_xp"):
+        assert metrics["baseline_mlp" + suffix]["teff"]["overall"]["nmad"] != \
+            metrics["baseline_mlp_single" + suffix]["teff"]["overall"]["nmad"]
+        # each member of the model alone, beside the mixture, and their mean
+        each = metrics["model_members" + suffix]
+        assert len(each) == 2 and all(set(m) == {"teff", "fe_h", "parallax"} for m in each)
+        nmads = [m["fe_h"]["overall"]["nmad"] for m in each]
+        assert nmads[0] != nmads[1] != metrics["model" + suffix]["fe_h"]["overall"]["nmad"]
+        assert metrics["model_member_mean" + suffix]["fe_h"]["overall"]["nmad"] == pytest.approx(np.mean(nmads))
+        # the trees' count was chosen on validation among the 300 grown
+        assert all(1 <= n <= 300 for n in metrics["baseline_trees"]["with_xp" if not suffix else "no_xp"].values())
     # the from-scratch members are other networks than the pretrained ones
     assert metrics["from_scratch"]["teff"]["overall"]["nmad"] != metrics["model"]["teff"]["overall"]["nmad"]
     overall = metrics["model"]["fe_h"]["overall"]

@@ -7,12 +7,22 @@ calibration, overall and in bins of true [Fe/H] (``evaluate.fe_h_bins`` edges) a
 Yardsticks scored on the same test stars, each trained on the same train split with the same
 inputs (and, where they stop early, the same validation split), with XP and photometry only:
 
-* ``baseline``: gradient-boosted trees (:mod:`msa.evaluation.baselines`);
-* ``baseline_mlp``: a plain supervised MLP tuned on the validation split (:mod:`msa.evaluation.baseline_mlp`);
+* ``baseline``: gradient-boosted trees, their number of trees chosen on the validation split
+  (:mod:`msa.evaluation.baselines`);
+* ``baseline_mlp``: an ensemble of as many plain supervised MLPs as the model has members, tuned on
+  the validation split (:mod:`msa.evaluation.baseline_mlp`), so that the model's gain from
+  ensembling is not counted as the architecture's; ``baseline_mlp_single``: its first network alone
+  (``baseline_mlp_seeds``, ``baseline_mlp_settings``: the networks' seeds and the grid's choice;
+  ``baseline_trees``: the trees' count per label);
 * ``from_scratch``: this model's architecture and fine-tuning from a randomly initialised encoder
   (members from ``msa finetune --from-scratch``, given with ``--scratch-members``), so the gain of
   pretraining is measured, not assumed. A parallax label is always scored from
 the ensemble's masked pass (the Gaia parallax input hidden), which :mod:`msa.calibration.ensemble` applies.
+
+Beside the mixture, each of its members alone (``model_members``, a list in member order, and
+``model_member_mean``, the mean over members of each metric; each also ``*_no_xp``; point metrics
+of the member's own median and its uncalibrated coverage): how much of the model's figure is the
+mixture's. (``members`` holds the member files.)
 
 Each star is calibrated with the offsets of its own conditional group (:mod:`msa.calibration.calibrate`).
 ``metrics.json``'s ``by_g_mag`` section gives, per label and ``evaluate.coverage_g_bins`` bin up
@@ -39,7 +49,7 @@ from msa.config import load_config
 from msa.data.labels import LabelSource, label_set, load_split_samples
 from msa.data.splits import split_seed
 from msa.data.store import atomic_path
-from msa.evaluation.baseline_mlp import PlainMLPBaseline
+from msa.evaluation.baseline_mlp import PlainMLPEnsemble
 from msa.evaluation.baselines import GradientBoostingBaseline
 from msa.nn.robust_stats import nmad
 from msa.nn.training import add_device_argument, resolve_device
@@ -47,7 +57,10 @@ from msa.nn.training import add_device_argument, resolve_device
 log = logging.getLogger(__name__)
 
 G_MAG = "phot_g_mean_mag"
-YARDSTICKS = ("baseline", "baseline_mlp", "from_scratch")  # metrics.json sections, each also *_no_xp
+# metrics.json sections, each also *_no_xp; the single MLP too, so "best yardstick" is never the weaker one
+YARDSTICKS = ("baseline", "baseline_mlp", "baseline_mlp_single", "from_scratch")
+COLUMN_NAMES = {"model": "NMAD", "baseline": "trees", "baseline_mlp": "MLPens", "baseline_mlp_single": "MLP1",
+                "from_scratch": "scratch", "model_member_mean": "members"}
 
 
 def _float(v) -> float | None:
@@ -104,9 +117,13 @@ def baseline_report(pred: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> d
 
 
 def comparison_table(metrics: dict) -> str:
-    """Plain-text model vs baseline table (NMAD, RMSE, bias, coverage; XP on/off)."""
-    header = (f"{'label':>10} {'n':>5} | {'NMAD':>9} {'trees':>9} {'MLP':>9} {'scratch':>9} | "
-              f"{'noXP':>9} {'treesNoXP':>9} {'MLPnoXP':>9} {'scrNoXP':>9} | "
+    """Plain-text model vs yardsticks table (NMAD, RMSE, bias, coverage; XP on/off). ``MLPens`` is the
+    MLP ensemble, ``MLP1`` its first network alone, ``members`` the mean NMAD of the model's members."""
+    sections = ("model", *YARDSTICKS, "model_member_mean")
+    columns = [COLUMN_NAMES[s] for s in sections] + \
+        ["noXP" if s == "model" else COLUMN_NAMES[s] + "NoXP" for s in sections]
+    header = (f"{'label':>10} {'n':>5} | " + " ".join(f"{c:>9}" for c in columns[:len(sections)]) + " | "
+              + " ".join(f"{c:>11}" for c in columns[len(sections):]) + " | "
               f"{'RMSE':>9} | {'bias':>9} | {'cov0':>5} {'cov':>5} {'covNoXP':>7}")
     lines = [header, "-" * len(header)]
 
@@ -115,8 +132,8 @@ def comparison_table(metrics: dict) -> str:
         return "—" if v is None else f"{v:.4g}"
 
     for name in metrics["labels"]:
-        nmads = " | ".join(" ".join(f"{g(sec + suffix, name, 'nmad'):>9}" for sec in ("model", *YARDSTICKS))
-                           for suffix in ("", "_no_xp"))
+        nmads = " | ".join(" ".join(f"{g(sec + suffix, name, 'nmad'):>{width}}" for sec in sections)
+                           for suffix, width in (("", 9), ("_no_xp", 11)))
         lines.append(
             f"{name:>10} {g('model', name, 'n'):>5} | {nmads} | {g('model', name, 'rmse'):>9} | "
             f"{g('model', name, 'bias'):>9} | "
@@ -185,9 +202,13 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
                "coverage_target": calibration.get("coverage_target"),
                "model": label_report(q, q_cal, test.y, names, bins),
                "model_no_xp": label_report(q_noxp, q_noxp_cal, test.y, names, bins)}
+    for suffix, hidden in (("", None), ("_no_xp", xp_hidden)):
+        metrics.update(member_reports(ensemble.predict_members(test.x, extra_hidden=hidden, batch_size=batch),
+                                      test.y, names, suffix))
     pred_base = None
     if ecfg["baseline"]:
-        pred_base = _add_tree_baselines(metrics, ensemble, names, train, test, int(config["seed"]))
+        pred_base = _add_tree_baselines(metrics, ensemble, names, train, samples["validation"], test,
+                                        int(config["seed"]))
     if ecfg["baseline_mlp"]:
         val = samples["validation"]
         _add_mlp_baselines(metrics, ensemble, names, train, val, test, int(config["seed"]), ecfg["mlp_grid"])
@@ -272,28 +293,49 @@ def emulated_magnitude_report(ensemble, calibration: dict, stars, config: dict, 
             "without_xp": magnitude_report(q_noxp_cal, copies.y, g, names, edges)}
 
 
-def _add_tree_baselines(metrics: dict, ensemble, names, train, test, seed: int) -> np.ndarray:
-    """Gradient-boosted trees with and without XP; returns the with-XP predictions (for the figure)."""
+def _add_tree_baselines(metrics: dict, ensemble, names, train, val, test, seed: int) -> np.ndarray:
+    """Gradient-boosted trees with and without XP, their tree counts chosen on ``val``; returns the
+    with-XP predictions (for the figure)."""
     plx_hidden = parallax_hidden_columns(ensemble)
-    base = GradientBoostingBaseline(names, seed=seed, label_hidden_columns=plx_hidden).fit(train.x, train.y)
+    base = GradientBoostingBaseline(names, seed=seed, label_hidden_columns=plx_hidden).fit(
+        train.x, train.y, val.x, val.y)
     base_noxp = GradientBoostingBaseline(names, seed=seed, hidden_columns=ensemble.layout.xp_indices,
-                                         label_hidden_columns=plx_hidden).fit(train.x, train.y)
+                                         label_hidden_columns=plx_hidden).fit(train.x, train.y, val.x, val.y)
     pred = base.predict(test.x)
     metrics["baseline"] = baseline_report(pred, test.y, names)
     metrics["baseline_no_xp"] = baseline_report(base_noxp.predict(test.x), test.y, names)
+    metrics["baseline_trees"] = {"with_xp": dict(zip(names, base.n_trees)),
+                                 "no_xp": dict(zip(names, base_noxp.n_trees))}
     return pred
 
 
 def _add_mlp_baselines(metrics: dict, ensemble, names, train, val, test, seed: int, grid: dict) -> None:
-    """The plain MLP with and without XP. One network serves every label, so a Gaia parallax input
-    that is also a label is removed for all of them (the model hides it for that label only)."""
+    """The plain MLP ensemble (as many networks as the model has members) and its first network
+    alone, with and without XP. One network serves every label, so a Gaia parallax input that is
+    also a label is removed for all of them (the model hides it for that label only)."""
     plx = sorted({c for cols in parallax_hidden_columns(ensemble).values() for c in cols})
     for suffix, hidden in (("", plx), ("_no_xp", sorted(set(plx) | set(ensemble.layout.xp_indices.tolist())))):
-        mlp = PlainMLPBaseline(names, seed=seed, hidden_columns=hidden, grid=grid).fit(train.x, train.y, val.x,
-                                                                                        val.y)
-        metrics["baseline_mlp" + suffix] = baseline_report(mlp.predict(test.x), test.y, names)
-        metrics.setdefault("baseline_mlp_settings", {})["with_xp" if not suffix else "no_xp"] = \
-            dict(mlp.chosen.__dict__)
+        mlps = PlainMLPEnsemble(names, ensemble.n_members, seed=seed, hidden_columns=hidden, grid=grid).fit(
+            train.x, train.y, val.x, val.y)
+        each = mlps.predict_members(test.x)
+        metrics["baseline_mlp" + suffix] = baseline_report(each.mean(axis=0), test.y, names)
+        metrics["baseline_mlp_single" + suffix] = baseline_report(each[0], test.y, names)
+        tag = "with_xp" if not suffix else "no_xp"
+        metrics.setdefault("baseline_mlp_settings", {})[tag] = dict(mlps.chosen.__dict__)
+        metrics.setdefault("baseline_mlp_seeds", {})[tag] = [m.seed for m in mlps.members]
+
+
+def member_reports(q_members: np.ndarray, y: np.ndarray, labels: Sequence[str], suffix: str = "") -> dict:
+    """``model_members{suffix}``: :func:`yardstick_report` of each member's quantiles ``(K, n, L, 3)``;
+    ``model_member_mean{suffix}``: per label, the mean over members of each of those metrics."""
+    each = [yardstick_report(q, y, labels) for q in q_members]
+    mean = {}
+    for name in labels:
+        entries = [e[name]["overall"] for e in each]
+        mean[name] = {"overall": {key: _float(np.mean([e[key] for e in entries]))
+                                  if all(e[key] is not None for e in entries) else None for key in entries[0]}}
+        mean[name]["overall"]["n"] = entries[0]["n"]
+    return {"model_members" + suffix: each, "model_member_mean" + suffix: mean}
 
 
 def yardstick_report(q: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dict:
@@ -307,7 +349,8 @@ def yardstick_report(q: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> dic
 
 
 def comparison(metrics: dict, names: Sequence[str]) -> dict:
-    """Per label, with XP and without: the model's NMAD, each yardstick's, and model / best yardstick."""
+    """Per label, with XP and without: the model's NMAD, each yardstick's, model / best yardstick, and
+    model / the mean of its members' NMAD."""
     out = {}
     for name in names:
         entry = {}
@@ -316,10 +359,14 @@ def comparison(metrics: dict, names: Sequence[str]) -> dict:
             yard = {y: metrics[y + suffix][name]["overall"]["nmad"] for y in YARDSTICKS
                     if y + suffix in metrics and metrics[y + suffix][name]["overall"]["nmad"] is not None}
             best = min(yard, key=yard.get) if yard else None
+            members = (metrics.get("model_member_mean" + suffix) or {}).get(name, {}).get("overall", {}).get("nmad")
             entry[tag] = {"nmad_model": model, **{f"nmad_{y}": v for y, v in yard.items()},
                           "best_yardstick": best,
                           "ratio_to_best": None if best is None or model is None or not yard[best]
-                          else model / yard[best]}
+                          else model / yard[best],
+                          # how much of the model's figure is its mixture's, not its members'
+                          "nmad_member_mean": members,
+                          "ratio_to_member_mean": None if model is None or not members else model / members}
         out[name] = entry
     return out
 
