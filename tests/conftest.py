@@ -59,6 +59,16 @@ class WorkflowDir:
         return done
 
 
+def snakemake_in(root: Path, *args: str, env: dict | None = None,
+                 unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` run in `root` as a user types it (no --snakefile, no profile named), with
+    `env` added to this environment and the variables `unset` taken out."""
+    env = {name: value for name, value in {**os.environ, "PATH": BIN_PATH, **(env or {})}.items()
+           if name not in unset}
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=root, capture_output=True,
+                          text=True, timeout=600, check=False, env=env)
+
+
 @pytest.fixture(scope="session")
 def tiny_sky(tmp_path_factory):
     """Two shards of a synthetic sky (a few hundred stars, some without XP)."""
