@@ -168,7 +168,35 @@ def test_local_gpu_rules_take_one_card_each_or_run_side_by_side_on_one_core(work
         # no card: one thread, no gpu resource, so the profile's gpu cap does not serialise them
         assert cpu[rule][0] == 1 and "gpu=0" in cpu[rule][1], cpu[rule]
         assert gpu[rule][0] == 2 and "gpu=1" in gpu[rule][1], gpu[rule]  # the profile's --cores 2
-    assert cpu["calibrate"][0] == 2 and "gpu=" not in cpu["calibrate"][1]
+    assert "gpu=" not in cpu["calibrate"][1]
+
+
+def job_settings(out: str, field: str) -> dict[str, int]:
+    """Per rule, its first job's `threads` or `priority` (a dry run prints them above 1 and 0)."""
+    found, rule = {}, None
+    for line in out.splitlines():
+        line = line.strip()
+        if header := JOB_HEADER.match(line):
+            rule = header.group(1) if header.group(1) not in found else None
+            if rule:
+                found[rule] = 1 if field == "threads" else 0
+        elif rule and line.startswith(f"{field}:"):
+            found[rule] = int(line.split(":")[1])
+    return found
+
+
+def test_on_two_cores_cpu_rules_start_beside_a_side_job_and_the_catalogue_path_goes_first(workflow_dir):
+    config = merge(workflow_dir.config, {"reconstruct": {"enabled": True, "training": {"enabled": True}}})
+    workflow_dir.write_config(config, "side_jobs.yaml")
+    two = workflow_dir.snakemake("--dry-run", "--cores", "2", config="side_jobs.yaml").stdout
+    four = workflow_dir.snakemake("--dry-run", "--cores", "4", config="side_jobs.yaml").stdout
+    # one core short of --cores: beside train_reconstruction's one core, not waiting for it
+    for rule in ("calibrate", "evaluate", "evaluate_reconstruction"):
+        assert job_settings(two, "threads")[rule] == 1, rule
+        assert job_settings(four, "threads")[rule] == 2, rule
+    priority = job_settings(two, "priority")
+    assert {r for r, p in priority.items() if p > 0} == {"finetune", "calibrate", "predict", "catalog"}
+    assert {"finetune_scratch", "train_reconstruction", "evaluate", "reconstruct"} <= set(priority)
 
 
 def test_pretraining_on_several_gpus_runs_under_torchrun(workflow_dir):

@@ -6,6 +6,7 @@ rule calibrate:
         members=member_models,
         shards=SHARD_LIST,
         labels=label_inputs(),
+        surveys=[survey["catalogue"] for survey in config["calibrate"]["surveys"].values()],
     output:
         calibration=report(
             f"{RESULTS}/calibrate/{{label_set}}.json",
@@ -16,9 +17,10 @@ rule calibrate:
         ),
     log:
         f"{LOGS}/calibrate/{{label_set}}.log",
+    priority: CATALOGUE_PRIORITY
     conda:
         MSA_ENV
-    threads: 2
+    threads: cpu_rule_threads(2)
     resources:
         mem_mb=8000,
         runtime=attempt_scaled(30),

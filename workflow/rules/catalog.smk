@@ -1,5 +1,6 @@
 # Per label set: every shard's predictions (the batch folders of rule predict) gathered into one
-# HATS catalogue (LSDB, hats, astropy open it), with a summary and a sky map for the report.
+# HATS catalogue (LSDB, hats, astropy open it) and its margin cache, with a summary and a sky map for the
+# report.
 
 
 rule catalog:
@@ -9,6 +10,7 @@ rule catalog:
         ),
     output:
         dataset=directory(f"{RESULTS}/catalog/{{label_set}}"),
+        margin=directory(f"{RESULTS}/catalog/{{label_set}}_margin"),
         summary=report(
             f"{RESULTS}/catalog/{{label_set}}.summary.json",
             caption="../report/catalog_summary.rst",
@@ -34,6 +36,7 @@ rule catalog:
         f"{LOGS}/catalog/{{label_set}}.log",
     benchmark:
         f"{BENCHMARKS}/catalog/{{label_set}}.tsv"
+    priority: CATALOGUE_PRIORITY
     conda:
         MSA_ENV
     threads: 1
@@ -45,5 +48,6 @@ rule catalog:
         settings=settings(catalog=config["catalog"]),
     shell:
         "msa catalog --config {params.config:q} --label-set {wildcards.label_set:q} "
-        "--inputs {input.predictions:q} --out-dir {output.dataset:q} --summary {output.summary:q} "
+        "--inputs {input.predictions:q} --out-dir {output.dataset:q} --margin {output.margin:q} "
+        "--summary {output.summary:q} "
         "--skymap {output.skymap:q} --distributions {output.distributions:q} > {log:q} 2>&1"

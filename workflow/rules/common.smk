@@ -51,8 +51,17 @@ def write_if_changed(path, text):
 
 # The one file every `msa --config` call reads: the validated config with all defaults.
 MSA_CONFIG = f"{RESULTS}/.msa/config.yaml"
-# key order kept: the order of features in the config is the model's input order
-write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+
+# Written once this run holds Snakemake's lock (onstart runs after it is taken, never on a dry
+# run): written while parsing, a second snakemake with another --configfile, refused by the lock,
+# or any dry run had already rewritten the file a running run's jobs were reading (issue 27).
+# Jobs of a cluster run parse with --no-hooks and so write nothing; a local run given --no-hooks
+# would leave the file of the last run, so do not pass it. Key order kept: the order of features
+# in the config is the model's input order.
+onstart:
+    write_if_changed(MSA_CONFIG, yaml.safe_dump(config, sort_keys=False))
+
 
 # The checkout this workflow runs from (workflow/ is the main Snakefile's folder).
 REPO_ROOT = Path(workflow.basedir).resolve().parent
@@ -241,6 +250,18 @@ GPU_PER_JOB = 1 if LOCAL_GPU else 0
 def gpu_rule_threads(threads):
     """A GPU rule's threads: its loader and host work beside a card, one core without a card."""
     return threads if LOCAL_GPU else 1
+
+
+def cpu_rule_threads(threads):
+    """A CPU rule's threads on a local run: up to `threads`, one core short of --cores, so that it
+    starts beside whichever one-core job runs: on --cores 2 a 2-thread calibrate waited for both
+    cores, ~30 min behind train_reconstruction. SLURM profiles set these threads themselves."""
+    return max(1, min(threads, (workflow.cores or 1) - 1))
+
+
+# The catalogue's path (its fine-tuned members, calibration, prediction, the catalogue) goes first
+# when ready jobs wait for cores; the side jobs (yardsticks, reconstruction) take what is left.
+CATALOGUE_PRIORITY = 10
 
 
 def launcher(wildcards, resources):

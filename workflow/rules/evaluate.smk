@@ -23,7 +23,7 @@ rule evaluate:
         f"{BENCHMARKS}/evaluate/{{label_set}}.tsv"
     conda:
         MSA_ENV
-    threads: 2
+    threads: cpu_rule_threads(2)
     resources:
         mem_mb=8000,
         runtime=attempt_scaled(60),

@@ -31,6 +31,7 @@ rule finetune:
         f"{LOGS}/finetune/{{label_set}}/member-{{member}}.log",
     benchmark:
         f"{BENCHMARKS}/finetune/{{label_set}}/member-{{member}}.tsv"
+    priority: CATALOGUE_PRIORITY
     conda:
         MSA_ENV
     threads: gpu_rule_threads(4)
@@ -54,6 +55,7 @@ rule finetune:
         "--scaler {input.scaler:q} --out-dir {params.out_dir:q} >> {log:q} 2>&1"
 
 
+# the from-scratch yardstick only feeds evaluate: not on the catalogue's path
 use rule finetune as finetune_scratch with:
     input:
         shards=SHARD_LIST,
@@ -67,6 +69,7 @@ use rule finetune as finetune_scratch with:
         f"{LOGS}/finetune_scratch/{{label_set}}/member-{{member}}.log",
     benchmark:
         f"{BENCHMARKS}/finetune_scratch/{{label_set}}/member-{{member}}.tsv"
+    priority: 0
     params:
         config=MSA_CONFIG,
         out_dir=subpath(output.model, parent=True),

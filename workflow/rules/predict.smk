@@ -19,6 +19,7 @@ rule predict:
         f"{BENCHMARKS}/predict/{{label_set}}/{{batch}}.tsv"
     wildcard_constraints:
         batch=batch_constraint("predict"),
+    priority: CATALOGUE_PRIORITY
     conda:
         MSA_ENV
     threads: gpu_rule_threads(2)

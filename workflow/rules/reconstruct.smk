@@ -92,7 +92,7 @@ rule evaluate_reconstruction:
         f"{BENCHMARKS}/reconstruct/evaluation.tsv"
     conda:
         MSA_ENV
-    threads: 2
+    threads: cpu_rule_threads(2)
     resources:
         mem_mb=8000,
         runtime=attempt_scaled(60),
