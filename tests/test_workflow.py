@@ -88,8 +88,6 @@ def test_conda_env_installs_this_checkout_by_absolute_path(workflow_dir):
 
 
 def test_the_demo_plans_with_msa_not_importable_in_the_snakemake_process(checkout, without_msa):
-    from msa.config import validate
-
     probe = subprocess.run([sys.executable, "-c", "import msa"], capture_output=True, text=True,
                            env={**os.environ, **without_msa}, check=False)
     assert "No module named 'msa'" in probe.stderr, "the block must work for the test to mean anything"
@@ -97,9 +95,23 @@ def test_the_demo_plans_with_msa_not_importable_in_the_snakemake_process(checkou
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     planned = {m.group(1) for line in done.stdout.splitlines() if (m := JOB_HEADER.match(line))}
     assert {"ingest", "pretrain_segment", "finetune", "calibrate", "predict", "catalog"} <= planned
-    # the workflow fills the schema's defaults without msa exactly as msa fills them
-    resolved = yaml.safe_load((checkout / "results" / ".msa" / "config.yaml").read_text())
-    assert resolved == validate(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+
+
+@pytest.mark.parametrize("config_file", ["config.yaml", "gaia_dr3.yaml"])
+def test_the_workflow_fills_defaults_as_msa_does(config_file):
+    """rules/config.smk (plain Python, no rules) run as Snakemake runs it, against msa's validate."""
+    from types import SimpleNamespace
+
+    from msa.config import validate
+
+    code = (REPO / "workflow" / "rules" / "config.smk").read_text()
+    scope = {"workflow": SimpleNamespace(basedir=str(REPO / "workflow")), "Path": Path,
+             "WorkflowError": ValueError}
+    exec(compile(code, "config.smk", "exec"), scope)  # noqa: S102 - the file is this repository's
+    config = yaml.safe_load((REPO / "config" / config_file).read_text())
+    resolved = scope["resolved_config"](config, scope["CONFIG_SCHEMA"], source=config_file)
+    assert resolved == validate(config)
+    assert resolved["reconstruct"]["training"]["epochs"] == validate({})["reconstruct"]["training"]["epochs"]
 
 
 def test_a_config_typo_is_a_short_message_naming_the_key(checkout, without_msa):
