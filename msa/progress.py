@@ -3,12 +3,14 @@
 tqdm redraws its bar with carriage returns; written to a file (a Snakemake or SLURM job log) that
 is thousands of overwritten lines of noise. So :func:`progress` draws a bar only when stderr is a
 terminal, and otherwise logs one INFO line at most every ``LOG_EVERY_S`` seconds, plus one at the
-end. Every loop of the package that shows progress goes through it.
+end. Every loop of the package that shows progress goes through it, so ``msa --no-progress`` (which
+sets ``MSA_NO_PROGRESS=1``, seen by the processes it starts too) turns all of it off at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, Iterable, Iterator
@@ -18,6 +20,8 @@ from tqdm import tqdm
 log = logging.getLogger("msa.progress")
 
 LOG_EVERY_S = 60.0
+# set (to anything) to show no progress at all: `msa --no-progress`, benchmarks
+NO_PROGRESS_ENV = "MSA_NO_PROGRESS"
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: float | None = None,
@@ -25,7 +29,9 @@ def progress(iterable: Iterable | None = None, *, desc: str, total: float | None
     """A progress tracker with tqdm's interface (iterate, ``update``, ``n``, ``close``, ``with``).
 
     ``enabled=False`` shows nothing (e.g. on the non-main ranks of a torchrun job);
-    ``bar_options`` (``unit_scale``, ``leave``, ``mininterval``) apply to the terminal bar only."""
+    ``bar_options`` (``unit_scale``, ``leave``, ``mininterval``) apply to the terminal bar only;
+    with ``MSA_NO_PROGRESS`` in the environment nothing is shown."""
+    enabled = enabled and os.environ.get(NO_PROGRESS_ENV) is None
     if enabled and sys.stderr.isatty():
         return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, **bar_options)
     return LogProgress(iterable, desc=desc, total=total, unit=unit, initial=initial, enabled=enabled)

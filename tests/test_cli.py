@@ -4,6 +4,7 @@ runs a model takes the same --device option."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -63,3 +64,53 @@ def test_an_unknown_device_is_rejected_naming_the_choices(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "'gpu' is not a device" in err and "cuda:N" in err
+
+
+# --- options every command shares ----------------------------------------------------------------
+
+SYNTHESIZE = ["synthesize", "--out", "sky", "--n-stars", "10"]
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_takes_the_common_options_after_its_name(name):
+    parser = command_parser(name)
+    for flag in ("-v", "--verbose", "--debug", "--no-progress"):
+        assert option(parser, flag) is not None, f"msa {name} has no {flag}"
+    assert "@FILE" in parser.epilog
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_common_options_count_before_or_after_the_command_name(where):
+    common = ["-v", "--debug", "--no-progress"]
+    argv = common + SYNTHESIZE if where == "before" else SYNTHESIZE + common
+    args = build_parser(load="synthesize").parse_args(argv)
+    assert (args.verbose, args.debug, args.no_progress) == (True, True, True)
+    plain = build_parser(load="synthesize").parse_args(SYNTHESIZE)
+    assert (plain.verbose, plain.debug, plain.no_progress) == (False, False, False)
+
+
+def test_any_argument_after_the_command_name_reads_from_a_file(tmp_path):
+    (tmp_path / "args.txt").write_text("--n-stars\n25\n--seed\n3\n")
+    args = build_parser(load="synthesize").parse_args(["synthesize", "--out", "sky", f"@{tmp_path / 'args.txt'}"])
+    assert (args.n_stars, args.seed) == (25, 3)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_config_is_required_where_settings_are_read_and_absent_where_none_are(name):
+    config = option(command_parser(name), "--config")
+    if name == "synthesize":
+        assert config is None, "synthesize reads no config: no --config to show"
+        return
+    assert config is not None and config.help.startswith("pipeline config"), f"msa {name}"
+    assert config.required == (name != "ingest"), f"msa {name}: only ingest runs without a config"
+
+
+def test_no_progress_turns_off_every_progress_tracker(monkeypatch, tmp_path, capsys):
+    from msa.progress import NO_PROGRESS_ENV, progress
+
+    monkeypatch.setenv(NO_PROGRESS_ENV, "")  # restored after the test, whatever main() sets
+    monkeypatch.delenv(NO_PROGRESS_ENV)
+    assert progress(range(3), desc="on").enabled
+    assert main([*SYNTHESIZE[:2], str(tmp_path / "sky"), *SYNTHESIZE[3:], "--n-shards", "2", "--no-progress"]) == 0
+    assert os.environ.get(NO_PROGRESS_ENV) == "1"
+    assert not progress(range(3), desc="off").enabled

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -216,7 +215,8 @@ def ingest_shard(
 # --- command line ---------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="pipeline config (paths from its ingest section)")
+    parser.add_argument("--config", help="pipeline config (paths from its ingest section); optional: "
+                        "without it, the files given by --xp/--source/--photometry and the schema's defaults")
     parser.add_argument("--shard", help="shard name substituted for {shard} in the config's ingest paths")
     parser.add_argument("--xp", help="XP continuous file (CSV, CSV.gz, ECSV, FITS); overrides the config")
     parser.add_argument("--source", help="gaia_source file; overrides the config")
@@ -226,7 +226,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-sources-without-xp", action=argparse.BooleanOptionalAction, default=None,
                         help="override ingest.keep_sources_without_xp")
     parser.add_argument("--out", required=True, help="output shard (.h5), written atomically")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _survey_from_file(name: str, path: str) -> dict:
@@ -276,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         source_columns=cfg["ingest"]["source_columns"], keep_sources_without_xp=keep,
         config_digest=config_hash(cfg, ["ingest"]) if args.config else None,
         compression=cfg["ingest"]["compression"], chunk_rows=cfg["ingest"]["chunk_rows"],
-        show_progress=not args.no_progress and os.environ.get("MSA_NO_PROGRESS") is None,
+        show_progress=not args.no_progress,
         min_survey_match_fraction=cfg["ingest"]["min_survey_match_fraction"],
     )
     print(f"{args.out}: {counts['written']} stars ({counts['xp_rows']} with XP)")

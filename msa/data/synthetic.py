@@ -428,7 +428,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-config", metavar="PATH",
                         help="also write a pipeline config (YAML) for this sky")
     parser.add_argument("--results", default="results", help="results folder named in that config")
-    parser.add_argument("--config", help="accepted for symmetry with other commands; unused")
 
 
 def run(args: argparse.Namespace) -> int:
