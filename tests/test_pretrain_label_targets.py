@@ -1,12 +1,16 @@
 """Target-aware pretraining (``pretrain.label_targets``): only the train split's labels are read,
 the linear label head learns them from the latent, and a label that cannot be a target is refused."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from test_batches import make_store, small_features
 
+from msa.cli import main as cli_main
 from msa.config import validate
 from msa.data.features import FeatureTransform
 from msa.data.fit_scaler import fit_scaler
@@ -112,3 +116,22 @@ def test_the_label_loss_counts_present_entries_only():
     assert predicted.grad[0, 1] == 0 and predicted.grad[1].abs().sum() == 0
     empty = label_target_loss(predicted, torch.full((2, 2), float("nan")))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_msa_probe_writes_the_table_of_every_split(labelled_store, tmp_path):
+    paths, scaler, catalogue = labelled_store
+    config = make_config(catalogue, label_targets=["colour"])
+    result = pretrain_segment(config, paths, scaler, tmp_path / "pretrain", 0)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "probe-phot.json"
+    assert cli_main(["probe", "--config", str(config_path), "--label-set", "phot", "--pretrained",
+                     str(result.checkpoint), "--shards", *map(str, paths), "--scaler", str(scaler),
+                     "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["labels"] == ["colour"] and table["n_stars"]["validation"] > 0
+    for split in ("validation", "test"):
+        assert set(table[split]) == {"xp", "no_xp"}
+        assert set(table[split]["xp"]) == {"pretrained", "random_encoder", "raw_inputs"}
+        for view in table[split].values():
+            assert all(np.isfinite(v["colour"]["nmad"]) and v["colour"]["nmad"] > 0 for v in view.values())

@@ -152,12 +152,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out-dir", required=True, help="folder for metrics.json and the figures")
     parser.add_argument("--scratch-members", nargs="*", default=[],
                         help="members of `msa finetune --from-scratch` (the no-pretraining yardstick)")
+    parser.add_argument("--probe", default=None,
+                        help="`msa probe` JSON of the pretrained model: its table goes into metrics.json")
     add_device_argument(parser)
 
 
 def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], calibration_path: str | Path,
              shards: Sequence[str | Path], out_dir: str | Path, device: str = "auto",
-             scratch_members: Sequence[str | Path] = ()) -> dict:
+             scratch_members: Sequence[str | Path] = (), probe: str | Path | None = None) -> dict:
     """Score the ensemble and the yardsticks on the test split; write metrics.json + figures."""
 
     from msa.calibration import Ensemble
@@ -232,6 +234,9 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if probe is not None:  # the representation's own measure: ridge from the frozen pretrained latent
+        table = json.loads(Path(probe).read_text())
+        metrics["probe"] = {"test": table["test"], "validation": table["validation"], "n_stars": table["n_stars"]}
     with atomic_path(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
     plot_predicted_vs_true(test.y, q_cal, names, out_dir / "predicted_vs_true.png", baseline=pred_base)
@@ -381,5 +386,5 @@ def parallax_hidden_columns(ensemble) -> dict[str, list[int]]:
 
 def run(args) -> int:
     evaluate(load_config(args.config), args.label_set, args.members, args.calibration, args.shards,
-             args.out_dir, args.device, args.scratch_members)
+             args.out_dir, args.device, args.scratch_members, args.probe)
     return 0

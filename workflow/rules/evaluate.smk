@@ -8,6 +8,7 @@ rule evaluate:
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
         shards=SHARD_LIST,
         labels=label_inputs(),
+        probe=f"{RESULTS}/pretrain/probe-{{label_set}}.json",
     output:
         evaluation=report(
             directory(f"{RESULTS}/evaluate/{{label_set}}"),
@@ -39,4 +40,4 @@ rule evaluate:
         "msa evaluate --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--members {input.members:q} --scratch-members {input.scratch:q} "
         "--calibration {input.calibration:q} --shards @{input.shards:q} "
-        "--out-dir {output.evaluation:q} > {log:q} 2>&1"
+        "--probe {input.probe:q} --out-dir {output.evaluation:q} > {log:q} 2>&1"

@@ -66,3 +66,34 @@ rule pretrain_model:
     shell:
         "(cp {input.model:q} {output.model:q} && cp {input.metrics:q} {output.metrics:q} "
         "&& cp {input.loss:q} {output.loss:q}) > {log:q} 2>&1"
+
+
+# The representation's own measure, cheap enough to choose a pretraining run by: ridge per label
+# from the frozen latent (penalty on validation) beside raw inputs and a random encoder.
+rule probe_pretrained:
+    input:
+        model=f"{RESULTS}/pretrain/model.pt",
+        shards=SHARD_LIST,
+        scaler=f"{RESULTS}/scaler.json",
+        labels=label_inputs(),
+    output:
+        f"{RESULTS}/pretrain/probe-{{label_set}}.json",
+    log:
+        f"{LOGS}/pretrain/probe-{{label_set}}.log",
+    conda:
+        MSA_ENV
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=attempt_scaled(30),
+    params:
+        config=MSA_CONFIG,
+        settings=lambda wildcards: settings(
+            seed=config["seed"],
+            splits=config["splits"],
+            label_set=label_set_settings(wildcards.label_set),
+        ),
+    shell:
+        "msa probe --config {params.config:q} --label-set {wildcards.label_set:q} "
+        "--pretrained {input.model:q} --shards @{input.shards:q} --scaler {input.scaler:q} "
+        "--out {output:q} > {log:q} 2>&1"
