@@ -62,7 +62,7 @@ rule reconstruct:
         gpu=GPU_PER_JOB,
         mem_mb=8000,
         # a 530,000-star full-sky shard takes ~4 min at 2 CPU cores' 2,000-2,500 stars/s
-        # (README, streaming table), less on a GPU: 10 min a shard leaves room
+        # (docs/results.md, section 5, the streaming table), less on a GPU: 10 min a shard leaves room
         runtime=attempt_scaled(per_batch_shard("reconstruct", 10)),
     params:
         config=MSA_CONFIG,
@@ -129,7 +129,8 @@ rule embed:
     resources:
         gpu=GPU_PER_JOB,
         mem_mb=8000,
-        # ~1.5 min a full-sky shard at 2 CPU cores' ~6,000 stars/s (README, streaming table)
+        # ~1.5 min a full-sky shard at 2 CPU cores' ~6,000 stars/s
+        # (docs/results.md, section 5, the streaming table)
         runtime=attempt_scaled(per_batch_shard("embed", 5)),
     params:
         config=MSA_CONFIG,
