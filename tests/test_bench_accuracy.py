@@ -44,3 +44,15 @@ def test_interval_of_two_equally_good_independent_models_covers_one_and_is_a_few
 def test_nmad_table_reports_a_label_no_star_has_as_missing():
     residuals = np.column_stack([np.arange(5.0), np.full(5, np.nan)])
     assert bench_accuracy.nmad_table(residuals, ["a", "b"]) == {"a": pytest.approx(1.4826), "b": None}
+
+
+def test_single_mlp_ratio_is_taken_against_the_single_mlp_even_where_the_ensemble_is_better():
+    seeds = residual_seeds(0.5)
+    for s in seeds:
+        s["mlp_single"] = 2 * s["mlp"]  # one network: twice the ensemble's residuals
+    summary = bench_accuracy.summarise(
+        [{v: bench_accuracy.nmad_table(r, ["x"]) for v, r in s.items()} for s in seeds], ["x"])
+    (best,) = bench_accuracy.ratios_to_best(summary, seeds, ["x"], n_boot=50)
+    (single,) = bench_accuracy.ratios_to_best(summary, seeds, ["x"], n_boot=50, yardsticks=("mlp_single",))
+    assert best["yardstick"] == "mlp" and best["ratio"] == pytest.approx(0.5)
+    assert single["yardstick"] == "mlp_single" and single["ratio"] == pytest.approx(0.25)
