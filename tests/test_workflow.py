@@ -478,6 +478,8 @@ def test_a_label_from_the_store_runs_from_ingest_to_catalogue(tmp_path, tiny_con
     assert not (results / "predict" / "parallax").exists() or not any((results / "predict" / "parallax").iterdir())
     metrics = json.loads((results / "evaluate" / "parallax" / "metrics.json").read_text())
     assert metrics["n_test"] <= 100 and metrics["labels"] == ["parallax"]
+    # the probe of the pretrained latent, with the parallax input hidden (it is the label)
+    assert metrics["probe"]["test"]["xp"]["pretrained"]["parallax"]["nmad"] > 0  # (NaN fails too)
     first_epoch = json.loads((results / "pretrain" / "segment-0.metrics.jsonl").read_text().splitlines()[0])
     rows = first_epoch["rows"]
     # without the exclusion ~570 rows (all but the 5 % validation); 20 % of them are calibration or test

@@ -79,12 +79,14 @@ def random_encoder(hparams: Mapping, seed: int) -> MaskedAutoencoder:
 
 
 def linear_probe(model: MaskedAutoencoder, hparams: Mapping, layout: Layout, splits: Mapping,
-                 labels: Sequence[str], evaluation: str = "validation", seed: int = 0) -> dict:
+                 labels: Sequence[str], evaluation: str = "validation", seed: int = 0,
+                 always_hidden: Sequence[int] = ()) -> dict:
     """The probe table: ``{view: {features: {label: {"nmad", "lambda"}}}}``.
 
     ``splits`` maps ``train``, ``validation`` and ``evaluation`` to objects with ``x`` (scaled
     inputs, NaN = missing) and ``y`` (labels); views ``xp`` (the stars as they are) and ``no_xp``
     (every XP column hidden); features ``pretrained``, ``random_encoder`` and ``raw_inputs``.
+    ``always_hidden``: feature positions no view sees (the forced mask, an input that is a label).
     """
     random_model = random_encoder(hparams, seed)
     names = ("train", "validation", evaluation)
@@ -92,6 +94,7 @@ def linear_probe(model: MaskedAutoencoder, hparams: Mapping, layout: Layout, spl
     for view in ("xp", "no_xp"):
         def hidden_of(x):
             h = np.isnan(x)
+            h[:, list(always_hidden)] = True
             if view == "no_xp":
                 h[:, layout.xp_indices] = True
             return h

@@ -24,6 +24,7 @@ from msa.data.layout import Layout
 from msa.data.scaling import Scaler
 from msa.data.splits import split_seed
 from msa.data.store import atomic_path
+from msa.nn.masking import MaskSpec
 from msa.nn.probe import linear_probe
 from msa.pretrain.stage import load_pretrained
 
@@ -40,13 +41,17 @@ def probe_pretrained(config: dict, set_name: str, pretrained: str | Path, shards
     samples = load_split_samples(shards, transform, LabelSource(config["labels"], names), config["splits"],
                                  split_seed(config), ("train", *SCORED_SPLITS), max_rows)
     model, checkpoint = load_pretrained(pretrained, layout)
+    source = LabelSource(config["labels"], names)
+    # what pretraining always hid, and an input that is itself a label (Gaia parallax), stay unseen
+    hidden = set(MaskSpec.from_config(layout, checkpoint["config"]["pretrain"]).force_indices)
+    hidden |= {layout.index(c.store) for c in source.columns if c.store in layout.names}
     # the random yardstick has the same architecture, without the label head it would not use
     hparams = {k: v for k, v in checkpoint["model_hparams"].items() if k != "n_label_targets"}
     out = {"label_set": set_name, "labels": list(names), "pretrained": str(pretrained),
            "n_stars": {s: int(len(samples[s].y)) for s in ("train", *SCORED_SPLITS)}}
     for split in SCORED_SPLITS:
         out[split] = linear_probe(model, hparams, layout, {**samples, "evaluation": samples[split]}, names,
-                                  evaluation="evaluation", seed=int(config["seed"]))
+                                  evaluation="evaluation", seed=int(config["seed"]), always_hidden=sorted(hidden))
     return out
 
 
