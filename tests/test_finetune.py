@@ -292,3 +292,18 @@ def test_a_rerun_with_other_inputs_starts_afresh(pipeline, tmp_path, caplog, cha
     steps = []
     assert finetune_member(job, steps.append) == 0
     assert steps[0] > 1
+
+
+def test_head_only_epochs_leave_the_encoder_as_pretrained_then_it_moves(pipeline, tmp_path):
+    base = pipeline["config"]
+    pretrained, _ = load_pretrained(pipeline["root"] / "pretrain" / "segment-0.pt",
+                                    Layout.from_config(base["features"]))
+    weights = {}
+    for epochs in (1, 2):
+        config = validate({**base, "finetune": {**base["finetune"], "epochs": epochs, "head_only_epochs": 1,
+                                                "encoder_warmup_epochs": 0.5, "layer_lr_decay": 0.7}})
+        assert finetune_member(member_job(pipeline, "mixed", tmp_path / f"e{epochs}", config)) == 0
+        weights[epochs] = torch.load(tmp_path / f"e{epochs}" / "model.pt", weights_only=True)["model"]
+    block = "encoder.0.body.0.weight"
+    torch.testing.assert_close(weights[1][block], pretrained.state_dict()[block])  # the head-only epoch
+    assert not torch.allclose(weights[2][block], pretrained.state_dict()[block])  # then the encoder trains
