@@ -158,11 +158,9 @@ def with_overrides(config: dict, overrides: list[str]) -> dict:
     return validate(apply_overrides(config, overrides), source="bench_accuracy overrides")
 
 
-def with_fewer_train_labels(config: dict, fraction: float, work: Path) -> dict:
-    """The config with a label catalogue that keeps only ``fraction`` of the train split's labels
-    (validation, calibration and test keep all theirs); every star stays in the store, so
-    pretraining still sees all of them. The kept subset is a hash of ``source_id``: the same for
-    every seed and for every variant, so the variants differ only in what they learned from."""
+def kept_train_labels(config: dict, fraction: float):
+    """The label catalogue, each star's split and which rows ``--label-fraction`` keeps (a hash of
+    ``source_id``: the same stars for every seed and variant)."""
     source = Path(config["labels"]["catalogue"])
     source = source if source.is_absolute() else REPO / source
     id_column = config["labels"]["source_id_column"]
@@ -170,6 +168,15 @@ def with_fewer_train_labels(config: dict, fraction: float, work: Path) -> dict:
     ids = labels[id_column].to_numpy()
     split = assign_splits(ids, config["splits"], split_seed(config))
     kept = (split != "train") | (unit_hash(ids, split_seed(config) + 7919) < fraction)
+    return labels, split, kept
+
+
+def with_fewer_train_labels(config: dict, fraction: float, work: Path) -> dict:
+    """The config with a label catalogue that keeps only ``fraction`` of the train split's labels
+    (validation, calibration and test keep all theirs); every star stays in the store, so
+    pretraining still sees all of them. The kept subset is a hash of ``source_id``: the same for
+    every seed and for every variant, so the variants differ only in what they learned from."""
+    labels, split, kept = kept_train_labels(config, fraction)
     out = work / f"labels-train{fraction:g}-{config_hash(config, ['labels', 'splits', 'seed'])}.csv"
     labels[kept].to_csv(out, index=False)
     log.info("label fraction %g: %d of %d train labels kept (%s)", fraction, int(((split == "train") & kept).sum()),
