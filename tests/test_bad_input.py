@@ -13,6 +13,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``reconstruct`` of a star with G = 1e300 (or -1e300, inf) | 110 coefficients of 0 (inf for -1e300) | NaN coefficients; every other star unchanged | ``test_reconstruct_writes_nan_for_a_star_it_cannot_reconstruct`` |
 | ``predict`` / ``evaluate`` with a calibration made for other members (sha256s not those the calibration JSON records, or more or fewer members) | applied, and the coverage guarantee written into the output | rc 2 naming the member file and the calibration file: calibrate these members or pass the ones it was made for | ``test_predict_refuses_bad_input[calibration-of-other-members]``, ``[calibration-of-more-members]``, ``test_evaluate_refuses_a_calibration_of_other_members`` |
 | ``finetune`` killed, rerun with another ``--pretrained`` (or an edited label catalogue, scaler or shard list) | the old run's state resumed: only the config sections were compared | the state is ignored and the member starts afresh, the log naming the changed input | ``tests/test_finetune.py::test_a_rerun_with_other_inputs_starts_afresh`` |
+| a second ``snakemake`` with another ``--configfile`` while a run holds the lock (or any dry run) | it had rewritten ``results/.msa/config.yaml`` while parsing, before failing on the lock: the running run's later jobs read the other config (41 catalogue partitions instead of 9) | the file is written in ``onstart``, after the lock is taken, and never by a dry run: the running run's file is unchanged | ``test_a_second_snakemake_refused_by_the_lock_leaves_the_running_config_alone``, ``tests/test_workflow.py::test_resolved_config_is_written_once_with_every_default`` |
 | tests that could not fail: the magnitude error of a flux S/N | tests computed it with ``MAG_PER_LN`` itself, so a wrong constant stayed self-consistent | pinned with literals: S/N 100 → 0.010857 mag, 50 → 0.021715 (fails with 1/ln 10) | ``tests/test_emulation.py::test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals`` |
 | tests that could not fail: ``QuantileHead`` ordering | no direct test | random and adversarial weights (biases pushing q16 above q50), latents of every scale: q16 ≤ q50 ≤ q84 (fails with the softplus removed) | ``tests/test_model.py::test_quantile_head_orders_its_quantiles_whatever_the_weights`` |
 """
@@ -519,6 +520,50 @@ def test_workflow_refuses_a_raw_file_whose_name_is_a_command(tmp_path):
     assert done.returncode != 0
     assert "a$(touch PWNED)b" in done.stdout + done.stderr and "rename the file" in done.stdout + done.stderr
     assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
+
+
+def test_a_second_snakemake_refused_by_the_lock_leaves_the_running_config_alone(tmp_path, tiny_config):
+    """Before: the resolved config was written while the Snakefile was parsed, so a second
+    `snakemake` with another --configfile, refused by the lock, or a dry run, had already rewritten
+    the file the running run's jobs read (its catalogue came out with 41 partitions instead of 9).
+    Now it is written after the lock is taken (onstart), and never by a dry run.
+
+    The running run is held at its first job: an `msa` on its PATH that waits to be killed."""
+    import signal
+    import time
+
+    from conftest import BIN_PATH, SNAKEFILE, WorkflowDir, merge
+
+    wf = WorkflowDir(tmp_path / "wf", tiny_config)
+    resolved = wf.path / "results" / ".msa" / "config.yaml"
+    assert wf.snakemake("--dry-run").returncode == 0 and not resolved.exists()  # a dry run writes nothing
+    wf.write_config(merge(tiny_config, {"catalog": {"max_rows_per_partition": 7}}), "other.yaml")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "msa").write_text("#!/bin/sh\nexec sleep 600\n")
+    (held / "msa").chmod(0o755)
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(wf.path),
+               "--configfile", str(wf.path / "config.yaml"), "--workflow-profile", str(REPO / "profiles" / "default"),
+               "--cores", "1"]
+    first = subprocess.Popen(command, cwd=wf.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PATH": f"{held}{os.pathsep}{BIN_PATH}"}, start_new_session=True)
+    try:
+        locks = wf.path / ".snakemake" / "locks"
+        deadline = time.monotonic() + 120
+        while not (resolved.exists() and locks.is_dir() and any(locks.glob("*.lock"))):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never held the lock"
+            time.sleep(0.05)
+        running = resolved.read_bytes()
+        assert yaml.safe_load(running)["catalog"]["max_rows_per_partition"] == 2000
+        refused = wf.snakemake("--cores", "1", config="other.yaml", check=False)
+        assert refused.returncode != 0 and "cannot be locked" in refused.stdout + refused.stderr
+        assert resolved.read_bytes() == running
+        assert wf.snakemake("--dry-run", config="other.yaml").returncode == 0
+        assert resolved.read_bytes() == running
+        assert first.poll() is None  # still running, its jobs still reading that file
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
 
 
 def test_label_set_names_that_escape_results_are_refused():

@@ -62,14 +62,18 @@ def test_dry_run_plans_every_stage_for_every_shard_label_set_and_member(workflow
 
 
 def test_resolved_config_is_written_once_with_every_default(workflow_dir):
-    workflow_dir.snakemake("--dry-run")
+    """Written by a run once it holds the lock, never by a dry run (tests/test_bad_input.py holds
+    a run and starts a second one); a rerun with the same config leaves its mtime alone."""
     resolved = workflow_dir.path / "results" / ".msa" / "config.yaml"
+    workflow_dir.snakemake("--dry-run")
+    assert not resolved.exists()
+    workflow_dir.snakemake("--cores", "1", "results/store/s000.h5")
     text = resolved.read_text()
     # a default the tiny config does not set, filled from the schema
     assert "restart_epochs: 10" in text
     mtime = resolved.stat().st_mtime_ns
     time.sleep(0.05)
-    workflow_dir.snakemake("--dry-run")
+    workflow_dir.snakemake("--cores", "1", "results/store/s000.h5", "--forcerun", "ingest")
     assert resolved.stat().st_mtime_ns == mtime, "unchanged config must not be rewritten"
 
 
@@ -261,7 +265,10 @@ def test_full_sky_config_resolves_to_the_file_plus_schema_defaults_only(tmp_path
     run = full_sky_layout(tmp_path / "sky")
     (run.path / "config").mkdir()
     shutil.copy(REPO / "config" / "config.yaml", run.path / "config" / "config.yaml")
-    run.snakemake("--dry-run")
+    # a real run writes the file, once it holds the lock and before its first job, which fails here
+    # on the empty placeholder files (a dry run writes nothing)
+    done = run.snakemake("--cores", "1", f"results/store/{FULL_SKY_SHARDS[0]}.h5", check=False)
+    assert done.returncode != 0
     resolved = yaml.safe_load((run.path / "results" / ".msa" / "config.yaml").read_text())
     assert resolved == validate(run.config)
 
