@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_accuracy import REPO, build_store, pretrained, with_overrides  # noqa: E402
+from bench_accuracy import REPO, build_store, pretrained, with_fewer_train_labels, with_overrides  # noqa: E402
 
 from msa.config import load_config  # noqa: E402
 from msa.data.features import FeatureTransform  # noqa: E402
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="validation", choices=["validation", "test"])
     p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=YAML value")
     p.add_argument("--tag", default="")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="keep this share of the train split's labels (probe and label-target pretraining alike)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -69,6 +71,8 @@ def main(argv=None) -> int:
     base = with_overrides(load_config(args.config), args.overrides)
     base["splits"]["seed"] = split_seed(base)
     shards, scaler = build_store(base, work)
+    if args.label_fraction < 1:
+        base = with_fewer_train_labels(base, args.label_fraction, work)
     t0, tables = time.time(), []
     for offset in args.seeds:
         config = copy.deepcopy(base)
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
             print(f"| {view} | {kind} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
     with open(work / "probe.jsonl", "a") as f:
         f.write(json.dumps({"tag": args.tag, "overrides": args.overrides, "split": args.split,
+                            "label_fraction": args.label_fraction,
                             "seeds": args.seeds, "summary": summary, "per_seed": tables}) + "\n")
     log.info("done in %.0f s", time.time() - t0)
     return 0
