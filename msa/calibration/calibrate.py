@@ -41,6 +41,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from msa.calibration.basis import coarse_g_range, merge_group_bases
 from msa.calibration.groups import LEVEL_NAMES
 from msa.errors import InputError
 
@@ -346,6 +347,33 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
                              ensemble.log_labels)
 
 
+def fit_star_groups(ensemble, stars, names: Sequence[str], cfg: dict, batch: int) -> dict:
+    """Finer-group offsets from labelled ``stars`` (e.g. a calibration survey's), each star seen with
+    its XP where it has one, and with every XP column hidden."""
+    from msa.data.features import G_MAG
+
+    views = calibration_views(ensemble, stars.x, stars.extra[G_MAG], cfg["g_mag_bins"], batch)
+    return fit_group_offsets(np.concatenate([views.q_xp, views.q_no_xp]),
+                             np.concatenate([stars.y[views.has_xp], stars.y]), names,
+                             [np.concatenate(pair) for pair in zip(views.levels_xp, views.levels_no_xp)],
+                             cfg["coverage"], cfg["mode"], cfg["min_group_size"], log_labels=ensemble.log_labels)
+
+
+def training_sample_limits(shards: Sequence, config: dict, source, seed: int, surveys) -> dict:
+    """Which stars' labels the fits of this label set read, as hash limits per split and survey
+    (:func:`msa.data.labels.split_sample_limits`): the train split whole (every row, or up to
+    ``finetune.max_train_rows`` an epoch of a changing part of it), the validation sample early
+    stopping scored, the calibration sample, each survey's sample. Prediction's
+    ``in_training_sample`` is computed from these."""
+    from msa.data.labels import split_sample_limits
+
+    limits = split_sample_limits(shards, source, config["splits"], seed,
+                                 {"validation": config["finetune"]["max_validation_rows"],
+                                  "calibration": config["calibrate"]["max_rows"]})
+    return {"splits": {"train": 1.0, **limits}, "surveys": {} if surveys is None else surveys.hash_limits,
+            "max_train_rows": config["finetune"]["max_train_rows"]}
+
+
 SKY_SAMPLE_ROWS = 200_000  # sky stars read and predicted for the shift weights (a group uses at most 20,000)
 
 
@@ -400,6 +428,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     # stage-level imports live here: the math above stays a leaf that prediction imports alone
     from msa.calibration.emulation import fit_error_relation
+    from msa.calibration.surveys import load_survey_stars, survey_sources
     from msa.calibration.ensemble import Ensemble
     from msa.config import load_config
     from msa.data.features import G_MAG
@@ -421,9 +450,12 @@ def run(args) -> int:
     raw_columns = [G_MAG, *ensemble.transform.store_columns] if faint["enabled"] else [G_MAG]
     seed = split_seed(config)
     # bounded seeded samples: a label set of every star of the sky must not be read whole
-    samples = load_split_samples(args.shards, ensemble.transform, LabelSource(config["labels"], names),
+    source = LabelSource(config["labels"], names)
+    samples = load_split_samples(args.shards, ensemble.transform, source,
                                  config["splits"], seed, ("calibration", "test"), cfg["max_rows"],
                                  list(dict.fromkeys(raw_columns)))
+    surveys = load_survey_stars(args.shards, ensemble.transform, survey_sources(cfg["surveys"], names), source,
+                                seed, cfg["max_rows"], [G_MAG])
     edges = list(cfg["g_mag_bins"])
     relation = fit_error_relation(args.shards, ensemble.layout, faint["max_rows_per_shard"]) \
         if faint["enabled"] else None
@@ -444,23 +476,30 @@ def run(args) -> int:
             result["per_label_without_xp"] = fit_calibration(q_no_xp, part.y, names, cfg["coverage"],
                                                              cfg["mode"], log_labels=logs)["per_label"]
             # both views together: every group name starts with xp/no_xp, so none mixes the two
-            result["groups"] = fit_group_offsets(
+            fitted = [("labelled", fit_group_offsets(
                 np.concatenate([q, q_no_xp]), np.concatenate([part.y[has_xp], part.y]), names,
                 [np.concatenate(pair) for pair in zip(levels, levels_no_xp)], cfg["coverage"], cfg["mode"],
-                cfg["min_group_size"], log_labels=logs)
+                cfg["min_group_size"], log_labels=logs))]
             g_cal = part.extra[G_MAG]
             result.update(g_mag_bins=edges, min_group_size=cfg["min_group_size"], bands=ensemble.photometric_bands,
-                          calibration_g_mag_max=float(np.nanmax(g_cal)) if np.isfinite(g_cal).any() else None)
-            log.info("%d finer calibration group(s) with ≥ %d stars: %s", len(result["groups"]),
-                     cfg["min_group_size"], sorted(result["groups"]))
+                          calibration_g_mag_max=float(np.nanmax(g_cal)) if np.isfinite(g_cal).any() else None,
+                          labelled_g_mag_range={"xp": coarse_g_range(g_cal[has_xp]), "no_xp": coarse_g_range(g_cal)})
+            log.info("%d finer calibration group(s) with ≥ %d labelled stars: %s", len(fitted[0][1]),
+                     cfg["min_group_size"], sorted(fitted[0][1]))
+            if surveys is not None:
+                fitted.append(("survey", fit_star_groups(ensemble, surveys.stars, names, cfg, batch)))
+                result["surveys"] = surveys.counts
             if relation is not None:
-                emulated = fit_emulated_groups(ensemble, part, relation, names, cfg, xp_hidden, seed, batch,
-                                               args.shards)
-                emulated = {k: v for k, v in emulated.items() if k not in result["groups"]}
-                result["groups"].update(emulated)
-                result["emulated_groups"] = sorted(emulated)
+                fitted.append(("emulated", fit_emulated_groups(ensemble, part, relation, names, cfg, xp_hidden,
+                                                               seed, batch, args.shards)))
                 result["emulation"] = {"faintest_g": faint["faintest_g"], "relation": relation.to_dict()}
-                log.info("%d group(s) calibrated on emulated faint copies: %s", len(emulated), sorted(emulated))
+            # one basis per group: labelled, else survey, else copies; never a lower one under a higher one
+            result["groups"], result["group_basis"] = merge_group_bases(fitted)
+            for basis in ("survey", "emulated"):
+                mine = sorted(g for g, b in result["group_basis"].items() if b == basis)
+                result[f"{basis}_groups"] = mine
+                log.info("%d group(s) calibrated on %s stars: %s", len(mine), basis, mine)
+            result["training_sample"] = training_sample_limits(args.shards, config, source, seed, surveys)
         reports["with_xp"][split] = coverage_report(q, part.y[has_xp], result,
                                                     groups=star_groups(result, levels))
         reports["without_xp"][split] = coverage_report(q_no_xp, part.y, result,

@@ -8,6 +8,8 @@ Layout (HATS, https://www.ivoa.net/documents/Notes/HATS/)::
         skymap.fits                                 star counts per HEALPix pixel at ``catalog.highest_order``
         dataset/_metadata, dataset/_common_metadata  every row group's footer; the schema
         dataset/Norder=K/Dir=D/Npix=N.parquet       the stars of nested HEALPix pixel N at order K
+    results/catalog/{label_set}_margin/             its margin cache (HATS type ``margin``; :mod:`msa.catalogue.margin`):
+                                                    ``lsdb.read_hats(catalogue, margin_cache=this folder)``
     results/catalog/{label_set}.summary.json        row counts, fractions, per-label percentiles
     results/catalog/{label_set}.skymap.png          median {catalog.sky_map_label}_q50 per pixel (two frames)
     results/catalog/{label_set}.distributions.png   per-label q50 and interval-width histograms
@@ -18,17 +20,22 @@ pixels). Rows in a partition are sorted by ``_healpix_29``, the nested HEALPix i
 order 29 (hats' spatial index; for Gaia, ``_healpix_29 >> 34`` is the level-12 pixel that
 ``source_id // 2**35`` encodes, bar stars on a pixel edge).
 
-Columns: ``_healpix_29``, ``source_id``, ``ra``, ``dec`` (deg, ICRS, epoch J2016.0, from the store);
+Columns (each with an IVOA UCD, :mod:`msa.catalogue.ucd`): ``_healpix_29``, ``source_id``, ``ra``, ``dec`` (deg, ICRS, epoch J2016.0, from the store);
 per label ``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (the label's unit): the 16th, 50th and 84th
 percentiles of the calibrated predictive distribution. In Gaia DR3's astrophysical-parameter tables
 the same three are ``{label}_lower``, ``{label}`` and ``{label}_upper`` (e.g. ``teff_gspphot_lower``):
 our q50 is their value column, q16 their ``_lower``, q84 their ``_upper``. Then ``has_xp``,
 ``n_inputs``, ``flag_too_few_inputs``, ``calibration_group``, ``in_training_sample`` (see
 :mod:`msa.catalogue.predict`). Every column carries its unit and description twice: in the Arrow field
-metadata (``unit``, ``description``: what LSDB and pyarrow show) and in astropy's serialisation
-header (``table_meta_yaml``: ``astropy.table.Table.read(partition)`` gives ``Quantity``-ready units).
-The file metadata identifies the model (member sha256s, calibration, config hash); every input must
-come from the same model. An input folder (``msa predict --shards --out-dir``: one per batch of
+metadata (``unit``, ``description``, ``ucd``: what LSDB and pyarrow show) and in astropy's
+serialisation header (``table_meta_yaml``: ``astropy.table.Table.read(partition)`` gives
+``Quantity``-ready units, the UCD in ``t[column].meta["ucd"]``, and the provenance in ``t.meta``:
+msa version and git commit, creation date, config hash, data release, model checksums,
+:mod:`msa.catalogue.provenance`; the header gives each string column's length, so astropy reads
+it without a warning). The file metadata identifies the model (member sha256s, calibration, config
+hash); every input must come from the same model. ``properties`` adds the HATS provenance keys
+(``hats_builder``, ``hats_creation_date``, ``hats_version``, ``hats_estsize``), ``moc_sky_fraction``
+(the sky fraction of the order-``highest_order`` pixels holding stars) and ``hats_skymap_order``. An input folder (``msa predict --shards --out-dir``: one per batch of
 shards) stands for its ``*.parquet`` files, in name order.
 
 Memory: three passes, one input or one partition at a time. Pass 1 counts stars per pixel of
@@ -53,9 +60,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from msa.catalogue.margin import write_margin
+from msa.catalogue.provenance import provenance
+from msa.catalogue.ucd import column_ucd
 from msa.config import load_config
 from msa.data.star_hash import unit_hash
-from msa.data.store import POSITION_COLUMNS, SOURCE_ID, atomic_dir, atomic_path, check_out_dir
+from msa.data.store import (
+    POSITION_COLUMNS,
+    SOURCE_ID,
+    atomic_dir,
+    atomic_path,
+    check_out_dir,
+)
 from msa.errors import InputError
 from msa.figures import plt, save_figure
 from msa.progress import progress
@@ -76,7 +92,11 @@ FIXED_DESCRIPTIONS = {
     "n_inputs": ("", "number of input features present and visible to the model"),
     "flag_too_few_inputs": ("", "fewer inputs than predict.min_inputs: the predictions are NaN"),
     "calibration_group": ("", "conformal calibration group whose offsets the star took"),
-    "in_training_sample": ("", "the star's labels were used for fine-tuning or calibration"),
+    "interval_basis": ("", "which stars the group's conformal offsets were fitted on: labelled (the label set's "
+                           "calibration stars), survey (a calibration survey's), emulated (faint copies of bright "
+                           "stars) or extrapolated (coarse offsets outside their G range: no coverage promise)"),
+    "in_training_sample": ("", "a fit read the star's labels: fine-tuning (train split, early-stopping sample) or "
+                               "calibration (its calibration and survey samples)"),
 }
 
 
@@ -96,6 +116,7 @@ def output_paths(out_dir: str | Path, label_set: str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     parent = out_dir.parent
     return {"dataset": out_dir, "summary": parent / f"{label_set}.summary.json",
+            "margin": parent / f"{label_set}_margin",
             "skymap": parent / f"{label_set}.skymap.png",
             "distributions": parent / f"{label_set}.distributions.png"}
 
@@ -191,11 +212,19 @@ def choose_partitions(counts: np.ndarray, highest_order: int, max_rows: int) -> 
 
 
 def write_fragments(inputs: Sequence[Path], fragment_dir: Path, partition_of: np.ndarray,
-                    highest_order: int) -> None:
-    """Pass 2: each input's rows (with ``_healpix_29`` first) split into one file per partition."""
+                    highest_order: int) -> dict[str, int]:
+    """Pass 2: each input's rows (with ``_healpix_29`` first) split into one file per partition;
+    return the longest value (characters) of each string column, which astropy's header records."""
+    import pyarrow.compute as pc
+
     shift = 2 * (SPATIAL_ORDER - highest_order)
+    longest: dict[str, int] = {}
     for i, path in enumerate(progress(inputs, desc="catalogue: partition", unit="file")):
         table = pq.read_table(path)
+        for field in table.schema:
+            if pa.types.is_string(field.type) and table.num_rows:
+                n = pc.max(pc.utf8_length(table.column(field.name))).as_py() or 0
+                longest[field.name] = max(longest.get(field.name, 1), n)
         index = spatial_index(path, table)
         table = table.add_column(0, SPATIAL_INDEX, pa.array(index, pa.int64()))
         partition = partition_of[index >> shift]
@@ -209,6 +238,7 @@ def write_fragments(inputs: Sequence[Path], fragment_dir: Path, partition_of: np
             part_dir = fragment_dir / f"{int(partition[start]):07d}"
             part_dir.mkdir(parents=True, exist_ok=True)
             pq.write_table(table.slice(start, stop - start), part_dir / f"part-{i:05d}.parquet")
+    return longest
 
 
 # --- per-column units and descriptions ---------------------------------------------------------
@@ -226,8 +256,10 @@ def column_description(name: str, labels: Sequence[str], units: dict[str, str]) 
     return "", ""
 
 
-def astropy_header(schema: pa.Schema, described: dict[str, tuple[str, str]]) -> str:
-    """astropy's Parquet serialisation header (``table_meta_yaml``) giving each column's unit and description."""
+def astropy_header(schema: pa.Schema, described: dict[str, tuple[str, str]], ucds: dict[str, str],
+                   meta: dict[str, str]) -> str:
+    """astropy's Parquet serialisation header (``table_meta_yaml``): each column's unit, description
+    and UCD (``Column.meta["ucd"]``), and the table's ``meta`` (the provenance)."""
     from astropy.table import Column, Table
     from astropy.table.meta import get_yaml_from_table
 
@@ -236,19 +268,28 @@ def astropy_header(schema: pa.Schema, described: dict[str, tuple[str, str]]) -> 
         unit, description = described[field.name]
         dtype = str if pa.types.is_string(field.type) else field.type.to_pandas_dtype()
         columns.append(Column(np.empty(0, dtype=dtype), name=field.name, unit=unit or None,
-                              description=description or None))
-    return "\n".join(get_yaml_from_table(Table(columns)))
+                              description=description or None, meta={"ucd": ucds[field.name]}))
+    return "\n".join(get_yaml_from_table(Table(columns, meta=dict(meta))))
 
 
 def catalog_schema(schema: pa.Schema, labels: Sequence[str], units: dict[str, str],
-                   model_metadata: dict[str, str]) -> pa.Schema:
-    """The input schema with units/descriptions on every field and the model identity on the file."""
+                   model_metadata: dict[str, str], origin: dict[str, str] | None = None,
+                   string_lengths: dict[str, int] | None = None) -> pa.Schema:
+    """The input schema with unit, description and UCD on every field, and the model identity and
+    provenance (``origin``) on the file; ``string_lengths``: the longest value of each string column."""
     described = {f.name: column_description(f.name, labels, units) for f in schema}
+    ucds = {f.name: column_ucd(f.name, f.type, labels) for f in schema}
     fields = [f.with_metadata({**{k.decode(): v.decode() for k, v in (f.metadata or {}).items()},
-                               "unit": described[f.name][0], "description": described[f.name][1]})
+                               "unit": described[f.name][0], "description": described[f.name][1],
+                               "ucd": ucds[f.name]})
               for f in schema]
     metadata = {k: v for k, v in model_metadata.items() if k != "input_file"}  # inputs differ; listed in the summary
-    metadata["table_meta_yaml"] = astropy_header(schema, described)
+    metadata.update(origin or {})
+    # astropy reads a string column's width from here; without it every Table.read warns
+    lengths = string_lengths or {}
+    metadata.update({f"table::len::{f.name}": str(max(lengths.get(f.name, 1), 1))
+                     for f in schema if pa.types.is_string(f.type)})
+    metadata["table_meta_yaml"] = astropy_header(schema, described, ucds, origin or {})
     return pa.schema(fields, metadata=metadata)
 
 
@@ -325,20 +366,31 @@ def write_partitions(fragment_dir: Path, catalog_dir: Path, partitions: Sequence
     return rows
 
 
-def write_hats_metadata(catalog_dir: Path, name: str, partitions: Sequence[tuple[int, int]], counts: np.ndarray,
-                        total_rows: int, max_rows: int) -> None:
-    """``properties``, ``partition_info.csv``, ``skymap.fits``, ``dataset/_metadata`` and ``_common_metadata``."""
+def write_hats_metadata(catalog_dir: Path, name: str, partitions: Sequence[tuple[int, int]], counts: np.ndarray | None,
+                        total_rows: int, max_rows: int | None = None, **extra) -> None:
+    """``properties``, ``partition_info.csv``, ``skymap.fits`` (with ``counts``: stars per pixel of the
+    skymap order), ``dataset/_metadata`` and ``_common_metadata``; ``extra``: further properties
+    (a margin's ``catalog_type``, ``primary_catalog``, ``margin_threshold``)."""
     from hats.catalog import PartitionInfo, TableProperties
     from hats.io.parquet_metadata import write_parquet_metadata
     from hats.io.skymap import write_skymap
     from hats.pixel_math import HealpixPixel
 
+    from msa import __version__
+
     write_parquet_metadata(catalog_dir)
     PartitionInfo.from_healpix([HealpixPixel(o, p) for o, p in partitions]).write_to_file(catalog_path=catalog_dir)
-    write_skymap(counts, catalog_dir)
-    TableProperties(catalog_name=name, catalog_type="object", total_rows=total_rows, ra_column="ra",
-                    dec_column="dec", healpix_column=SPATIAL_INDEX, healpix_order=SPATIAL_ORDER,
-                    hats_max_rows=max_rows).to_properties_file(catalog_dir)
+    if counts is not None:
+        write_skymap(counts, catalog_dir)
+        order = round(np.log2(len(counts) / 12) / 2)
+        extra.update(skymap_order=order, moc_sky_fraction=round(float(np.count_nonzero(counts)) / len(counts), 6))
+    properties = {"catalog_name": name, "catalog_type": "object", "total_rows": total_rows, "ra_column": "ra",
+                  "dec_column": "dec", "healpix_column": SPATIAL_INDEX, "healpix_order": SPATIAL_ORDER,
+                  "hats_max_rows": max_rows}
+    properties.update(extra)
+    # builder, creation date, HATS version, size on disk (kB, of what is written so far: all but properties)
+    provenance_keys = TableProperties.new_provenance_dict(catalog_dir, builder=f"msa v{__version__}")
+    TableProperties(**properties, **provenance_keys).to_properties_file(catalog_dir)
 
 
 def label_statistics(samples: dict[str, np.ndarray], labels: Sequence[str], units: dict) -> dict:
@@ -414,8 +466,9 @@ def _sky_label(requested: str | None, labels: Sequence[str], label_set: str) -> 
 def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: str, *,
                   max_rows_per_partition: int = 1_000_000, highest_order: int = 8, sky_map_level: int = 5,
                   sky_map_label: str | None = None, percentile_sample_rows: int = 2_000_000, seed: int = 0,
+                  margin_threshold_arcsec: float = 5.0, data_release: str = "Gaia DR3",
                   paths: dict[str, Path] | None = None) -> dict:
-    """Build the HATS catalogue and its summary/figures; return the summary dict."""
+    """Build the HATS catalogue, its margin cache and its summary/figures; return the summary dict."""
     inputs = prediction_files(inputs)
     paths = paths or output_paths(out_dir, label_set)
     meta = check_same_model(inputs, label_set)
@@ -424,21 +477,29 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
     sky_map_label = _sky_label(sky_map_label, labels, label_set)
     total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in inputs)
     sample_fraction = min(1.0, percentile_sample_rows / max(total_rows, 1))
-    dest = paths["dataset"]
+    dest, margin_dest = paths["dataset"], paths.get("margin") or output_paths(out_dir, label_set)["margin"]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(dest, own=OWN_LAYOUT) as tmp_dir:  # readers see the old catalogue or the new one, never a mix
+    origin = provenance(meta, data_release)
+    # readers see the old catalogue (and margin) or the new one, never a mix
+    with atomic_dir(dest, own=OWN_LAYOUT) as tmp_dir, atomic_dir(margin_dest, own=OWN_LAYOUT) as margin_dir:
         counts = count_stars(inputs, highest_order)
         partitions, partition_of = choose_partitions(counts, highest_order, max_rows_per_partition)
-        write_fragments(inputs, tmp_dir / "fragments", partition_of, highest_order)
+        longest = write_fragments(inputs, tmp_dir / "fragments", partition_of, highest_order)
         schema = catalog_schema(pq.read_schema(next((tmp_dir / "fragments").glob("*/*.parquet"))), labels, units,
-                                meta) if partitions else None
+                                meta, origin, longest) if partitions else None
         stats = SummaryAccumulator(labels, sky_map_label, sky_map_level, sample_fraction, seed)
         rows = write_partitions(tmp_dir / "fragments", tmp_dir, partitions, schema, stats)
         if stats.n_rows != total_rows or sum(rows.values()) != total_rows:
             raise CatalogError(f"catalogue holds {stats.n_rows} rows but the inputs hold {total_rows}; "
                                "a bug: the catalogue was not written")
         shutil.rmtree(tmp_dir / "fragments", ignore_errors=True)
+        margin_rows = write_margin([partition_file(tmp_dir, o, p) for o, p in partitions], partitions,
+                                   [partition_file(margin_dir, o, p) for o, p in partitions],
+                                   margin_threshold_arcsec, SPATIAL_INDEX, schema, margin_dir / "fragments")
         write_hats_metadata(tmp_dir, label_set, partitions, counts, total_rows, max_rows_per_partition)
+        write_hats_metadata(margin_dir, f"{label_set}_margin", sorted(margin_rows), None,
+                            sum(margin_rows.values()), catalog_type="margin", primary_catalog=str(dest),
+                            margin_threshold=margin_threshold_arcsec)
     n = max(stats.n_rows, 1)
     samples = stats.sample()
     pixel_median = stats.pixel_median()
@@ -449,6 +510,8 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
                         f"{max_rows_per_partition} rows each, sorted by {SPATIAL_INDEX}",
         "n_partitions": len(partitions), "partition_orders": sorted({o for o, _ in partitions}),
         "max_rows_per_partition": max_rows_per_partition, "highest_order": highest_order,
+        "margin": {"path": str(margin_dest), "threshold_arcsec": margin_threshold_arcsec,
+                   "n_rows": sum(margin_rows.values()), "n_partitions": len(margin_rows)},
         "n_inputs": len(inputs), "n_rows": stats.n_rows,
         "n_without_xp": stats.n_without_xp, "fraction_without_xp": stats.n_without_xp / n,
         "n_flagged_too_few_inputs": stats.n_flagged, "fraction_flagged": stats.n_flagged / n,
@@ -456,6 +519,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
         "per_label": label_statistics(samples, labels, units),
         "sky_map_label": sky_map_label, "sky_map_level": sky_map_level, "sky_map_pixels": len(pixel_median),
         "model": {k: meta.get(k) for k in ("msa_version", *IDENTITY_KEYS)},
+        "provenance": origin,
         "inputs": [str(p) for p in inputs],
     }
     with atomic_path(paths["summary"]) as tmp:
@@ -472,6 +536,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
     parser.add_argument("--inputs", nargs="+", required=True, help="prediction Parquet files of that label set, or folders of them (`msa predict --out-dir`)")
     parser.add_argument("--out-dir", required=True, help="catalogue folder, e.g. results/catalog/<label_set>")
+    parser.add_argument("--margin", help="margin cache folder (default: <out-dir>/../<label_set>_margin)")
     parser.add_argument("--summary", help="summary JSON (default: <out-dir>/../<label_set>.summary.json)")
     parser.add_argument("--skymap", help="sky map PNG (default: <out-dir>/../<label_set>.skymap.png)")
     parser.add_argument("--distributions",
@@ -480,14 +545,17 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_out_dir(args.out_dir, [args.config, *args.inputs], own=OWN_LAYOUT)  # the folder is replaced whole
+    if args.margin:
+        check_out_dir(args.margin, [args.config, *args.inputs], option="--margin", own=OWN_LAYOUT)
     config = load_config(args.config)
     ccfg = config["catalog"]
     paths = output_paths(args.out_dir, args.label_set)
-    for key in ("summary", "skymap", "distributions"):
+    for key in ("margin", "summary", "skymap", "distributions"):
         if getattr(args, key):
             paths[key] = Path(getattr(args, key))
     build_catalog(args.inputs, args.out_dir, args.label_set, max_rows_per_partition=ccfg["max_rows_per_partition"],
                   highest_order=ccfg["highest_order"], sky_map_level=ccfg["sky_map_level"],
                   sky_map_label=ccfg["sky_map_label"], percentile_sample_rows=ccfg["percentile_sample_rows"],
+                  margin_threshold_arcsec=ccfg["margin_threshold_arcsec"], data_release=ccfg["data_release"],
                   seed=config["seed"], paths=paths)
     return 0

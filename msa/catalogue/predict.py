@@ -16,8 +16,11 @@ Output columns: ``source_id`` (int64, exactly the input's, in input order); ``ra
 ``has_xp`` (the prediction used an XP spectrum); ``n_inputs`` (features present and visible to the
 model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN);
 ``calibration_group`` (the conformal group whose offsets the star took: XP or not, G bin, bands
-present; see :mod:`msa.calibration.calibrate`); ``in_training_sample`` (its labels were used for fine-tuning
-or calibration, as the flag of Andrae et al. 2023); with
+present; see :mod:`msa.calibration.calibrate`); ``interval_basis`` (which stars that group's offsets
+were fitted on: ``labelled``, ``survey``, ``emulated`` or ``extrapolated``; see
+:mod:`msa.calibration.basis`); ``in_training_sample`` (a fit read its labels: the train split, the
+validation stars early stopping scored, the calibration stars and survey stars calibration
+scored, as the flag of Andrae et al. 2023); with
 ``predict.save_latent`` also ``latent_000`` … (the first member's latent). The file's key-value
 metadata identifies the model (member sha256s, calibration hash, config hash, msa version), the
 label set, the labels and their units, and the input file.
@@ -44,11 +47,11 @@ import pyarrow as pa
 import torch
 
 from msa import __version__
-from msa.calibration import apply_calibration, load_calibration, star_groups
+from msa.calibration import apply_calibration, interval_basis, load_calibration, star_groups, survey_sources
 from msa.calibration import Ensemble, combine_members
 from msa.config import config_hash, load_config
 from msa.data.features import G_MAG, FeatureTransform
-from msa.data.labels import LabelSource, label_set
+from msa.data.labels import LabelSource, label_set, sample_hash
 from msa.data.layout import Feature, Layout
 from msa.data.parquet_stream import BackgroundParquetWriter, OutputCheckError, verify_source_ids
 from msa.data.prefetch import prefetch
@@ -79,19 +82,25 @@ class PreparedChunk:
     calibration_group: np.ndarray  # object (n,): the group whose offsets the star takes ("" uncalibrated)
     in_training_sample: np.ndarray  # bool (n,)
     positions: dict = field(default_factory=dict)  # ra, dec float64 (n,) when the input has them
+    interval_basis: np.ndarray | None = None  # object (n,): labelled/survey/emulated/extrapolated ("" uncalibrated)
 
 
 @dataclass(frozen=True)
 class TrainingSample:
-    """Which stars' labels the model was fitted or calibrated on: a label of the set, and a split
-    other than test (train and validation fine-tune, calibration calibrates)."""
+    """Which stars' labels a fit read: a label of the set and a split other than test (train
+    fine-tunes, validation stops it early, calibration calibrates), and, with the calibration's
+    ``training_sample`` record, only the stars that each split's bounded sample (and each
+    calibration survey's) held: their :func:`msa.data.labels.sample_hash` at most its limit."""
 
     labels: LabelSource
     splits_cfg: dict
     seed: int
+    split_limits: dict | None = None  # split → hash limit; None: every labelled star of the split
+    surveys: tuple = ()  # (LabelSource, hash limit) of each calibration survey
 
     @classmethod
-    def from_config(cls, config: dict, label_set_name: str) -> "TrainingSample | None":
+    def from_config(cls, config: dict, label_set_name: str,
+                    calibration: dict | None = None) -> "TrainingSample | None":
         """None (with a warning) when the config does not say where the label set's labels come from."""
         names = list((config.get("label_sets") or {}).get(label_set_name) or [])
         known = (config.get("labels") or {}).get("columns") or {}
@@ -99,8 +108,14 @@ class TrainingSample:
             log.warning("labels.columns lacks label(s) of %r: in_training_sample is written false for every "
                         "star; predict with the config the members were fine-tuned with", label_set_name)
             return None
-        return cls(LabelSource(config["labels"], label_set(config, label_set_name)), config["splits"],
-                   split_seed(config))
+        names = label_set(config, label_set_name)
+        record = (calibration or {}).get("training_sample")
+        surveys = ()
+        if record is not None:
+            sources = survey_sources(config["calibrate"]["surveys"], names)
+            surveys = tuple((sources[n], float(limit)) for n, limit in record["surveys"].items() if n in sources)
+        return cls(LabelSource(config["labels"], names), config["splits"], split_seed(config),
+                   None if record is None else dict(record["splits"]), surveys)
 
     @property
     def store_columns(self) -> list[str]:
@@ -110,7 +125,16 @@ class TrainingSample:
         """Bool ``(n,)``; ``raw`` holds the stars' store columns that labels come from."""
         y, _ = self.labels.lookup(source_id, raw)
         labelled = np.any(np.isfinite(y), axis=1)
-        return labelled & (assign_splits(source_id, self.splits_cfg, self.seed) != "test")
+        split = assign_splits(source_id, self.splits_cfg, self.seed)
+        if self.split_limits is None:
+            return labelled & (split != "test")
+        h = sample_hash(source_id, self.seed)
+        limit = np.array([self.split_limits.get(s, -1.0) for s in split.tolist()])  # test: no limit reaches it
+        read = labelled & (h <= limit)
+        for survey, survey_limit in self.surveys:  # survey stars calibrate unless the set's own labels cover them
+            y_survey, _ = survey.lookup(source_id)
+            read |= ~labelled & np.any(np.isfinite(y_survey), axis=1) & (h <= survey_limit)
+        return read
 
 
 def input_transform(ensemble: Ensemble) -> FeatureTransform:
@@ -135,17 +159,18 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: Fea
     visible = ensemble.visible_inputs(x)
     has_xp = ensemble.has_xp(x, visible)
     source_id = np.asarray(raw[SOURCE_ID], dtype=np.int64)
+    g_mag = raw[G_MAG] if G_MAG in raw else np.full(len(x), np.nan)
     if calibration is None:
         groups = np.full(len(x), "", dtype=object)
     else:
-        g_mag = raw[G_MAG] if G_MAG in raw else np.full(len(x), np.nan)
         groups = star_groups(calibration, ensemble.calibration_levels(
             x, g_mag, calibration.get("g_mag_bins") or [], visible=visible))
+    basis = interval_basis(calibration, groups, g_mag)
     in_training = training.contains(source_id, raw) if training is not None else np.zeros(len(x), dtype=bool)
     tensor = torch.from_numpy(x)
     positions = {c: np.asarray(raw[c], dtype=np.float64) for c in POSITION_COLUMNS if c in raw}
     return PreparedChunk(source_id, tensor.pin_memory() if pin else tensor, visible.sum(axis=1).astype(np.int16),
-                         has_xp, groups, in_training, positions)
+                         has_xp, groups, in_training, positions, basis)
 
 
 def extra_read_columns(training: TrainingSample | None) -> list[str]:
@@ -168,6 +193,7 @@ def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int 
     fields += [pa.field("has_xp", pa.bool_(), nullable=False), pa.field("n_inputs", pa.int16(), nullable=False),
                pa.field("flag_too_few_inputs", pa.bool_(), nullable=False),
                pa.field("calibration_group", pa.string(), nullable=False),
+               pa.field("interval_basis", pa.string(), nullable=False),
                pa.field("in_training_sample", pa.bool_(), nullable=False)]
     if latent_dim:
         fields += [pa.field(latent_column(i), pa.float32()) for i in range(latent_dim)]
@@ -186,7 +212,8 @@ def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent
         for k in range(3):
             columns.append(pa.array(q[:, j, k], pa.float32()))
     columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged),
-                pa.array(chunk.calibration_group, pa.string()), pa.array(chunk.in_training_sample)]
+                pa.array(chunk.calibration_group, pa.string()), pa.array(chunk.interval_basis, pa.string()),
+                pa.array(chunk.in_training_sample)]
     if latent is not None:
         columns += [pa.array(latent[:, i], pa.float32()) for i in range(latent.shape[1])]
     return pa.Table.from_arrays(columns, schema=schema)
@@ -326,32 +353,47 @@ def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibr
         "quantiles": "q16/q50/q84: 16th, 50th, 84th percentiles of the equal-weight mixture of the members' "
                      "predictive distributions, with split-conformal offsets of each star's calibration_group",
         "calibration_guarantee": calibration_guarantee(calibration),
-        "in_training_sample": "true: the star's labels were used for fine-tuning (train and validation splits) or "
-                              "for calibration; its predictions are not out-of-sample" if training is not None else
-                              "unknown (false everywhere): the config names no label columns for this label set",
+        "in_training_sample": training_sample_meaning(training),
     }
 
 
+def training_sample_meaning(training: "TrainingSample | None") -> str:
+    """What ``in_training_sample`` means in this file, for its metadata."""
+    if training is None:
+        return "unknown (false everywhere): the config names no label columns for this label set"
+    if training.split_limits is None:
+        return ("true: the star has a label and is in the train, validation or calibration split: its labels may "
+                "have been read by fine-tuning or calibration (the calibration records no samples: an upper bound)")
+    return ("true: a fit read the star's labels: fine-tuning (the train split, every star of it: with "
+            "finetune.max_train_rows an epoch reads a part, so there it is an upper bound; the validation stars "
+            "early stopping scored) or calibration (the calibration stars and calibration survey stars it "
+            "scored); its predictions are not out-of-sample")
+
+
 def calibration_guarantee(calibration: dict | None) -> str:
-    """Which coverage promise holds for which stars, in words, for the prediction files' metadata."""
+    """Which coverage promise holds for which stars, by ``interval_basis``, in words, for the
+    prediction files' metadata."""
     if calibration is None:
         return "none: uncalibrated ensemble quantiles"
     coverage = calibration.get("coverage_target")
     groups = sorted(calibration.get("groups") or {})
-    g_max = calibration.get("calibration_g_mag_max")
-    text = (f"split-conformal, finite-sample: P(q16 <= true <= q84) >= {coverage} for a star exchangeable with the "
-            f"calibration stars of its calibration_group. Groups with their own offsets (G bin and bands "
-            f"present, >= {calibration.get('min_group_size')} calibration stars each): {groups or 'none'}; "
-            "stars in no such group take the offsets of their coarse group (xp or no_xp), whose promise holds "
-            "only on average over the calibration stars")
+    surveys = sorted(calibration.get("surveys") or {})
     emulated = calibration.get("emulated_groups") or []
-    if g_max is not None:
-        text += (f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars outside the emulated "
-                 "groups below the promise is extrapolated" if emulated else
-                 f"; the real calibration stars have G <= {g_max:.2f}: for fainter stars the promise is extrapolated")
+    text = (f"split-conformal, finite-sample: P(q16 <= true <= q84) >= {coverage} for a star exchangeable with the "
+            f"stars its calibration_group's offsets were fitted on, which interval_basis names. Groups with their "
+            f"own offsets (G bin and bands present, >= {calibration.get('min_group_size')} stars each): "
+            f"{groups or 'none'}. interval_basis 'labelled': the label set's own calibration stars (a star in "
+            "no finer group takes its coarse group's offsets, xp or no_xp, whose promise holds only on average "
+            "over those stars)")
+    if surveys:
+        text += (f"; 'survey': stars of the calibration surveys {surveys} in the star's group "
+                 f"({sorted(calibration.get('survey_groups') or [])}), a promise for stars like the surveys' own")
     if emulated:
-        text += (f". Groups {sorted(emulated)} were calibrated on bright stars degraded to fainter magnitudes "
-                 "with the store's own error-versus-magnitude relation: their promise assumes that emulation")
+        text += (f"; 'emulated': groups {sorted(emulated)}, calibrated on bright stars degraded to fainter "
+                 "magnitudes with the store's own error-versus-magnitude relation: the promise assumes that "
+                 "emulation, and bright stars' copies are not the faint sky's population")
+    text += ("; 'extrapolated': no promise, the coarse offsets applied outside the G range of the stars they "
+             "were fitted on")
     return text
 
 
@@ -388,7 +430,7 @@ def run(args) -> int:
     check_config_fits(config, args.label_set, ensemble)
     calibration = load_calibration(args.calibration, ensemble)  # made for these members, or refused
     units = pcfg["label_units"]
-    training = TrainingSample.from_config(config, args.label_set)
+    training = TrainingSample.from_config(config, args.label_set, calibration)
     common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],
                   save_latent=pcfg["save_latent"], units=units, training=training)
 

@@ -364,6 +364,42 @@ def load_labelled(shard_paths: Sequence[str | Path], transform, source: LabelSou
 SAMPLE_SALT = 0x5A3D1E  # the sample hash differs from the split hash of the same seed
 
 
+def sample_hash(source_id: np.ndarray, seed: int) -> np.ndarray:
+    """The hash :func:`load_split_samples` ranks a split's stars by (the smallest are sampled)."""
+    from msa.data.star_hash import unit_hash
+
+    return unit_hash(np.asarray(source_id, dtype=np.int64), seed ^ SAMPLE_SALT)
+
+
+def split_sample_limits(shard_paths: Sequence[str | Path], source: LabelSource, splits_cfg: Mapping, seed: int,
+                        max_rows: Mapping[str, int | None]) -> dict[str, float]:
+    """Per split, the largest :func:`sample_hash` that :func:`load_split_samples` with that
+    split's ``max_rows`` samples (1.0: the split is read whole): a star of the split with a label
+    was read if and only if its hash is at most this. Reads only ``source_id`` and store labels."""
+    from msa.data.splits import assign_splits
+    from msa.data.store import Shard
+
+    hashes: dict[str, list[np.ndarray]] = {name: [] for name in max_rows}
+    totals = dict.fromkeys(max_rows, 0)
+    for path in shard_paths:
+        with Shard(path) as shard:
+            ids, rows, _, _ = _labelled_rows(shard, source)
+        split = assign_splits(ids[rows], splits_cfg, seed)
+        h = sample_hash(ids[rows], seed)
+        for name, cap in max_rows.items():
+            mine = h[split == name]
+            totals[name] += len(mine)
+            if cap is not None and len(mine) > cap:  # keep only the candidates: memory stays ~cap
+                mine = np.partition(mine, int(cap) - 1)[:int(cap)]
+            hashes[name].append(mine)
+    limits = {}
+    for name, cap in max_rows.items():
+        every = np.concatenate(hashes[name]) if hashes[name] else np.empty(0)
+        limits[name] = (1.0 if cap is None or totals[name] <= cap
+                        else float(np.partition(every, int(cap) - 1)[int(cap) - 1]))
+    return limits
+
+
 def load_split_samples(shard_paths: Sequence[str | Path], transform, source: LabelSource, splits_cfg: Mapping,
                        seed: int, split_names: Sequence[str], max_rows: int | None,
                        extra_columns: Sequence[str] = ()) -> dict[str, LabelledStars]:

@@ -360,6 +360,39 @@ def write_sky(out_dir: str | Path, n_stars: int, n_shards: int = 1, seed: int = 
     return sky
 
 
+FAINT_SURVEY_NAME = "faint_survey_labels.csv"
+FAINT_SURVEY_SALT = 0xFA17  # the survey's star choice differs from every split and sample hash
+
+
+def write_faint_survey(sky_dir: str | Path, fraction: float, g_min: float, g_max: float, seed: int = 0) -> Path:
+    """A faint survey beside ``labels.csv``: its rows (same columns) for ``fraction`` of the stars
+    with ``g_min <= G < g_max`` (Gaia's observed G), chosen by a seeded hash of ``source_id``, as
+    LAMOST or DESI label a part of the faint sky. Written to ``faint_survey_labels.csv``; returns it."""
+    from msa.data.star_hash import hash_uniform
+
+    if not 0 < fraction <= 1 or not g_min < g_max:
+        raise ValueError(f"faint survey: need 0 < fraction ({fraction}) <= 1 and g_min ({g_min}) < g_max ({g_max})")
+    sky_dir = Path(sky_dir)
+    g = pd.concat([pd.read_csv(path, usecols=["source_id", "phot_g_mean_mag"])
+                   for path in sorted(sky_dir.glob("GaiaSource_*.csv.gz"))])
+    labels = pd.read_csv(sky_dir / "labels.csv").merge(g, on="source_id", how="inner")
+    ids = labels["source_id"].to_numpy(np.int64)
+    mag = labels["phot_g_mean_mag"].to_numpy()
+    chosen = (mag >= g_min) & (mag < g_max) & (hash_uniform(ids, seed, FAINT_SURVEY_SALT) < fraction)
+    out = sky_dir / FAINT_SURVEY_NAME
+    write_csv(labels.loc[chosen, list(LABEL_COLUMNS)], out, float_format="%.8g")
+    log.info("faint survey: %d of the %d stars with %g <= G < %g in %s", int(chosen.sum()),
+             int(((mag >= g_min) & (mag < g_max)).sum()), g_min, g_max, out)
+    return out
+
+
+def survey_config(survey_path: str | Path) -> dict:
+    """The ``calibrate.surveys`` entry of a faint survey from :func:`write_faint_survey`."""
+    return {"faint": {"catalogue": str(survey_path),
+                      "columns": {name: {"value": name, "error": f"{name}_err"}
+                                  for name in ("teff", "logg", "fe_h", "alpha_m", "age")}}}
+
+
 def synthetic_config(sky_dir: str | Path, results_dir: str | Path, seed: int = 42) -> dict:
     """A complete pipeline config for a sky written by :func:`write_sky` (passes
     ``msa.config.validate``, which fills the remaining defaults; not called here because config
@@ -428,14 +461,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-config", metavar="PATH",
                         help="also write a pipeline config (YAML) for this sky")
     parser.add_argument("--results", default="results", help="results folder named in that config")
+    parser.add_argument("--faint-survey", type=float, metavar="FRACTION",
+                        help=f"also write {FAINT_SURVEY_NAME}: the labels of this fraction of the stars in the "
+                             "--faint-survey-g range (a calibration survey; the config names it in calibrate.surveys)")
+    parser.add_argument("--faint-survey-g", type=float, nargs=2, default=[15.0, 18.0], metavar=("G_MIN", "G_MAX"),
+                        help="G range of the faint survey (default 15 18)")
 
 
 def run(args: argparse.Namespace) -> int:
     sky = write_sky(args.out, args.n_stars, args.n_shards, args.seed, args.xp_limit_mag,
                     args.correlations, args.compresslevel)
     print(f"wrote {sky.n_stars} stars ({sky.n_with_xp} with XP) in {len(sky.shards)} shard(s) to {sky.out_dir}")
+    survey = None
+    if args.faint_survey is not None:
+        survey = write_faint_survey(sky.out_dir, args.faint_survey, *args.faint_survey_g, seed=args.seed)
+        print(f"wrote faint survey {survey}")
     if args.write_config:
         cfg = synthetic_config(sky.out_dir.resolve(), args.results, seed=args.seed)
+        if survey is not None:
+            cfg["calibrate"] = {"surveys": survey_config(survey.resolve())}
         path = Path(args.write_config)
         with atomic_path(path) as tmp:
             tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
