@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import astropy.units as u
@@ -17,9 +20,11 @@ import torch
 import yaml
 from astropy.coordinates import SkyCoord
 from astropy.table import Table
+from hats.io.validation import is_valid_catalog
+from hats.pixel_math.spatial_index import compute_spatial_index
 
 from msa.calibration.ensemble import Ensemble
-from msa.catalogue.catalog import CatalogError, build_catalog, output_paths
+from msa.catalogue.catalog import CatalogError, build_catalog, output_paths, partition_file
 from msa.catalogue.predict import predict_shard
 from msa.cli import main
 from msa.data.store import write_shard
@@ -144,6 +149,117 @@ def test_astropy_reads_units_and_descriptions_from_a_partition(catalogue, predic
     schema = pq.read_schema(part)
     assert schema.field("teff_q50").metadata[b"unit"] == b"K"
     assert json.loads(schema.metadata[b"member_sha256"]) == predictions["ensemble"].checksums
+
+
+def test_astropy_reads_provenance_and_ucds_without_a_warning(catalogue, predictions):
+    part = next(catalogue["path"].glob("dataset/Norder=*/Dir=*/Npix=*.parquet"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # astropy warned "No table::len::calibration_group" on every read
+        t = Table.read(part, format="parquet")
+    assert t.meta["msa_version"] == "test" and t.meta["config_hash"] == "0123"
+    assert t.meta["data_release"] == "Gaia DR3" and t.meta["label_set"] == "spectro"
+    assert re.fullmatch(r"([0-9a-f]{40}(-modified)?|unknown)", t.meta["msa_git_commit"])
+    assert abs(datetime.now(timezone.utc) - datetime.fromisoformat(t.meta["creation_date"])) < timedelta(days=1)
+    # every column has a UCD, in astropy's column meta and in the Arrow field metadata
+    schema = pq.read_schema(part)
+    for name in t.colnames:
+        assert t[name].meta["ucd"] == schema.field(name).metadata[b"ucd"].decode() != ""
+    assert t["ra"].meta["ucd"] == "pos.eq.ra;meta.main" and t["dec"].meta["ucd"] == "pos.eq.dec;meta.main"
+    assert t["source_id"].meta["ucd"] == "meta.id;meta.main"
+    assert t["teff_q50"].meta["ucd"] == "phys.temperature.effective"
+    assert t["teff_q16"].meta["ucd"] == "phys.temperature.effective;stat.min"
+    assert t["logg_q84"].meta["ucd"] == "phys.gravity;stat.max" and t["parallax_q50"].meta["ucd"] == "pos.parallax"
+    assert t["calibration_group"].dtype.itemsize // 4 == max(len(g) for g in t["calibration_group"])
+
+
+def test_properties_carry_hats_provenance_and_the_skymap_order(catalogue):
+    text = (catalogue["path"] / "properties").read_text()
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert props["hats_builder"].startswith("msa v") and "hats v" in props["hats_builder"]
+    assert props["hats_version"].startswith("v") and props["hats_creation_date"].startswith(
+        datetime.now(timezone.utc).strftime("%Y-"))
+    assert int(props["hats_skymap_order"]) == OPTIONS["highest_order"]
+    size_kb = sum(f.stat().st_size for f in catalogue["path"].rglob("*") if f.is_file()) / 1024
+    assert 0.5 * size_kb < int(props["hats_estsize"]) <= size_kb
+    # the sky fraction of the order-7 pixels holding a star
+    index = np.concatenate([pq.read_table(f, columns=["_healpix_29"]).column(0).to_numpy()
+                            for f in catalogue["path"].glob("dataset/Norder=*/Dir=*/Npix=*.parquet")])
+    pixels = set((index >> (2 * (29 - 7))).tolist())
+    assert float(props["moc_sky_fraction"]) == pytest.approx(len(pixels) / (12 * 4**7), rel=1e-4)
+    assert hats.read_hats(catalogue["path"]).catalog_info.skymap_order == OPTIONS["highest_order"]
+
+
+def distance_to_pixel_deg(ra, dec, order: int, pixel: int) -> np.ndarray:
+    """Angular distance (deg) of points to a nested pixel's boundary, sampled every ~1/256 of a side:
+    at most half a sample spacing (~0.1 arcmin at order 3) above the true distance."""
+    import healpy
+
+    vec = healpy.boundaries(2**order, pixel, step=256, nest=True)  # (3, 4·step) along the edges
+    points = healpy.ang2vec(np.asarray(ra), np.asarray(dec), lonlat=True)
+    return np.degrees(np.arccos(np.clip(points @ vec, -1, 1)).min(axis=1))
+
+
+@pytest.fixture(scope="module")
+def wide_margin(predictions, tmp_path_factory):
+    """A catalogue with a 300 arcsec margin (order-8 margin pixels), so 1,200 stars fill it."""
+    out = tmp_path_factory.mktemp("margin") / "catalog" / "spectro"
+    summary = build_catalog(predictions["files"], out, "spectro", **OPTIONS, margin_threshold_arcsec=300.0)
+    return {"path": out, "margin": out.parent / "spectro_margin", "summary": summary}
+
+
+def test_margin_holds_every_star_within_the_threshold_of_a_partition(wide_margin):
+    import healpy
+
+    margin = hats.read_hats(wide_margin["margin"])
+    assert margin.catalog_info.catalog_type == "margin" and margin.catalog_info.margin_threshold == 300.0
+    assert is_valid_catalog(wide_margin["margin"], strict=True)
+    stars = pd.concat([pd.read_parquet(f) for f in wide_margin["path"].glob("dataset/Norder=*/Dir=*/*.parquet")])
+    n_margin = 0
+    for pixel in lsdb.read_hats(wide_margin["path"]).get_healpix_pixels():
+        inside = (stars["_healpix_29"].to_numpy() >> (2 * (29 - pixel.order))) == pixel.pixel
+        outside = stars[~inside]
+        near = distance_to_pixel_deg(outside["ra"], outside["dec"], pixel.order, pixel.pixel) < 300 / 3600
+        file = partition_file(wide_margin["margin"], pixel.order, pixel.pixel)
+        held = pd.read_parquet(file) if file.exists() else outside.iloc[:0]
+        assert set(outside["source_id"][near]) <= set(held["source_id"])  # every star within the threshold
+        assert not set(held["source_id"]) & set(stars["source_id"][inside])  # none of its own
+        # and none much farther: an order-8 margin pixel is at most ~0.23 deg across
+        assert np.all(distance_to_pixel_deg(held["ra"], held["dec"], pixel.order, pixel.pixel) <
+                      300 / 3600 + 2 * np.degrees(healpy.max_pixrad(2**8)))
+        assert held["source_id"].is_unique
+        n_margin += len(held)
+    assert n_margin == wide_margin["summary"]["margin"]["n_rows"] > 50
+
+
+def test_lsdb_crossmatch_with_the_margin_cache_finds_partners_across_partition_edges(wide_margin, predictions):
+    """Points 150 arcsec from catalogue stars, matched within 200 arcsec: a point that falls in
+    another partition than its star is found only through the margin."""
+    demo = predictions["demo"]
+    rng = np.random.default_rng(5)
+    angle = rng.uniform(0, 2 * np.pi, len(demo))
+    centre = SkyCoord(demo["ra"].to_numpy() * u.deg, demo["dec"].to_numpy() * u.deg)
+    moved = centre.directional_offset_by(angle * u.rad, 150 * u.arcsec)
+    points = pd.DataFrame({"point_id": demo["source_id"].to_numpy(), "ra": moved.ra.deg, "dec": moved.dec.deg})
+    left = lsdb.from_dataframe(points, ra_column="ra", dec_column="dec")
+    right = lsdb.read_hats(wide_margin["path"], margin_cache=wide_margin["margin"])
+    assert right.margin is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "Right catalog does not have a margin cache"
+        matched = pd.DataFrame(left.crossmatch(right, radius_arcsec=200, n_neighbors=1,
+                                               suffixes=("", "_msa")).compute())
+    # the nearest catalogue star of each point within 200 arcsec, by brute force
+    index, separation, _ = moved.match_to_catalog_sky(centre)
+    expected = dict(zip(points["point_id"][separation < 200 * u.arcsec],
+                        demo["source_id"].to_numpy()[index][separation < 200 * u.arcsec]))
+    assert dict(zip(matched["point_id"], matched["source_id_msa"])) == expected
+    # the test needs the margin: some points lie in another partition than their star
+    partitions = lsdb.read_hats(wide_margin["path"]).get_healpix_pixels()
+    own = {sid: p for p in partitions for sid in pd.read_parquet(
+        partition_file(wide_margin["path"], p.order, p.pixel), columns=["source_id"])["source_id"]}
+    point_pixel = compute_spatial_index(points["ra"], points["dec"])
+    across = [not (int(h) >> (2 * (29 - own[s].order))) == own[s].pixel
+              for h, s in zip(point_pixel, points["point_id"]) if s in expected.values()]
+    assert sum(across) >= 3
 
 
 def test_summary_and_figures(predictions, catalogue):
