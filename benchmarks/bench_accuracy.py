@@ -178,7 +178,9 @@ def with_fewer_train_labels(config: dict, fraction: float, work: Path) -> dict:
     every seed and for every variant, so the variants differ only in what they learned from."""
     labels, split, kept = kept_train_labels(config, fraction)
     out = work / f"labels-train{fraction:g}-{config_hash(config, ['labels', 'splits', 'seed'])}.csv"
-    labels[kept].to_csv(out, index=False)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # runs side by side write the same file
+    labels[kept].to_csv(tmp, index=False)
+    tmp.replace(out)
     log.info("label fraction %g: %d of %d train labels kept (%s)", fraction, int(((split == "train") & kept).sum()),
              int((split == "train").sum()), out)
     config = copy.deepcopy(config)
