@@ -17,6 +17,37 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+# how astronomers write each label on an axis; a unit of "dex" goes unsaid ([Fe/H], log g)
+LABEL_SYMBOLS = {"teff": r"$T_\mathrm{eff}$", "logg": r"$\log g$", "fe_h": "[Fe/H]", "m_h": "[M/H]",
+                 "alpha_m": r"[$\alpha$/M]", "alpha_fe": r"[$\alpha$/Fe]", "age": "age", "parallax": r"$\varpi$",
+                 "mass": "mass", "radius": "radius"}
+
+
+def label_symbol(label: str) -> str:
+    """The symbol of ``label`` on a figure (``teff`` → T_eff), or the name itself."""
+    return LABEL_SYMBOLS.get(label, label)
+
+
+def axis_label(label: str, unit: str = "", prefix: str = "") -> str:
+    """``prefix`` + symbol + `` / unit`` (the IAU style), e.g. ``T_eff / K``; no unit for dex or none."""
+    text = f"{prefix}{label_symbol(label)}"
+    return f"{text} / {unit}" if unit and unit != "dex" else text
+
+
+def percentile_range(*arrays, low: float = 0.5, high: float = 99.5, pad: float = 0.05) -> tuple[float, float] | None:
+    """An axis range holding the finite values between the ``low`` and ``high`` percentiles of all
+    ``arrays`` (so one outlier does not squeeze the bulk), widened by ``pad`` of its width each side."""
+    import numpy as np
+
+    values = np.concatenate([np.ravel(np.asarray(a, dtype=np.float64)) for a in arrays]) if arrays else np.empty(0)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    lo, hi = np.percentile(values, [low, high])
+    width = hi - lo if hi > lo else max(abs(lo), 1.0) * 0.1
+    return float(lo - pad * width), float(hi + pad * width)
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save ``fig`` to ``path`` atomically and close it."""
     from msa.data.store import atomic_path  # the package's one atomic writer

@@ -275,7 +275,7 @@ def test_summary_and_figures(predictions, catalogue):
     assert on_disk["per_label"]["teff"]["unit"] == "K"
     assert on_disk["model"]["member_sha256"] == json.dumps(predictions["ensemble"].checksums)
     assert on_disk["sky_map_pixels"] > 10
-    for key in ("skymap", "distributions"):
+    for key in ("skymap", "distributions", "kiel"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 5000
 
 
@@ -372,3 +372,29 @@ def test_cli_refuses_an_out_dir_that_holds_its_inputs(predictions, tmp_path, cap
                    "--out-dir", str(out)])
         assert rc == 2 and "holds the input" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in predictions["files"])
+
+
+def test_kiel_diagram_is_drawn_as_astronomers_do(monkeypatch, tmp_path):
+    import msa.catalogue.catalog as catalog
+
+    drawn = {}
+    monkeypatch.setattr(catalog, "save_figure", lambda fig, path: drawn.setdefault("fig", fig))
+    rng = np.random.default_rng(0)
+    teff = np.r_[rng.normal(5500, 600, 2000), 40_000.0]  # one absurd star must not set the range
+    logg = np.r_[rng.normal(4.0, 0.6, 2000), 6.0]
+    catalog.plot_kiel({"teff_q50": teff, "logg_q50": logg}, {"teff": "K", "logg": "dex"}, tmp_path / "k.png")
+    ax = drawn["fig"].axes[0]
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    assert left > right and bottom > top  # T_eff falls to the right, log g grows downwards
+    assert left < 9000 and right > 3000 and "outside" in ax.get_title()
+    assert ax.get_xlabel() == r"median $T_\mathrm{eff}$ / K" and ax.get_ylabel() == r"median $\log g$"
+
+
+def test_sky_map_colour_scale_comes_from_percentiles_on_round_ticks():
+    from msa.catalogue.catalog import colour_scale
+
+    values = np.r_[np.linspace(-1.0, 0.3, 500), -6.0, 2.39271]
+    scale = colour_scale(values)
+    assert scale["min"] == pytest.approx(np.percentile(values, 2)) and scale["max"] < 0.31
+    assert all(scale["min"] <= t <= scale["max"] for t in scale["cbar_ticks"]) and len(scale["cbar_ticks"]) >= 3
+    assert all(round(t, 2) == t for t in scale["cbar_ticks"])

@@ -13,6 +13,7 @@ Layout (HATS, https://www.ivoa.net/documents/Notes/HATS/)::
     results/catalog/{label_set}.summary.json        row counts, fractions, per-label percentiles
     results/catalog/{label_set}.skymap.png          median {catalog.sky_map_label}_q50 per pixel (two frames)
     results/catalog/{label_set}.distributions.png   per-label q50 and interval-width histograms
+    results/catalog/{label_set}.kiel.png            Kiel diagram: density of median T_eff against log g
 
 Partitions are adaptive: pixels of order ≤ ``catalog.highest_order`` holding at most
 ``catalog.max_rows_per_partition`` stars each (hats' own alignment, so dense regions get small
@@ -73,7 +74,7 @@ from msa.data.store import (
     check_out_dir,
 )
 from msa.errors import InputError
-from msa.figures import plt, save_figure
+from msa.figures import axis_label, percentile_range, plt, save_figure
 from msa.progress import progress
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def output_paths(out_dir: str | Path, label_set: str) -> dict[str, Path]:
     return {"dataset": out_dir, "summary": parent / f"{label_set}.summary.json",
             "margin": parent / f"{label_set}_margin",
             "skymap": parent / f"{label_set}.skymap.png",
-            "distributions": parent / f"{label_set}.distributions.png"}
+            "distributions": parent / f"{label_set}.distributions.png",
+            "kiel": parent / f"{label_set}.kiel.png"}
 
 
 def _metadata(path: Path) -> dict[str, str]:
@@ -425,14 +427,57 @@ def plot_sky_map(pixel_median: dict[int, float], order: int, label: str, unit: s
     sky = full_sky_map(pixel_median, order)
     fig = plt.figure(figsize=(13, 4.6))
     seen = sky[sky != healpy.UNSEEN]
-    limits = dict(min=float(np.min(seen)), max=float(np.max(seen))) if len(seen) else {}
+    limits = colour_scale(seen)
     frames = ((["C"], "RA", "Dec", "equatorial (ICRS)"), (["C", "G"], "Galactic l", "Galactic b", "Galactic"))
     for k, (coord, xlabel, ylabel, frame) in enumerate(frames):
         healpy.projview(sky, nest=True, coord=coord, fig=fig.number, sub=(1, 2, k + 1), projection_type="mollweide",
                         graticule=True, graticule_labels=True, xlabel=xlabel, ylabel=ylabel, cmap="viridis",
-                        unit=f"median {label} q50" + (f" [{unit}]" if unit else ""), cb_orientation="horizontal",
+                        unit=axis_label(label, unit, "median "), cb_orientation="horizontal",
                         title=f"{frame}: {len(pixel_median)} pixels of order {order}", fontsize={"title": 10},
                         **limits)
+    return save_figure(fig, path)
+
+
+def colour_scale(values: np.ndarray) -> dict:
+    """healpy ``min``/``max``/``cbar_ticks`` of a sky map: the 2nd–98th percentiles of ``values``
+    (one odd pixel does not wash out the rest), on round ticks (matplotlib's MaxNLocator)."""
+    from matplotlib.ticker import MaxNLocator
+
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {}
+    lo, hi = (float(v) for v in np.percentile(values, [2, 98]))
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    ticks = [float(f"{t:.10g}") for t in MaxNLocator(5).tick_values(lo, hi) if lo - 1e-9 * (hi - lo) <= t <= hi + 1e-9 * (hi - lo)]
+    return {"min": lo, "max": hi, "cbar_ticks": ticks or [lo, hi], "format": "%g", "extend": "both"}
+
+
+def plot_kiel(samples: dict[str, np.ndarray], units: dict, path: Path) -> Path:
+    """Kiel diagram: density of the catalogue's median T_eff against log g, as astronomers draw it
+    (T_eff decreasing to the right, log g increasing downwards), on the 0.5–99.5th percentiles, with
+    the count of stars outside; a panel that says so when the label set has no teff or logg."""
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    teff, logg = samples.get("teff_q50"), samples.get("logg_q50")
+    if teff is None or logg is None:
+        ax.text(0.5, 0.5, "no Kiel diagram: the label set has no teff and logg", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return save_figure(fig, path)
+    ok = np.isfinite(teff) & np.isfinite(logg)
+    x_range, y_range = percentile_range(teff[ok]), percentile_range(logg[ok])
+    if x_range is not None:
+        inside = ok & (teff >= x_range[0]) & (teff <= x_range[1]) & (logg >= y_range[0]) & (logg <= y_range[1])
+        counts = ax.hist2d(teff[inside], logg[inside], bins=80, range=[x_range, y_range], norm=LogNorm(), cmap="viridis",
+                           cmin=1)[3]
+        fig.colorbar(counts, ax=ax, label="stars per bin")
+        ax.set_xlim(x_range[1], x_range[0])
+        ax.set_ylim(y_range[1], y_range[0])
+        ax.set_title(f"{int(inside.sum())} stars ({int(ok.sum() - inside.sum())} outside the axes)", fontsize=9)
+    ax.set_xlabel(axis_label("teff", units.get("teff", "K"), "median "))
+    ax.set_ylabel(axis_label("logg", units.get("logg", "dex"), "median "))
     return save_figure(fig, path)
 
 
@@ -443,11 +488,10 @@ def plot_distributions(samples: dict[str, np.ndarray], labels: Sequence[str], un
         q16, q50, q84 = (samples[f"{label}_{s}"] for s in ("q16", "q50", "q84"))
         ok = np.isfinite(q50)
         unit = units.get(label, "")
-        suffix = f" [{unit}]" if unit else ""
         axes[0, j].hist(q50[ok], bins=60, color="C0")
-        axes[0, j].set_xlabel(f"{label} q50{suffix}")
+        axes[0, j].set_xlabel(axis_label(label, unit, "median "))
         axes[1, j].hist(((q84 - q16) / 2)[ok], bins=60, color="C1")
-        axes[1, j].set_xlabel(f"{label} (q84 − q16)/2{suffix}")
+        axes[1, j].set_xlabel(axis_label(label, unit, "half-width (q84 − q16)/2 of "))
         axes[1, j].set_yscale("log")
     axes[0, 0].set_ylabel("stars")
     axes[1, 0].set_ylabel("stars")
@@ -526,6 +570,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
         tmp.write_text(json.dumps(summary, indent=1))
     plot_sky_map(pixel_median, sky_map_level, sky_map_label, units.get(sky_map_label, ""), paths["skymap"])
     plot_distributions(samples, labels, units, paths["distributions"])
+    plot_kiel(samples, units, paths.get("kiel") or output_paths(out_dir, label_set)["kiel"])
     log.info("catalogue %s: %d stars in %d partitions (%.1f %% without XP, %.2f %% flagged)", dest, stats.n_rows,
              len(partitions), 100 * summary["fraction_without_xp"], 100 * summary["fraction_flagged"])
     return summary
@@ -539,6 +584,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--margin", help="margin cache folder (default: <out-dir>/../<label_set>_margin)")
     parser.add_argument("--summary", help="summary JSON (default: <out-dir>/../<label_set>.summary.json)")
     parser.add_argument("--skymap", help="sky map PNG (default: <out-dir>/../<label_set>.skymap.png)")
+    parser.add_argument("--kiel", help="Kiel diagram PNG (default: <out-dir>/../<label_set>.kiel.png)")
     parser.add_argument("--distributions",
                         help="distributions PNG (default: <out-dir>/../<label_set>.distributions.png)")
 
@@ -550,7 +596,7 @@ def run(args) -> int:
     config = load_config(args.config)
     ccfg = config["catalog"]
     paths = output_paths(args.out_dir, args.label_set)
-    for key in ("margin", "summary", "skymap", "distributions"):
+    for key in ("margin", "summary", "skymap", "distributions", "kiel"):
         if getattr(args, key):
             paths[key] = Path(getattr(args, key))
     build_catalog(args.inputs, args.out_dir, args.label_set, max_rows_per_partition=ccfg["max_rows_per_partition"],

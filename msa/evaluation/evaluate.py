@@ -239,8 +239,9 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
         metrics["probe"] = {"test": table["test"], "validation": table["validation"], "n_stars": table["n_stars"]}
     with atomic_path(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
-    plot_predicted_vs_true(test.y, q_cal, names, out_dir / "predicted_vs_true.png", baseline=pred_base)
-    plot_residuals_vs_g(test.y, q_cal, test.extra[G_MAG], names, out_dir / "residuals_vs_g.png")
+    units = (config.get("predict") or {}).get("label_units") or {}
+    plot_predicted_vs_true(test.y, q_cal, names, out_dir / "predicted_vs_true.png", baseline=pred_base, units=units)
+    plot_residuals_vs_g(test.y, q_cal, test.extra[G_MAG], names, out_dir / "residuals_vs_g.png", units=units)
     plot_coverage(metrics, out_dir / "coverage.png")
     plot_coverage_vs_g(metrics, out_dir / "coverage_vs_g.png")
     table = comparison_table(metrics)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from msa.figures import plt, save_figure
+from msa.figures import axis_label, label_symbol, percentile_range, plt, save_figure
 
 
 def _panels(n: int, size: float = 3.2):
@@ -18,13 +18,18 @@ def _panels(n: int, size: float = 3.2):
     return fig, list(axes.flat[:n])
 
 
-def plot_predicted_vs_true(y, q, labels: Sequence[str], path: str | Path, baseline=None) -> Path:
+def plot_predicted_vs_true(y, q, labels: Sequence[str], path: str | Path, baseline=None,
+                           units: dict[str, str] | None = None) -> Path:
     """Predicted median (with calibrated [q16, q84] bars) against the true value, one panel per label.
 
-    ``y``: ``(n, L)`` true values; ``q``: ``(n, L, 3)`` quantiles; ``baseline``: optional ``(n, L)``.
+    ``y``: ``(n, L)`` true values; ``q``: ``(n, L, 3)`` quantiles; ``baseline``: optional ``(n, L)``;
+    ``units``: label → unit, on the axes. Both axes span the 0.5–99.5th percentiles of the true and
+    predicted values (a count of the stars outside is printed in the panel), so a few outliers do not
+    squeeze the bulk.
     """
     import numpy as np
 
+    units = units or {}
     fig, axes = _panels(len(labels))
     for j, (ax, name) in enumerate(zip(axes, labels)):
         ok = np.isfinite(y[:, j]) & np.isfinite(q[:, j, 1])
@@ -33,27 +38,39 @@ def plot_predicted_vs_true(y, q, labels: Sequence[str], path: str | Path, baseli
             ax.scatter(t, baseline[ok, j], s=3, color="C1", alpha=0.4, label="baseline", zorder=1)
         ax.errorbar(t, m[:, 1], yerr=[m[:, 1] - m[:, 0], m[:, 2] - m[:, 1]], fmt=".", ms=2, lw=0.3,
                     color="C0", alpha=0.5, label="model", zorder=2)
-        if len(t):
-            lo, hi = np.nanmin(t), np.nanmax(t)
-            ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-        ax.set_xlabel(f"true {name}")
-        ax.set_ylabel(f"predicted {name}")
-        ax.set_title(f"{name} (n={int(ok.sum())})", fontsize=9)
+        limits = percentile_range(t, m[:, 1])
+        if limits is not None:
+            ax.plot(limits, limits, "k-", lw=0.8)
+            ax.set_xlim(limits)
+            ax.set_ylim(limits)
+            outside = int(np.sum((t < limits[0]) | (t > limits[1]) | (m[:, 1] < limits[0]) | (m[:, 1] > limits[1])))
+            if outside:
+                ax.text(0.97, 0.03, f"{outside} outside", transform=ax.transAxes, ha="right", fontsize=7)
+        unit = units.get(name, "")
+        ax.set_xlabel(axis_label(name, unit, "true "))
+        ax.set_ylabel(axis_label(name, unit, "predicted "))
+        ax.set_title(f"{label_symbol(name)} (n={int(ok.sum())})", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_residuals_vs_g(y, q, g_mag, labels: Sequence[str], path: str | Path) -> Path:
-    """Residual (predicted median − true) against Gaia G, one panel per label, with a running median."""
+def plot_residuals_vs_g(y, q, g_mag, labels: Sequence[str], path: str | Path,
+                        units: dict[str, str] | None = None) -> Path:
+    """Residual Δ = predicted median − true against Gaia G, one panel per label, with a running
+    median; the Δ axis is symmetric about 0 and spans the 1–99th percentiles of |Δ|."""
     import numpy as np
 
+    units = units or {}
     fig, axes = _panels(len(labels))
     for j, (ax, name) in enumerate(zip(axes, labels)):
         ok = np.isfinite(y[:, j]) & np.isfinite(q[:, j, 1]) & np.isfinite(g_mag)
         g, d = g_mag[ok], q[ok, j, 1] - y[ok, j]
         ax.scatter(g, d, s=3, alpha=0.4)
         ax.axhline(0, color="k", lw=0.8)
+        if len(d):
+            reach = float(np.percentile(np.abs(d), 99)) * 1.1 or 1.0
+            ax.set_ylim(-reach, reach)
         if len(g) >= 20:
             edges = np.quantile(g, np.linspace(0, 1, 9))
             centres, medians = [], []
@@ -64,8 +81,8 @@ def plot_residuals_vs_g(y, q, g_mag, labels: Sequence[str], path: str | Path) ->
                     medians.append(np.median(d[sel]))
             ax.plot(centres, medians, "r-", lw=1.5, label="running median")
             ax.legend(fontsize=7)
-        ax.set_xlabel("G [mag]")
-        ax.set_ylabel(f"Δ {name}")
+        ax.set_xlabel("G / mag")
+        ax.set_ylabel(axis_label(name, units.get(name, ""), "Δ ") + "  (predicted − true)")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -88,7 +105,7 @@ def plot_coverage(metrics: dict, path: str | Path) -> Path:
     target = metrics.get("coverage_target")
     if target is not None:
         ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
-    ax.set_xticks(x, labels)
+    ax.set_xticks(x, [label_symbol(n) for n in labels])
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction inside [q16, q84]")
     ax.legend(fontsize=7, loc="lower right")
@@ -128,9 +145,9 @@ def plot_coverage_vs_g(metrics: dict, path: str | Path, min_stars: int = 20) -> 
             if xs:
                 ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=text)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("G [mag]")
+        ax.set_xlabel("G / mag")
         ax.set_ylabel("coverage of [q16, q84]")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(label_symbol(name), fontsize=9)
         ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     return save_figure(fig, path)

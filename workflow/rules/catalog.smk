@@ -25,6 +25,13 @@ rule catalog:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "file": "sky map"},
         ),
+        kiel=report(
+            f"{RESULTS}/catalog/{{label_set}}.kiel.png",
+            caption="../report/kiel.rst",
+            category="4. Catalogue",
+            subcategory="{label_set}",
+            labels={"label set": "{label_set}", "file": "Kiel diagram"},
+        ),
         distributions=report(
             f"{RESULTS}/catalog/{{label_set}}.distributions.png",
             caption="../report/distributions.rst",
@@ -50,4 +57,5 @@ rule catalog:
         "msa catalog --config {params.config:q} --label-set {wildcards.label_set:q} "
         "--inputs {input.predictions:q} --out-dir {output.dataset:q} --margin {output.margin:q} "
         "--summary {output.summary:q} "
-        "--skymap {output.skymap:q} --distributions {output.distributions:q} > {log:q} 2>&1"
+        "--skymap {output.skymap:q} --kiel {output.kiel:q} --distributions {output.distributions:q} "
+        "> {log:q} 2>&1"
