@@ -11,6 +11,15 @@ with G < ``--label-g-max`` only (the real surveys' situation); a second sky of a
 (all its stars in the test split). Printed: per label and G bin, calibrated coverage with XP
 and with XP hidden, and the count; ``--legacy`` runs a tree without the per-G calibration
 (reads ``model``/``model_no_xp`` ``g_mag_bins`` instead of ``by_g_mag``).
+
+With ``--survey-fraction F`` (issue 28; default 0.1) a faint survey of that fraction of the train
+sky's stars at ``--survey-g`` (15 ≤ G < 18) is written (``msa.data.synthetic.write_faint_survey``)
+and named in ``calibrate.surveys``: calibration only. A second table then scores every star of
+the predict sky by its ``interval_basis``: per label, G bin and view, count and coverage of the
+stars whose offsets are ``labelled``/``survey``, ``emulated`` and ``extrapolated``, and the
+issue's targets (coverage of labelled+survey stars within 0.68 ± 0.05 in every G bin 10–18 with
+≥ 100 of them, those stars ≥ 80 % of the stars at G < 18, none at G ≥ 18). ``--survey-fraction 0``
+runs without a survey (copies only: the "before" figures).
 """
 
 from __future__ import annotations
@@ -95,6 +104,9 @@ def main() -> None:
                    help="override a setting of both skies' configs (calibration settings only: the "
                         "cached stages are not re-run when their settings change)")
     p.add_argument("--legacy", action="store_true", help="the tree predates by_g_mag (before/after runs)")
+    p.add_argument("--survey-fraction", type=float, default=0.1,
+                   help="fraction of the train sky's stars in --survey-g in the faint calibration survey (0: none)")
+    p.add_argument("--survey-g", type=float, nargs=2, default=[15.0, 18.0], metavar=("G_MIN", "G_MAX"))
     args = p.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -104,6 +116,11 @@ def main() -> None:
     train_cfg = settings(train_cfg, args.legacy, args.epochs, args.set)
     train_cfg["labels"]["catalogue"] = str(labels_brighter_than(train_dir, args.label_g_max))
     train_cfg["splits"] = {"train": 0.6, "validation": 0.1, "calibration": 0.25, "test": 0.05}
+    if args.survey_fraction > 0:
+        from msa.data.synthetic import survey_config, write_faint_survey
+
+        survey = write_faint_survey(train_dir, args.survey_fraction, *args.survey_g, seed=args.seed_train)
+        train_cfg.setdefault("calibrate", {})["surveys"] = survey_config(survey)
     train_cfg_path = work / "train.yaml"
     train_cfg_path.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
     results = work / "results-train"
@@ -139,6 +156,68 @@ def main() -> None:
     msa("evaluate", "--config", str(predict_cfg_path), "--label-set", LABEL_SET, "--members", *members,
         "--calibration", str(calibration), "--shards", *map(str, predict_shards), "--out-dir", str(out_dir), log=log)
     print_table(json.loads((out_dir / "metrics.json").read_text()), args.legacy)
+    if not args.legacy:
+        print_basis_table(coverage_by_basis(predict_cfg, members, calibration, predict_shards))
+
+
+def coverage_by_basis(cfg: dict, members: list[str], calibration: Path, shards: list[Path]) -> pd.DataFrame:
+    """One row per (label, view, G bin, basis) of the predict sky's stars: count and coverage of the
+    calibrated [q16, q84], each star in the view it is scored in (with XP where it has one, and
+    with every XP column hidden) and with the basis of the group whose offsets it took."""
+    import numpy as np
+
+    from msa.calibration import Ensemble, apply_calibration, interval_basis, load_calibration, star_groups
+    from msa.calibration.calibrate import calibration_views
+    from msa.data.features import G_MAG
+    from msa.data.labels import LabelSource, load_labelled
+
+    ensemble = Ensemble.load(members)
+    cal = load_calibration(calibration, ensemble)
+    stars = load_labelled(shards, ensemble.transform, LabelSource(cfg["labels"], ensemble.labels), [G_MAG])
+    g = stars.extra[G_MAG]
+    views = calibration_views(ensemble, stars.x, g, cal["g_mag_bins"], cfg["predict"]["batch_size"])
+    rows = []
+    for view, q, levels, keep in (("with_xp", views.q_xp, views.levels_xp, views.has_xp),
+                                  ("without_xp", views.q_no_xp, views.levels_no_xp, np.ones(len(g), bool))):
+        groups = star_groups(cal, levels)
+        basis = interval_basis(cal, groups, g[keep])
+        basis = np.where(np.isin(basis, ["labelled", "survey"]), "labelled+survey", basis)
+        q = apply_calibration(q, cal, groups=groups)
+        y = stars.y[keep]
+        g_bin = np.digitize(g[keep], EDGES)
+        for j, name in enumerate(ensemble.labels):
+            inside = (y[:, j] >= q[:, j, 0]) & (y[:, j] <= q[:, j, 2])
+            for b in range(len(EDGES) - 1):
+                for kind in ("labelled+survey", "emulated", "extrapolated"):
+                    mine = (g_bin == b + 1) & (basis == kind) & np.isfinite(y[:, j])
+                    rows.append({"label": name, "view": view, "g_bin": f"{EDGES[b]:g}<=G<{EDGES[b + 1]:g}",
+                                 "g_lo": EDGES[b], "basis": kind, "n": int(mine.sum()),
+                                 "n_bin": int(((g_bin == b + 1) & np.isfinite(y[:, j])).sum()),
+                                 "coverage": float(inside[mine].mean()) if mine.any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def print_basis_table(table: pd.DataFrame) -> None:
+    print("\ncoverage by interval_basis (n, coverage); LS = labelled+survey, EM = emulated, EX = extrapolated")
+    cell = {(r.label, r.g_bin, r.view, r.basis): (r.n, r.coverage) for r in table.itertuples()}
+    views, kinds = ("with_xp", "without_xp"), ("labelled+survey", "emulated", "extrapolated")
+    print(f"{'label':>8} {'G bin':>12} | " + " | ".join(f"{v[:7]:>10} {k[:2].upper():>2} {'n':>5} {'cov':>5}"
+                                                          for v in views for k in kinds))
+    for label, g_bin in dict.fromkeys(zip(table["label"], table["g_bin"])):
+        cells = []
+        for v in views:
+            for k in kinds:
+                n, cov = cell[(label, g_bin, v, k)]
+                cells.append(f"{'':>13} {n:>5} {'—' if n == 0 else f'{cov:.3f}':>5}")
+        print(f"{label:>8} {g_bin:>12} | " + " | ".join(cells))
+    ls = table[table["basis"] == "labelled+survey"]
+    target = ls[(ls["g_lo"] >= 10) & (ls["g_lo"] < 18) & (ls["n"] >= 100)]
+    outside = target[(target["coverage"] - TARGET).abs() > TOLERANCE]
+    bright = table[(table["g_lo"] >= 10) & (table["g_lo"] < 18)]
+    share = bright.loc[bright["basis"] == "labelled+survey", "n"].sum() / max(1, bright["n"].sum())
+    faint_ls = int(ls.loc[ls["g_lo"] >= 18, "n"].sum())
+    print(f"labelled+survey cells (10 <= G < 18, n >= 100) outside {TARGET} ± {TOLERANCE}: {len(outside)} of "
+          f"{len(target)}; their share of the stars at 10 <= G < 18: {share:.3f}; at G >= 18: {faint_ls} star-cells")
 
 
 def print_table(metrics: dict, legacy: bool) -> None:
