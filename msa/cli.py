@@ -38,6 +38,7 @@ COMMANDS = {
     "finetune": ("msa.finetune.stage", "fine-tune one ensemble member on one label set"),
     "calibrate": ("msa.calibration.calibrate", "split-conformal calibration of a label set's ensemble"),
     "evaluate": ("msa.evaluation.evaluate", "metrics and figures of a label set on the test split"),
+    "front-page": ("msa.evaluation.front_page", "the results table that leads the Snakemake report"),
     "predict": ("msa.catalogue.predict", "predict a shard or table into a Parquet file, or shards into a folder"),
     "catalog": ("msa.catalogue.catalog", "gather prediction files into a HATS catalogue (lsdb.read_hats opens it)"),
     "train-reconstruction": ("msa.spectra.train",

@@ -59,3 +59,26 @@ rule catalog:
         "--summary {output.summary:q} "
         "--skymap {output.skymap:q} --kiel {output.kiel:q} --distributions {output.distributions:q} "
         "> {log:q} 2>&1"
+
+
+# The results table that leads the report's front page (workflow/report/workflow.rst includes it).
+rule front_page:
+    input:
+        evaluation=f"{RESULTS}/evaluate/{{label_set}}",
+        summary=f"{RESULTS}/catalog/{{label_set}}.summary.json",
+        kiel=f"{RESULTS}/catalog/{{label_set}}.kiel.png",
+        skymap=f"{RESULTS}/catalog/{{label_set}}.skymap.png",
+    output:
+        table=f"{RESULTS}/report/{{label_set}}.results.rst",
+    log:
+        f"{LOGS}/report/{{label_set}}.log",
+    conda:
+        MSA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=attempt_scaled(10),
+    shell:
+        "msa front-page --label-set {wildcards.label_set:q} --metrics {input.evaluation:q}/metrics.json "
+        "--summary {input.summary:q} --figures {input.kiel:q} {input.skymap:q} --out {output.table:q} "
+        "> {log:q} 2>&1"

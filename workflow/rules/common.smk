@@ -336,6 +336,7 @@ def all_targets():
     for label_set in LABEL_SETS:
         targets.append(f"{RESULTS}/evaluate/{label_set}")
         targets.extend(catalog_targets(label_set).values())
+        targets.append(f"{RESULTS}/report/{label_set}.results.rst")  # the report's front page
     return targets
 
 
