@@ -61,7 +61,8 @@ def test_the_report_front_page_leads_with_the_table_and_the_kiel_diagram(tmp_pat
         fig = plt.figure(figsize=(1, 1))
         fig.savefig(tmp_path / "results" / "catalog" / f"spectro.{name}.png")
         plt.close(fig)
-    assert main(["front-page", "--label-set", "spectro", "--metrics", "results/evaluate/spectro/metrics.json",
+    (tmp_path / "config.yaml").write_text("predict: {label_units: {teff: K, fe_h: dex}}\n")
+    assert main(["front-page", "--config", "config.yaml", "--label-set", "spectro", "--metrics", "results/evaluate/spectro/metrics.json",
                  "--summary", "results/catalog/spectro.summary.json",
                  "--figures", "results/catalog/spectro.kiel.png", "results/catalog/spectro.skymap.png",
                  "--out", "results/report/spectro.results.rst"]) == 0

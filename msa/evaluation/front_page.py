@@ -16,6 +16,7 @@ import base64
 import json
 from pathlib import Path
 
+from msa.config import load_config
 from msa.data.store import atomic_path
 
 NO_XP = "_no_xp"
@@ -73,10 +74,11 @@ def embedded_image(path: Path, width: str) -> str:
     return f".. image:: data:image/png;base64,{data}\n   :alt: {Path(path).name}\n   :width: {width}\n"
 
 
-def front_page(metrics: dict, summary: dict | None, label_set: str, figures=()) -> str:
-    """The RST the report's front page shows for ``label_set``, then ``figures`` (PNG paths), embedded."""
+def front_page(metrics: dict, summary: dict | None, label_set: str, figures=(), units: dict | None = None) -> str:
+    """The RST the report's front page shows for ``label_set``, then ``figures`` (PNG paths), embedded;
+    ``units``: label → unit (default: the catalogue summary's)."""
     labels = metrics["labels"]
-    units = (summary or {}).get("units") or {}
+    units = units or (summary or {}).get("units") or {}
     target = metrics.get("coverage_target", 0.68)
     names = yardsticks(metrics, labels)
     header = ["label", "view", "stars", "model NMAD", "bias", f"coverage (target {target:g})",
@@ -108,6 +110,7 @@ def front_page(metrics: dict, summary: dict | None, label_set: str, figures=()) 
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline config (YAML): the labels' units (predict.label_units)")
     parser.add_argument("--label-set", required=True, help="name in the config's label_sets")
     parser.add_argument("--metrics", required=True, help="the label set's results/evaluate/<set>/metrics.json")
     parser.add_argument("--summary", help="its catalogue summary, results/catalog/<set>.summary.json")
@@ -116,8 +119,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    units = load_config(args.config)["predict"]["label_units"]
     metrics = json.loads(Path(args.metrics).read_text())
     summary = json.loads(Path(args.summary).read_text()) if args.summary else None
     with atomic_path(args.out) as tmp:
-        tmp.write_text(front_page(metrics, summary, args.label_set, args.figures))
+        tmp.write_text(front_page(metrics, summary, args.label_set, args.figures, units))
     return 0

@@ -78,7 +78,9 @@ rule front_page:
     resources:
         mem_mb=1000,
         runtime=attempt_scaled(10),
+    params:
+        config=MSA_CONFIG,
     shell:
-        "msa front-page --label-set {wildcards.label_set:q} --metrics {input.evaluation:q}/metrics.json "
+        "msa front-page --config {params.config:q} --label-set {wildcards.label_set:q} --metrics {input.evaluation:q}/metrics.json "
         "--summary {input.summary:q} --figures {input.kiel:q} {input.skymap:q} --out {output.table:q} "
         "> {log:q} 2>&1"
