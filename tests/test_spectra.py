@@ -70,24 +70,46 @@ def test_relative_flux_error_is_the_l2_ratio():
     np.testing.assert_allclose(got, [0.1, 1.0])
 
 
-def test_knn_recovers_a_function_of_photometry_and_picks_k_on_held_out_training_stars():
+def test_knn_recovers_a_function_of_colours_and_tunes_k_and_weights_on_held_out_training_stars():
     rng = np.random.default_rng(0)
     n = 2000
-    photometry = rng.uniform(-1, 1, (n, 3))
-    xp = np.column_stack([np.sin(3 * photometry[:, 0]), photometry[:, 1] ** 2, photometry[:, 2]])
+    colours = rng.uniform(-1, 1, (n, 3))
+    # a fourth input that says nothing about the spectrum and spreads widely: its weight should fall
+    noise = rng.normal(0, 1, (n, 1))
+    inputs = np.hstack([colours, noise])
+    xp = np.column_stack([np.sin(3 * colours[:, 0]), colours[:, 1] ** 2, colours[:, 2]])
     noisy = xp + rng.normal(0, 0.3, xp.shape)  # noisy spectra: averaging more neighbours pays
 
     def error(pred, rows):
         return np.abs(pred - xp[rows]).mean(axis=1)
 
-    knn = fit_knn_spectra(photometry, noisy, np.arange(n), [1, 20], error, seed=0)
+    knn = fit_knn_spectra(inputs, noisy, np.arange(n), [1, 20], error, seed=0)
     assert knn.n_neighbours == 20 and knn.tuning_errors[20] < knn.tuning_errors[1]
+    assert knn.weights[3] < 1 and knn.weights[0] > 0
+    untuned = fit_knn_spectra(inputs, noisy, np.arange(n), [20], error, seed=0, tune_weights=False)
     test = rng.uniform(-1, 1, (200, 3))
     truth = np.column_stack([np.sin(3 * test[:, 0]), test[:, 1] ** 2, test[:, 2]])
-    assert np.abs(knn.predict(test) - truth).mean() < 0.12
-    with_nan = test.copy()
-    with_nan[:, 2] = np.nan  # a missing input sits at the scaler's centre, 0
-    np.testing.assert_array_equal(knn.predict(with_nan), knn.predict(np.where(np.isnan(with_nan), 0, with_nan)))
+    test_inputs = np.hstack([test, rng.normal(0, 1, (200, 1))])
+    tuned_error = np.abs(knn.predict(test_inputs) - truth).mean()
+    assert tuned_error < 0.12 and tuned_error < np.abs(untuned.predict(test_inputs) - truth).mean()
+    with_nan = test_inputs.copy()
+    with_nan[:, 2] = np.nan  # a missing input sits at the training median
+    filled = np.where(np.isnan(with_nan), np.nanmedian(inputs, axis=0), with_nan)
+    np.testing.assert_allclose(knn.predict(with_nan), knn.predict(filled))
+
+
+def test_polynomial_yardstick_fits_a_smooth_function_of_colours():
+    from msa.spectra.polynomial_baseline import fit_polynomial_spectra
+
+    rng = np.random.default_rng(1)
+    colours = rng.uniform(-1, 1, (1500, 2))
+    xp = np.column_stack([colours[:, 0] ** 3 - colours[:, 1], colours[:, 0] * colours[:, 1]])
+    noisy = xp + rng.normal(0, 0.1, xp.shape)
+    poly = fit_polynomial_spectra(colours, noisy, np.arange(1500), lambda p, rows: np.abs(p - xp[rows]).mean(axis=1), 0)
+    assert len(poly.tuning_errors) > 1 and poly.alpha in poly.tuning_errors
+    test = rng.uniform(-1, 1, (200, 2))
+    truth = np.column_stack([test[:, 0] ** 3 - test[:, 1], test[:, 0] * test[:, 1]])
+    assert np.abs(poly.predict(test) - truth).mean() < 0.03  # a cubic is exact here, bar the noise
 
 
 def test_held_out_stars_are_pretrainings_validation_stars():
@@ -136,6 +158,12 @@ def test_reconstruction_validation_writes_metrics_and_figures(small_run, tmp_pat
     assert metrics["knn"]["n_neighbours"] in (3, 10) and set(metrics["knn"]["tuning_median_relative_flux_error"]) == {3, 10}
     overall = metrics["overall"]["relative_flux_error"]
     assert overall["model_over_knn"] == pytest.approx(overall["model"] / overall["knn"])
+    # the yardsticks read colours, never apparent G; the polynomial sits beside the kNN
+    assert "phot_g_mean_mag" not in metrics["knn"]["features"] and metrics["knn"]["features"]
+    assert all(name.endswith("-G") for name in metrics["knn"]["features"])
+    assert metrics["polynomial"]["features"] == metrics["knn"]["features"] and metrics["polynomial"]["degree"] == 3
+    assert overall["model_over_polynomial"] == pytest.approx(overall["model"] / overall["polynomial"])
+    assert all("polynomial" in b["relative_flux_error"] for b in metrics["by_g"])
     assert sum(b["n"] for b in metrics["by_g"]) == metrics["stars"]["held_out_with_xp"]
     assert len(metrics["each_model"]) == 2 and 0 <= metrics["within_one_spread"] <= 1
     from msa.data.store import Shard

@@ -5,7 +5,9 @@ Stars: the held-out stars of pretraining (``pretrain.validation_fraction`` by so
 saw their spectra: pretraining held them out, and the fine-tuned members (if given) start from
 that encoder. (A label test split would not do: pretraining trains on every other star, XP and
 all.) Their XP is hidden from the encoder and reconstructed (``msa.spectra.reconstruct``); the yardstick
-is a kNN on the same non-XP inputs (``msa.spectra.knn_baseline``), fitted on every other star with XP.
+is a kNN on the stars' colours (``msa.spectra.knn_baseline``; each magnitude minus G, never apparent G,
+which says nothing about a G-normalised spectrum), with a cubic ridge on the same colours beside it
+(``msa.spectra.polynomial_baseline``), both fitted on every other star with XP.
 
 Per star, against the observed Archive coefficients:
 
@@ -13,7 +15,8 @@ Per star, against the observed Archive coefficients:
 * ``relative_flux_error``: ‖f_rec − f_obs‖ / ‖f_obs‖ on GaiaXPy's sampled grid (336–1020 nm, 2 nm;
   ``msa.data.xp_flux``), the flux-weighted relative error of the whole sampled spectrum.
 
-``metrics.json`` gives their medians for the model and the kNN, the ratio model / kNN, the same in
+``metrics.json`` gives their medians for the model, the kNN and the polynomial, the ratios model / kNN
+and model / polynomial, the same in
 G bins (``evaluate.g_mag_bins``), each model alone, the medians with XP seen (``xp_seen``: how well
 the models reproduce an observed spectrum), and, with two or more models, how often the
 observed coefficient lies within ±1 spread of the reconstruction. Figures: observed vs
@@ -39,8 +42,11 @@ from msa.errors import InputError
 from msa.nn.autoencoders import Autoencoders, held_out_definition
 from msa.nn.training import add_device_argument, resolve_device
 from msa.pretrain import held_out_of_pretraining
+from msa.spectra.colours import colour_features
 from msa.spectra.knn_baseline import fit_knn_spectra
 from msa.spectra.plots import plot_error_by_g, plot_spectra
+from msa.spectra.polynomial_baseline import DEGREE as POLYNOMIAL_DEGREE
+from msa.spectra.polynomial_baseline import fit_polynomial_spectra
 from msa.spectra.reconstruct import read_columns, reconstruct_xp, scaled_xp_to_archive
 
 log = logging.getLogger(__name__)
@@ -76,11 +82,15 @@ def star_metrics(predicted: np.ndarray, observed: np.ndarray, observed_error: np
             "relative_flux_error": relative_flux_error(flux, observed_flux)}
 
 
-def summarise(model: dict, knn: dict) -> dict:
+def summarise(model: dict, knn: dict, polynomial: dict | None = None) -> dict:
+    """Medians of the per-star metrics: model, kNN, polynomial, and the model over each yardstick."""
     out = {}
     for name in ("relative_flux_error", "reduced_chi2"):
         m, k = float(np.nanmedian(model[name])), float(np.nanmedian(knn[name]))
         out[name] = {"model": m, "knn": k, "model_over_knn": m / k if k > 0 else None}
+        if polynomial is not None:
+            p = float(np.nanmedian(polynomial[name]))
+            out[name].update(polynomial=p, model_over_polynomial=m / p if p > 0 else None)
     return out
 
 
@@ -114,7 +124,6 @@ def evaluate_reconstruction(config: dict, aes: Autoencoders, shard_paths, out_di
     raw, held = read_shards(shard_paths, read_columns(aes), config["pretrain"], seed)
     x = aes.scaled_inputs(raw)
     xp_idx = aes.layout.xp_indices
-    other_idx = np.setdiff1d(np.arange(aes.layout.n_features), xp_idx)
     has_xp = np.isfinite(x[:, xp_idx]).all(axis=1) & np.isfinite(raw[G_MAG])
     test, train = np.flatnonzero(held & has_xp), np.flatnonzero(~held & has_xp)
     if len(test) == 0 or len(train) < 2:
@@ -131,21 +140,29 @@ def evaluate_reconstruction(config: dict, aes: Autoencoders, shard_paths, out_di
         archive = scaled_xp_to_archive(predicted_scaled, g_mag[rows], aes)
         return relative_flux_error(sample_flux(archive, n_bp, n_rp)[1], observed_flux[rows])
 
-    knn = fit_knn_spectra(x[train][:, other_idx], x[train][:, xp_idx], raw[SOURCE_ID][train],
+    colour_names, colours = colour_features(raw, aes.layout)  # never apparent G: the spectra are G-normalised
+    knn = fit_knn_spectra(colours[train], x[train][:, xp_idx], raw[SOURCE_ID][train],
                           section["knn_neighbours"], knn_tuning_error, seed)
-    knn_xp = scaled_xp_to_archive(knn.predict(x[test][:, other_idx]), g_mag[test], aes)
+    knn_xp = scaled_xp_to_archive(knn.predict(colours[test]), g_mag[test], aes)
+    poly = fit_polynomial_spectra(colours[train], x[train][:, xp_idx], raw[SOURCE_ID][train], knn_tuning_error,
+                                  seed)
+    poly_xp = scaled_xp_to_archive(poly.predict(colours[test]), g_mag[test], aes)
     rec = reconstruct_xp(subset(raw, test), aes, hide_xp=True, batch_size=section["batch_size"])
     args = (rec.observed, rec.observed_error, observed_flux[test], n_bp, n_rp)
-    model_m, knn_m = star_metrics(rec.mean, *args), star_metrics(knn_xp, *args)
+    model_m, knn_m, poly_m = star_metrics(rec.mean, *args), star_metrics(knn_xp, *args), star_metrics(poly_xp, *args)
 
     metrics = {
         "stars": {"held_out_with_xp": int(len(test)), "knn_training": int(len(train))},
         "models": [str(p) for p in aes.paths],
-        "knn": {"n_neighbours": knn.n_neighbours, "tuning_median_relative_flux_error": knn.tuning_errors},
+        "knn": {"n_neighbours": knn.n_neighbours, "tuning_median_relative_flux_error": knn.tuning_errors,
+                "features": colour_names, "feature_weights": dict(zip(colour_names, map(float, knn.weights)))},
+        "polynomial": {"degree": POLYNOMIAL_DEGREE, "features": colour_names, "ridge_alpha": poly.alpha,
+                       "tuning_median_relative_flux_error": {str(a): e for a, e in poly.tuning_errors.items()}},
         "wavelengths_nm": [float(wavelengths[0]), float(wavelengths[-1]), len(wavelengths)],
-        "overall": summarise(model_m, knn_m),
+        "overall": summarise(model_m, knn_m, poly_m),
         "by_g": [{"g_min": lo, "g_max": hi, "n": int(rows.sum()),
-                  **summarise({k: v[rows] for k, v in model_m.items()}, {k: v[rows] for k, v in knn_m.items()})}
+                  **summarise({k: v[rows] for k, v in model_m.items()}, {k: v[rows] for k, v in knn_m.items()},
+                              {k: v[rows] for k, v in poly_m.items()})}
                  for lo, hi, rows in g_bins(g_mag[test], config["evaluate"]["g_mag_bins"])],
         "each_model": [{"path": str(p), **{k: float(np.nanmedian(v)) for k, v in star_metrics(r, *args).items()}}
                        for p, r in zip(aes.paths, rec.per_model)],
@@ -186,9 +203,9 @@ def write_figures(out_dir, config, aes, raw, x, test, rec, knn_xp, observed_flux
                              ddof=1)
     plot_spectra(out_dir / "spectra_observed_vs_reconstructed.png", wavelengths, raw[SOURCE_ID][test][shown],
                  {"observed": observed_flux[test][shown], "model, XP hidden": rec_flux,
-                  "kNN on photometry": sample_flux(knn_xp[shown], n_bp, n_rp)[1]},
+                  "kNN on colours": sample_flux(knn_xp[shown], n_bp, n_rp)[1]},
                  spread=spread_flux, errors={"model, XP hidden": model_m["relative_flux_error"][shown],
-                                             "kNN on photometry": knn_m["relative_flux_error"][shown]})
+                                             "kNN on colours": knn_m["relative_flux_error"][shown]})
     no_xp = np.flatnonzero(~np.isfinite(x[:, aes.layout.xp_indices]).all(axis=1) & np.isfinite(raw[G_MAG]))
     if len(no_xp):
         rows, title = no_xp[example_rows(bp_rp[no_xp], n_show)], "stars without XP in the store"
@@ -216,7 +233,8 @@ def run(args) -> int:
     Layout.from_config(config["features"]).require_same(aes.layout, "the models")
     metrics = evaluate_reconstruction(config, aes, args.shards, args.out_dir)
     overall = metrics["overall"]["relative_flux_error"]
-    log.info("%d held-out stars, XP hidden: median relative flux error %.4f (model) vs %.4f (kNN, k=%d): "
-             "ratio %.3f", metrics["stars"]["held_out_with_xp"], overall["model"], overall["knn"],
-             metrics["knn"]["n_neighbours"], overall["model_over_knn"])
+    log.info("%d held-out stars, XP hidden: median relative flux error %.4f (model) vs %.4f (kNN on colours, "
+             "k=%d) and %.4f (cubic ridge on colours): ratios %.3f and %.3f", metrics["stars"]["held_out_with_xp"],
+             overall["model"], overall["knn"], metrics["knn"]["n_neighbours"], overall["polynomial"],
+             overall["model_over_knn"], overall["model_over_polynomial"])
     return 0
