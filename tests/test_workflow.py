@@ -41,7 +41,7 @@ def label_set_jobs(label_set: str, members: range, batches=("batch-0000",)) -> s
     return ({f"finetune[label_set={label_set},member={k}]" for k in members}
             | {f"finetune_scratch[label_set={label_set},member={k}]" for k in members}  # evaluate.from_scratch
             | {f"calibrate[label_set={label_set}]", f"evaluate[label_set={label_set}]",
-               f"catalog[label_set={label_set}]"}
+               f"catalog[label_set={label_set}]", f"front_page[label_set={label_set}]"}
             | {f"predict[batch={b},label_set={label_set}]" for b in batches})
 
 
@@ -323,7 +323,8 @@ def test_changing_predict_settings_reruns_predict_and_catalog_only(finished_run)
     config = merge(finished_run.config, {"predict": {"batch_size": 512}})
     finished_run.write_config(config, "predict.yaml")
     assert planned_jobs(finished_run, "predict.yaml") == {"predict[batch=batch-0000,label_set=spectro]",
-                                                          "catalog[label_set=spectro]"}
+                                                          "catalog[label_set=spectro]",
+                                                          "front_page[label_set=spectro]"}
 
 
 def test_enabling_reconstruction_and_embeddings_adds_only_their_jobs(finished_run):
@@ -406,7 +407,7 @@ def test_photometry_members_add_their_jobs_and_feed_every_ensemble_consumer(fini
            "finetune_scratch_photometry[label_set=spectro,member=0]"}
     # the members with XP stay; what reads the ensemble reruns with the photometry members added
     assert planned == new | {"calibrate[label_set=spectro]", "evaluate[label_set=spectro]",
-                             "catalog[label_set=spectro]",
+                             "catalog[label_set=spectro]", "front_page[label_set=spectro]",
                              "predict[batch=batch-0000,label_set=spectro]"}
 
 
