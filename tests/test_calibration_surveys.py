@@ -30,11 +30,14 @@ def entry(level):
 
 
 def test_a_lower_basis_never_overrides_a_higher_one_along_a_chain():
-    labelled = {"xp|14<=G<15": entry("g_mag")}  # its band pattern below was too small for offsets
-    survey = {"xp|15<=G<16": entry("g_mag"), "xp|14<=G<15": entry("g_mag")}
-    copies = {"xp|14<=G<15|G+BP": entry("g_mag_bands"), "xp|15<=G<16|G+BP": entry("g_mag_bands"),
-              "xp|18<=G<19": entry("g_mag"), "xp|18<=G<19|G+BP": entry("g_mag_bands")}
-    groups, basis = merge_group_bases([("labelled", labelled), ("survey", survey), ("emulated", copies)])
+    # real stars populate 16 <= G < 17 too, too few for offsets of its own: they keep the real coarse ones
+    labelled = ({"xp|14<=G<15": entry("g_mag")}, {"xp|14<=G<15", "xp|16<=G<17"})
+    survey = ({"xp|15<=G<16": entry("g_mag"), "xp|14<=G<15": entry("g_mag"), "xp|16<=G<17": entry("g_mag")},
+              {"xp|14<=G<15", "xp|15<=G<16", "xp|16<=G<17"})
+    copies = ({"xp|14<=G<15|G+BP": entry("g_mag_bands"), "xp|15<=G<16|G+BP": entry("g_mag_bands"),
+               "xp|16<=G<17": entry("g_mag"), "xp|18<=G<19": entry("g_mag"),
+               "xp|18<=G<19|G+BP": entry("g_mag_bands")}, set())
+    groups, basis = merge_group_bases([("labelled", *labelled), ("survey", *survey), ("emulated", *copies)])
     assert basis == {"xp|14<=G<15": "labelled", "xp|15<=G<16": "survey", "xp|18<=G<19": "emulated",
                      "xp|18<=G<19|G+BP": "emulated"}
     assert set(groups) == set(basis)

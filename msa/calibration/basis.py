@@ -10,9 +10,9 @@ that has enough stars for it, in this order:
    for groups that neither of the above fits.
 
 A lower basis never overrides a higher one along a star's chain of groups: a survey or copy
-group is dropped when its G-bin group already has offsets from a higher basis, so a real group
-that is too small for its band pattern keeps the real G-bin offsets (not copies of its band
-pattern). A star that falls back to its coarse group (``xp``/``no_xp``, fitted on the labelled
+group is dropped when a higher basis has stars in its G-bin group at all, even too few for
+offsets, so real stars' groups keep their own offsets (a real group too small for its band
+pattern or its G bin falls back to the coarser real offsets, never to copies). A star that falls back to its coarse group (``xp``/``no_xp``, fitted on the labelled
 stars) is ``labelled`` when its G lies within the G range of those stars and ``extrapolated``
 otherwise (or without G): no star of its kind was scored.
 
@@ -45,22 +45,23 @@ def g_bin_group(name: str, level: str) -> str | None:
     return None
 
 
-def merge_group_bases(fitted: Sequence[tuple[str, dict]]) -> tuple[dict, dict]:
-    """Groups of each basis (``[(basis, groups from fit_group_offsets)]``, highest first) merged.
+def merge_group_bases(fitted: Sequence[tuple[str, dict, set]]) -> tuple[dict, dict]:
+    """Groups of each basis merged: ``[(basis, groups from fit_group_offsets, the G-bin groups its
+    stars populate)]``, highest basis first.
 
-    Returns ``(groups, group_basis)``: a group comes from the first basis that fitted it, and a
-    lower basis's group only where its G-bin group has no offsets from a higher basis.
+    Returns ``(groups, group_basis)``: a basis's group is kept only where no higher basis has a
+    star in its G-bin group.
     """
     groups: dict = {}
     basis_of: dict = {}
-    for basis, candidates in fitted:
-        higher = dict(basis_of)  # the groups the bases before this one hold
+    higher: set = set()  # G-bin groups that the stars of the bases before this one populate
+    for basis, candidates, populated in fitted:
         for name, entry in sorted(candidates.items()):
-            chain = g_bin_group(name, entry["level"])
-            if name in groups or chain in higher:
+            if g_bin_group(name, entry["level"]) in higher:
                 continue
             groups[name] = entry
             basis_of[name] = basis
+        higher |= set(populated)
     return groups, basis_of
 
 

@@ -347,16 +347,22 @@ def fit_emulated_groups(ensemble, stars, relation, names: Sequence[str], cfg: di
                              ensemble.log_labels)
 
 
-def fit_star_groups(ensemble, stars, names: Sequence[str], cfg: dict, batch: int) -> dict:
+def populated_g_bins(levels_xp: Sequence[np.ndarray], levels_no_xp: Sequence[np.ndarray]) -> set:
+    """The G-bin (level-2) groups that a set of stars populates, in both views."""
+    return set(np.unique(np.concatenate([levels_xp[1], levels_no_xp[1]]).astype(str)).tolist())
+
+
+def fit_star_groups(ensemble, stars, names: Sequence[str], cfg: dict, batch: int) -> tuple[dict, set]:
     """Finer-group offsets from labelled ``stars`` (e.g. a calibration survey's), each star seen with
-    its XP where it has one, and with every XP column hidden."""
+    its XP where it has one, and with every XP column hidden; and the G-bin groups they populate."""
     from msa.data.features import G_MAG
 
     views = calibration_views(ensemble, stars.x, stars.extra[G_MAG], cfg["g_mag_bins"], batch)
-    return fit_group_offsets(np.concatenate([views.q_xp, views.q_no_xp]),
-                             np.concatenate([stars.y[views.has_xp], stars.y]), names,
-                             [np.concatenate(pair) for pair in zip(views.levels_xp, views.levels_no_xp)],
-                             cfg["coverage"], cfg["mode"], cfg["min_group_size"], log_labels=ensemble.log_labels)
+    return (fit_group_offsets(np.concatenate([views.q_xp, views.q_no_xp]),
+                              np.concatenate([stars.y[views.has_xp], stars.y]), names,
+                              [np.concatenate(pair) for pair in zip(views.levels_xp, views.levels_no_xp)],
+                              cfg["coverage"], cfg["mode"], cfg["min_group_size"], log_labels=ensemble.log_labels),
+            populated_g_bins(views.levels_xp, views.levels_no_xp))
 
 
 def training_sample_limits(shards: Sequence, config: dict, source, seed: int, surveys) -> dict:
@@ -479,7 +485,7 @@ def run(args) -> int:
             fitted = [("labelled", fit_group_offsets(
                 np.concatenate([q, q_no_xp]), np.concatenate([part.y[has_xp], part.y]), names,
                 [np.concatenate(pair) for pair in zip(levels, levels_no_xp)], cfg["coverage"], cfg["mode"],
-                cfg["min_group_size"], log_labels=logs))]
+                cfg["min_group_size"], log_labels=logs), populated_g_bins(levels, levels_no_xp))]
             g_cal = part.extra[G_MAG]
             result.update(g_mag_bins=edges, min_group_size=cfg["min_group_size"], bands=ensemble.photometric_bands,
                           calibration_g_mag_max=float(np.nanmax(g_cal)) if np.isfinite(g_cal).any() else None,
@@ -487,11 +493,11 @@ def run(args) -> int:
             log.info("%d finer calibration group(s) with ≥ %d labelled stars: %s", len(fitted[0][1]),
                      cfg["min_group_size"], sorted(fitted[0][1]))
             if surveys is not None:
-                fitted.append(("survey", fit_star_groups(ensemble, surveys.stars, names, cfg, batch)))
+                fitted.append(("survey", *fit_star_groups(ensemble, surveys.stars, names, cfg, batch)))
                 result["surveys"] = surveys.counts
             if relation is not None:
                 fitted.append(("emulated", fit_emulated_groups(ensemble, part, relation, names, cfg, xp_hidden,
-                                                               seed, batch, args.shards)))
+                                                               seed, batch, args.shards), set()))
                 result["emulation"] = {"faintest_g": faint["faintest_g"], "relation": relation.to_dict()}
             # one basis per group: labelled, else survey, else copies; never a lower one under a higher one
             result["groups"], result["group_basis"] = merge_group_bases(fitted)
