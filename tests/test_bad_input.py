@@ -14,6 +14,10 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``predict`` / ``evaluate`` with a calibration made for other members (sha256s not those the calibration JSON records, or more or fewer members) | applied, and the coverage guarantee written into the output | rc 2 naming the member file and the calibration file: calibrate these members or pass the ones it was made for | ``test_predict_refuses_bad_input[calibration-of-other-members]``, ``[calibration-of-more-members]``, ``test_evaluate_refuses_a_calibration_of_other_members`` |
 | ``finetune`` killed, rerun with another ``--pretrained`` (or an edited label catalogue, scaler or shard list) | the old run's state resumed: only the config sections were compared | the state is ignored and the member starts afresh, the log naming the changed input | ``tests/test_finetune.py::test_a_rerun_with_other_inputs_starts_afresh`` |
 | a second ``snakemake`` with another ``--configfile`` while a run holds the lock (or any dry run) | it had rewritten ``results/.msa/config.yaml`` while parsing, before failing on the lock: the running run's later jobs read the other config (41 catalogue partitions instead of 9) | the file is written in ``onstart``, after the lock is taken, and never by a dry run: the running run's file is unchanged | ``test_a_second_snakemake_refused_by_the_lock_leaves_the_running_config_alone``, ``tests/test_workflow.py::test_resolved_config_is_written_once_with_every_default`` |
+| ``predict --table`` with a sentinel or absurd finite input (K/RP = -999, BP = -9999 or 1e10, bp_3 = 1e8, parallax = 1e8, G = 99) | used as a real value: T_eff -2556 K, -49,299 K, -9.4e10 K, 320,869 K, no flag | the value is missing (sentinels exactly; magnitudes outside [-10, 40]; parallax, proper motions beyond physical limits; more than 1000 robust scales from the scaler's centre): the star's prediction is the one it gets with the value empty, ``n_inputs_rejected`` counts it, the log gives the total | ``test_predict_treats_a_sentinel_or_absurd_input_as_missing`` |
+| one star with bp = 1e30 in a ``predict`` file (the workflow: a 32-shard batch) | the whole file failed: "non-finite predictions" | the input is missing (above); a prediction that is still not finite or outside the label's physical range (``msa.data.plausible.LABEL_RANGES``) is NaN with ``flag_out_of_range``; the file is written | ``test_predict_treats_a_sentinel_or_absurd_input_as_missing[bp_3-1e+30]``, ``test_predict_writes_nan_and_flags_a_star_whose_prediction_is_absurd`` |
+| the class: random finite extremes (any float32) and sentinels in any feature of any star | absurd values out, unflagged | every star's quantiles are finite and in each label's physical range, or NaN and flagged (``flag_too_few_inputs`` or ``flag_out_of_range``); stars not edited have no rejected input | ``test_predict_output_is_physical_or_nan_and_flagged_whatever_the_inputs`` (hypothesis) |
+| survey columns with -999, -9999 or 1e8 at ingest | stored as magnitudes (pretraining loss 4.6e7 instead of 0.8) | stored as missing; ``survey_<name>_rejected`` in the shard's counts, the columns and counts in the log | ``test_ingest_stores_survey_sentinels_and_absurd_values_as_missing`` |
 | tests that could not fail: the magnitude error of a flux S/N | tests computed it with ``MAG_PER_LN`` itself, so a wrong constant stayed self-consistent | pinned with literals: S/N 100 → 0.010857 mag, 50 → 0.021715 (fails with 1/ln 10) | ``tests/test_emulation.py::test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals`` |
 | tests that could not fail: ``QuantileHead`` ordering | no direct test | random and adversarial weights (biases pushing q16 above q50), latents of every scale: q16 ≤ q50 ≤ q84 (fails with the softplus removed) | ``tests/test_model.py::test_quantile_head_orders_its_quantiles_whatever_the_weights`` |
 """
@@ -805,3 +809,116 @@ def test_reconstruct_writes_nan_for_a_star_it_cannot_reconstruct(tmp_path, g_mag
     g_known = np.isfinite(star_columns(150)["phot_g_mean_mag"])
     g_known[3] = False
     assert np.isfinite(rec[g_known]).all()  # every other star with a G is reconstructed
+
+
+# --- finite absurd inputs: sentinels and absurd values are missing, absurd outputs NaN (issue 27) ----
+
+def _predict_frame(s, tmp: Path, edits=(), name="p") -> pd.DataFrame:
+    """``msa predict --table`` of the setup's stars with ``edits`` ((row, column, value), ...)."""
+    frame = pd.read_csv(s["table"])
+    for row, column, value in edits:
+        frame.loc[row, column] = value
+    table = tmp / f"{name}.csv"
+    frame.to_csv(table, index=False)
+    out = tmp / "out" / f"{name}.parquet"
+    assert main(predict_argv(s, table, out)) == 0
+    return pd.read_parquet(out)
+
+
+QUANTILES = [f"{label}_{q}" for label in ("teff", "logg", "parallax") for q in ("q16", "q50", "q84")]
+
+
+@pytest.mark.parametrize("column, value", [
+    ("phot_rp_mean_mag", -999.0), ("phot_bp_mean_mag", -9999.0), ("phot_bp_mean_mag", 1e10),
+    ("bp_3", 1e8), ("bp_3", 1e30), ("rp_1", -99999.0), ("parallax", 1e8), ("phot_g_mean_mag", 99.0)])
+def test_predict_treats_a_sentinel_or_absurd_input_as_missing(predict_setup, tmp_path, caplog, column, value):
+    """Before: K = -999 gave T_eff = -2556 K, BP = 1e10 -9.4e10 K, bp_3 = 1e8 320,869 K, with no flag, and
+    bp_5 = 1e30 on one star failed the whole file ("non-finite predictions"). Now the value is missing:
+    the star's prediction is exactly the one it gets with that value left empty, n_inputs_rejected
+    counts it, the log says how many, and every other star is unchanged."""
+    row = 7  # a star with XP and every band
+    caplog.set_level("WARNING")
+    absurd = _predict_frame(predict_setup, tmp_path, [(row, column, value)], "absurd")
+    empty = _predict_frame(predict_setup, tmp_path, [(row, column, np.nan)], "empty")
+    pd.testing.assert_frame_equal(absurd.drop(columns="n_inputs_rejected"), empty.drop(columns="n_inputs_rejected"))
+    assert absurd["n_inputs_rejected"].tolist() == [int(i == row) for i in range(len(absurd))]
+    assert not empty["n_inputs_rejected"].any() and not absurd["flag_out_of_range"].any()
+    assert "1 implausible input value(s)" in caplog.text
+
+
+def test_predict_writes_nan_and_flags_a_star_whose_prediction_is_absurd(predict_setup, tmp_path):
+    """A model whose outputs stray (a T_eff scale of 5000 K) wrote T_eff < 0 unflagged, and one that
+    overflows failed the whole file with "non-finite predictions"; now those stars are NaN with
+    flag_out_of_range, the file is written, and no quantile outside a label's physical range is left."""
+    from msa.data.plausible import outside_label_range
+
+    q = np.array([[[5000, 5100, 5200]], [[np.inf, np.inf, np.inf]], [[-300, 50, 80]], [[np.nan] * 3]], float)
+    assert outside_label_range(q, ["teff"]).tolist() == [False, True, True, True]
+    from test_ensemble import small_layout, unit_scaler, write_member
+
+    layout = small_layout()
+    member = write_member(tmp_path / "member-0.pt", layout, unit_scaler(layout), seed=0,
+                          label_centre=[4800.0, 2.5, 1.0], label_scale=[5e3, 1.0, 0.4])
+    s = {**predict_setup, "members": [member]}
+    import json
+
+    from msa.nn.checkpoint import file_sha256
+    calibration = json.loads(Path(s["calibration"]).read_text())
+    calibration["member_sha256"] = [file_sha256(member)]
+    (tmp_path / "c.json").write_text(json.dumps(calibration))
+    frame = _predict_frame({**s, "calibration": tmp_path / "c.json"}, tmp_path)
+    flagged = frame["flag_out_of_range"].to_numpy()
+    assert 0 < flagged.sum() < len(frame) - frame["flag_too_few_inputs"].sum()
+    assert frame.loc[flagged, QUANTILES].isna().all().all()
+    ok = ~flagged & ~frame["flag_too_few_inputs"].to_numpy()
+    assert np.isfinite(frame.loc[ok, QUANTILES].to_numpy()).all()
+    assert frame.loc[ok, "teff_q16"].min() >= 1000 and frame.loc[ok, "teff_q84"].max() <= 200000
+
+
+FEATURE_COLUMNS = ["bp_1", "bp_2", "bp_3", "rp_1", "rp_2", "rp_3", "phot_g_mean_mag", "phot_bp_mean_mag",
+                   "phot_rp_mean_mag", "parallax"]
+SENTINEL_VALUES = [-99.0, -999.0, -9999.0, -99999.0, 999.0, 9999.0, 99999.0]
+extremes = st.one_of(st.sampled_from(SENTINEL_VALUES), st.sampled_from([1e8, -1e8, 1e10, 1e30, -1e30, 3e38]),
+                     st.floats(allow_nan=False, allow_infinity=False, width=32))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.integers(0, 149), st.sampled_from(FEATURE_COLUMNS), extremes),
+                      min_size=1, max_size=12))
+def test_predict_output_is_physical_or_nan_and_flagged_whatever_the_inputs(predict_setup, tmp_path, edits):
+    """The class, not the case: random finite extremes and sentinels in any feature of any star.
+    Every star's predictions are finite and inside each label's physical range, or NaN and flagged."""
+    from msa.data.plausible import LABEL_RANGES
+
+    frame = _predict_frame(predict_setup, tmp_path, edits, "random")
+    q = frame[QUANTILES].to_numpy(dtype=np.float64)
+    nan = np.isnan(q).all(axis=1)
+    flagged = frame["flag_too_few_inputs"].to_numpy() | frame["flag_out_of_range"].to_numpy()
+    assert (nan == flagged).all()
+    assert np.isfinite(q[~nan]).all()
+    for label in ("teff", "logg"):
+        lo, hi = LABEL_RANGES[label]
+        values = frame.loc[~nan, [f"{label}_q16", f"{label}_q50", f"{label}_q84"]].to_numpy()
+        assert (values >= lo).all() and (values <= hi).all()
+    edited_rows = sorted({row for row, _, _ in edits})
+    untouched = np.setdiff1d(np.arange(len(frame)), edited_rows)
+    assert not frame["n_inputs_rejected"].to_numpy()[untouched].any()
+
+
+def test_ingest_stores_survey_sentinels_and_absurd_values_as_missing(tmp_path, caplog):
+    """Before: survey -999 and 1e8 were stored as magnitudes (pretraining loss 4.6e7 instead of 0.8).
+    Now they are missing in the store, counted in the shard's counts and the log."""
+    ids = xp_ids()
+    survey = tmp_path / "tmass.csv"
+    values = np.linspace(10, 11, len(ids))
+    values[2], values[5], values[6] = -999.0, 1e8, -9999.0
+    pd.DataFrame({"source_id": ids, "j_m": values}).to_csv(survey, index=False)
+    caplog.set_level("WARNING")
+    assert main(ingest(tmp_path, survey=survey)) == 0
+    with Shard(tmp_path / "out" / "s.h5") as shard:
+        counts = yaml.safe_load(shard.attrs["counts"])
+        stored = shard.read(["source_id", "j_m"])
+    by_id = dict(zip(stored["source_id"].tolist(), stored["j_m"].tolist()))
+    assert [np.isnan(by_id[i]) for i in ids] == [i in (2, 5, 6) for i in range(len(ids))]
+    assert counts["survey_tmass_rejected"] == 3 and "j_m" in caplog.text

@@ -73,7 +73,7 @@ def test_provenance_attrs(demo_shard):
     counts = json.loads(attrs["counts"])
     assert counts == {"xp_rows": 3896, "source_rows": 3896, "sources_without_xp": 0,
                       "survey_tmass_rows": 3896, "survey_tmass_matched": 3896, "survey_tmass_unmatched": 0,
-                      "written": 3896}
+                      "survey_tmass_rejected": 0, "written": 3896}
     assert attrs["msa_version"] and int(attrs["n_rows"]) == 3896
 
 

@@ -26,7 +26,8 @@ per label ``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (the label's unit): 
 percentiles of the calibrated predictive distribution. In Gaia DR3's astrophysical-parameter tables
 the same three are ``{label}_lower``, ``{label}`` and ``{label}_upper`` (e.g. ``teff_gspphot_lower``):
 our q50 is their value column, q16 their ``_lower``, q84 their ``_upper``. Then ``has_xp``,
-``n_inputs``, ``flag_too_few_inputs``, ``calibration_group``, ``in_training_sample`` (see
+``n_inputs``, ``flag_too_few_inputs``, ``n_inputs_rejected``, ``flag_out_of_range``,
+``calibration_group``, ``in_training_sample`` (see
 :mod:`msa.catalogue.predict`). Every column carries its unit and description twice: in the Arrow field
 metadata (``unit``, ``description``, ``ucd``: what LSDB and pyarrow show) and in astropy's
 serialisation header (``table_meta_yaml``: ``astropy.table.Table.read(partition)`` gives
@@ -92,6 +93,9 @@ FIXED_DESCRIPTIONS = {
     "has_xp": ("", "the prediction used the star's XP spectrum"),
     "n_inputs": ("", "number of input features present and visible to the model"),
     "flag_too_few_inputs": ("", "fewer inputs than predict.min_inputs: the predictions are NaN"),
+    "n_inputs_rejected": ("", "input values treated as missing as implausible (sentinels such as -999, "
+                              "values outside the feature's physical range or far outside the scaler's)"),
+    "flag_out_of_range": ("", "the predictions were not finite or outside a label's physical range: they are NaN"),
     "calibration_group": ("", "conformal calibration group whose offsets the star took"),
     "interval_basis": ("", "which stars the group's conformal offsets were fitted on: labelled (the label set's "
                            "calibration stars), survey (a calibration survey's), emulated (faint copies of bright "

@@ -15,6 +15,10 @@ Output columns: ``source_id`` (int64, exactly the input's, in input order); ``ra
 ``{label}_q16``, ``{label}_q50``, ``{label}_q84`` (float32, physical units, q16 ≤ q50 ≤ q84);
 ``has_xp`` (the prediction used an XP spectrum); ``n_inputs`` (features present and visible to the
 model); ``flag_too_few_inputs`` (fewer than ``predict.min_inputs``: predictions are NaN);
+``n_inputs_rejected`` (input values set to missing as implausible: sentinels such as -999, values
+outside a feature's physical range or far outside the scaler's; see :mod:`msa.data.plausible`);
+``flag_out_of_range`` (the predictions were not finite or outside a label's physical range, and are
+written NaN);
 ``calibration_group`` (the conformal group whose offsets the star took: XP or not, G bin, bands
 present; see :mod:`msa.calibration.calibrate`); ``interval_basis`` (which stars that group's offsets
 were fitted on: ``labelled``, ``survey``, ``emulated`` or ``extrapolated``; see
@@ -54,6 +58,7 @@ from msa.data.features import G_MAG, FeatureTransform
 from msa.data.labels import LabelSource, label_set, sample_hash
 from msa.data.layout import Feature, Layout
 from msa.data.parquet_stream import BackgroundParquetWriter, OutputCheckError, verify_source_ids
+from msa.data.plausible import outside_label_range, reject_raw, reject_scaled
 from msa.data.prefetch import prefetch
 from msa.data.splits import assign_splits, split_seed
 from msa.data.star_sources import (StarSource, add_star_source_arguments, check_outputs, open_shard, open_table,
@@ -83,6 +88,7 @@ class PreparedChunk:
     in_training_sample: np.ndarray  # bool (n,)
     positions: dict = field(default_factory=dict)  # ra, dec float64 (n,) when the input has them
     interval_basis: np.ndarray | None = None  # object (n,): labelled/survey/emulated/extrapolated ("" uncalibrated)
+    n_inputs_rejected: np.ndarray | None = None  # int16 (n,): inputs set to missing as implausible
 
 
 @dataclass(frozen=True)
@@ -150,12 +156,14 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: Fea
                   pin: bool = False, calibration: dict | None = None,
                   training: TrainingSample | None = None) -> PreparedChunk:
     """Raw store columns → scaled inputs, per-star input counts, calibration group and training flag
-    (runs in the reader thread)."""
+    (runs in the reader thread). Implausible inputs (sentinels, absurd values) become missing."""
+    raw, rejected = reject_raw(raw, ensemble.layout)
     x, _ = transform(raw)
     infinite = np.isinf(x)
     if infinite.any():
         # an infinite value (e.g. a zero flux turned into a magnitude) carries no information
         x[infinite] = np.nan
+    rejected = rejected + reject_scaled(x)
     visible = ensemble.visible_inputs(x)
     has_xp = ensemble.has_xp(x, visible)
     source_id = np.asarray(raw[SOURCE_ID], dtype=np.int64)
@@ -170,7 +178,7 @@ def prepare_chunk(raw: dict[str, np.ndarray], ensemble: Ensemble, transform: Fea
     tensor = torch.from_numpy(x)
     positions = {c: np.asarray(raw[c], dtype=np.float64) for c in POSITION_COLUMNS if c in raw}
     return PreparedChunk(source_id, tensor.pin_memory() if pin else tensor, visible.sum(axis=1).astype(np.int16),
-                         has_xp, groups, in_training, positions, basis)
+                         has_xp, groups, in_training, positions, basis, rejected.astype(np.int16))
 
 
 def extra_read_columns(training: TrainingSample | None) -> list[str]:
@@ -192,6 +200,8 @@ def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int 
             fields.append(pa.field(f"{label}_{suffix}", pa.float32(), metadata={"unit": units.get(label, "")}))
     fields += [pa.field("has_xp", pa.bool_(), nullable=False), pa.field("n_inputs", pa.int16(), nullable=False),
                pa.field("flag_too_few_inputs", pa.bool_(), nullable=False),
+               pa.field("n_inputs_rejected", pa.int16(), nullable=False),
+               pa.field("flag_out_of_range", pa.bool_(), nullable=False),
                pa.field("calibration_group", pa.string(), nullable=False),
                pa.field("interval_basis", pa.string(), nullable=False),
                pa.field("in_training_sample", pa.bool_(), nullable=False)]
@@ -205,13 +215,14 @@ def latent_column(i: int) -> str:
 
 
 def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent: np.ndarray | None,
-                schema: pa.Schema, labels: Sequence[str]) -> pa.Table:
+                schema: pa.Schema, labels: Sequence[str], out_of_range: np.ndarray) -> pa.Table:
     columns = [pa.array(chunk.source_id, pa.int64())]
     columns += [pa.array(chunk.positions[c], pa.float64()) for c in POSITION_COLUMNS if c in schema.names]
     for j in range(len(labels)):
         for k in range(3):
             columns.append(pa.array(q[:, j, k], pa.float32()))
     columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged),
+                pa.array(chunk.n_inputs_rejected, pa.int16()), pa.array(out_of_range),
                 pa.array(chunk.calibration_group, pa.string()), pa.array(chunk.interval_basis, pa.string()),
                 pa.array(chunk.in_training_sample)]
     if latent is not None:
@@ -225,6 +236,8 @@ class PredictSummary:
     n_rows: int = 0
     n_without_xp: int = 0
     n_flagged: int = 0
+    n_inputs_rejected: int = 0  # input values set to missing as implausible
+    n_out_of_range: int = 0  # stars whose predictions were absurd, written NaN
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -275,11 +288,15 @@ def predict_chunks(
                 member_q, latent = result if save_latent else (result, None)
                 q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
                 flagged = chunk.n_inputs < min_inputs
-                q[flagged] = np.nan
+                # one absurd star is NaN and flagged, never the end of the whole file (issue 27)
+                out_of_range = ~flagged & outside_label_range(q, labels)
+                q[flagged | out_of_range] = np.nan
                 if latent is not None:
                     latent[flagged] = np.nan
-                _check_quantiles(q, flagged, chunk.source_id, out)
-                writer.put(chunk_table(chunk, q, flagged, latent, schema, labels))
+                _check_quantiles(q, flagged | out_of_range, chunk.source_id, out)
+                writer.put(chunk_table(chunk, q, flagged, latent, schema, labels, out_of_range))
+                summary.n_inputs_rejected += int(chunk.n_inputs_rejected.sum())
+                summary.n_out_of_range += int(out_of_range.sum())
                 summary.n_rows += len(chunk.source_id)
                 summary.n_without_xp += int(np.sum(~chunk.has_xp))
                 summary.n_flagged += int(np.sum(flagged))
@@ -287,6 +304,11 @@ def predict_chunks(
             writer.close()
         verify_source_ids(tmp, expected_ids(), out)
     summary.seconds = time.perf_counter() - t0
+    if summary.n_inputs_rejected or summary.n_out_of_range:
+        log.warning("%s: %d implausible input value(s) (sentinels such as -999, absurd values) treated as "
+                    "missing (n_inputs_rejected); %d star(s) with predictions outside the labels' physical "
+                    "range written NaN (flag_out_of_range)", out, summary.n_inputs_rejected,
+                    summary.n_out_of_range)
     return summary
 
 

@@ -34,6 +34,8 @@ COLUMN_UCDS = {
     "has_xp": "meta.code",
     "n_inputs": "meta.number",
     "flag_too_few_inputs": "meta.code.qual",
+    "n_inputs_rejected": "meta.number",
+    "flag_out_of_range": "meta.code.qual",
     "calibration_group": "meta.code.class",
     "in_training_sample": "meta.code",
     "interval_basis": "meta.code.class",

@@ -28,6 +28,7 @@ from msa.config import config_hash, load_config, validate
 from msa.data.gaia import (N_XP_COEFFICIENTS, SOURCE_ID, check_unique_ids, concat_blocks,
                            file_kind, iter_xp, read_table, table_columns)
 from msa.data.layout import xp_coefficient_names, xp_error_names
+from msa.data.plausible import SURVEY_LIMIT, reject_survey_values
 from msa.data.store import CHUNK_ROWS, check_out_path, write_shard
 from msa.data.surveys import join_survey, read_survey
 from msa.errors import InputError
@@ -146,6 +147,13 @@ def _join_surveys(columns: dict, surveys: Mapping[str, Mapping], xp_path: Path,
             raise IngestError(f"survey {name!r} ({path}): store name(s) {clash} are already taken by another "
                               "input; rename them in ingest.surveys.{name}.columns/errors")
         joined, matched = join_survey(ids, table)
+        rejected = {}
+        for column in list(joined):  # sentinels (-999) and absurd values (1e8) are missing, not data
+            joined[column], rejected[column] = reject_survey_values(joined[column])
+        if any(rejected.values()):
+            log.warning("survey %s (%s): implausible values (sentinels such as -999, |value| > %g) stored as "
+                        "missing: %s", name, path, SURVEY_LIMIT, {c: n for c, n in rejected.items() if n})
+        counts[f"survey_{name}_rejected"] = int(sum(rejected.values()))
         columns.update(joined)
         n_rows = int(len(table[SOURCE_ID]))
         counts[f"survey_{name}_rows"] = n_rows
