@@ -41,7 +41,8 @@ def label_set_jobs(label_set: str, members: range, batches=("batch-0000",)) -> s
     return ({f"finetune[label_set={label_set},member={k}]" for k in members}
             | {f"finetune_scratch[label_set={label_set},member={k}]" for k in members}  # evaluate.from_scratch
             | {f"calibrate[label_set={label_set}]", f"evaluate[label_set={label_set}]",
-               f"catalog[label_set={label_set}]", f"front_page[label_set={label_set}]"}
+               f"catalog[label_set={label_set}]", f"front_page[label_set={label_set}]",
+               f"probe_pretrained[label_set={label_set}]"}  # the pretrained latent's probe, read by evaluate
             | {f"predict[batch={b},label_set={label_set}]" for b in batches})
 
 
