@@ -18,6 +18,10 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | one star with bp = 1e30 in a ``predict`` file (the workflow: a 32-shard batch) | the whole file failed: "non-finite predictions" | the input is missing (above); a prediction that is still not finite or outside the label's physical range (``msa.data.plausible.LABEL_RANGES``) is NaN with ``flag_out_of_range``; the file is written | ``test_predict_treats_a_sentinel_or_absurd_input_as_missing[bp_3-1e+30]``, ``test_predict_writes_nan_and_flags_a_star_whose_prediction_is_absurd`` |
 | the class: random finite extremes (any float32) and sentinels in any feature of any star | absurd values out, unflagged | every star's quantiles are finite and in each label's physical range, or NaN and flagged (``flag_too_few_inputs`` or ``flag_out_of_range``); stars not edited have no rejected input | ``test_predict_output_is_physical_or_nan_and_flagged_whatever_the_inputs`` (hypothesis) |
 | survey columns with -999, -9999 or 1e8 at ingest | stored as magnitudes (pretraining loss 4.6e7 instead of 0.8) | stored as missing; ``survey_<name>_rejected`` in the shard's counts, the columns and counts in the log | ``test_ingest_stores_survey_sentinels_and_absurd_values_as_missing`` |
+| survey store names with ``/`` or ``.`` (``columns: {j_m: J/x}``, ``errors: {j_msig: J.err}``) | ``/`` made an HDF5 group: ingest passed, predict failed with ``TypeError``; ``.`` failed at ingest | the schema refuses them (msa and the workflow), naming the key: ``ingest.surveys.tmass.columns.j_m: 'J/x' should not be valid under {'pattern': '[/.]'}`` | ``test_ingest_refuses_bad_input[survey-store-name-with-slash]``, ``[survey-store-name-with-dot]`` |
+| ``ingest`` on a full disk (simulated: the HDF5 writer raises ENOSPC after writing part of the shard; a tiny filesystem needs root) | rc 139 and ~100 h5py tracebacks on a real full disk; with the error raised, ``OSError: [Errno 28] No space left on device`` naming no file | one line, rc 1: ``DiskFullError: no space left on the device writing .../s.h5 ... (nothing was written)``; no shard, no temporary (``atomic_path``, so every writer of the package) | ``test_ingest_on_a_full_disk_says_so_naming_the_file_and_leaves_nothing`` |
+| ``finetune`` / ``pretrain`` saving a checkpoint on a full disk | torch's ``inline_container.cc ... unexpected pos`` | the checkpoint is serialised in memory and written by Python: ``DiskFullError`` naming the file, no temporary left | ``test_a_checkpoint_save_on_a_full_disk_names_the_file`` |
+| a JSON file as ``--members`` | torch's message advising the unsafe ``weights_only=False`` | rc 2: ``member.json is not a PyTorch checkpoint (it starts with b'{"me'); give the model.pt files ...`` | ``test_a_json_file_as_members_is_refused_clearly`` |
 | tests that could not fail: the magnitude error of a flux S/N | tests computed it with ``MAG_PER_LN`` itself, so a wrong constant stayed self-consistent | pinned with literals: S/N 100 → 0.010857 mag, 50 → 0.021715 (fails with 1/ln 10) | ``tests/test_emulation.py::test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals`` |
 | tests that could not fail: ``QuantileHead`` ordering | no direct test | random and adversarial weights (biases pushing q16 above q50), latents of every scale: q16 ≤ q50 ≤ q84 (fails with the softplus removed) | ``tests/test_model.py::test_quantile_head_orders_its_quantiles_whatever_the_weights`` |
 """
@@ -156,6 +160,13 @@ INGEST_CASES = [
          r"GaiaSource_s\.fits: .*(FITS|fits)"),
     Case("label-set-name-escapes-results", lambda t: _config(t, {"label_sets": {"../evil": ["teff"]}}),
          r"config\.yaml .*label_sets.*\.\./evil"),
+    # issue 27: a '/' made an HDF5 group (ingest passed, predict failed with TypeError), '.' failed to write
+    Case("survey-store-name-with-slash", lambda t: _config(t, {"ingest": {"surveys": {"tmass": {
+        "path": str(write_survey(t / "tmass.csv")), "columns": {"j_m": "J/x"}}}}}),
+        r"config\.yaml does not follow .*ingest\.surveys\.tmass\.columns\.j_m: 'J/x' should not be valid"),
+    Case("survey-store-name-with-dot", lambda t: _config(t, {"ingest": {"surveys": {"tmass": {
+        "path": str(write_survey(t / "tmass.csv")), "columns": {"j_m": "J"}, "errors": {"j_msig": "J.err"}}}}}),
+        r"config\.yaml does not follow .*ingest\.surveys\.tmass\.errors\.j_msig: 'J\.err' should not be valid"),
     # --- classes that already worked: kept working ---
     Case("truncated-gzip", lambda t: ingest(t, xp=_truncated(t)),
          r"Xp_s\.csv\.gz: the file is truncated or corrupt .*download it again"),
@@ -922,3 +933,62 @@ def test_ingest_stores_survey_sentinels_and_absurd_values_as_missing(tmp_path, c
     by_id = dict(zip(stored["source_id"].tolist(), stored["j_m"].tolist()))
     assert [np.isnan(by_id[i]) for i in ids] == [i in (2, 5, 6) for i in range(len(ids))]
     assert counts["survey_tmass_rejected"] == 3 and "j_m" in caplog.text
+
+
+# --- a full disk: one line naming the file, nothing partial left (issue 27) ------------------------
+
+def test_ingest_on_a_full_disk_says_so_naming_the_file_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """Before: a full disk under h5py crashed ingest (rc 139, ~100 tracebacks). A tiny filesystem
+    needs root, so the HDF5 writer is made to fail as it does there, after writing part of the file."""
+    import errno
+
+    import h5py
+
+    real_create = h5py.Group.create_dataset
+    calls = []
+
+    def full(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:  # a partial file exists by now
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_create(self, *args, **kwargs)
+    monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    argv = ingest(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.fullmatch(r"msa ingest: error: DiskFullError: no space left on the device writing .*out/s\.h5: .*"
+                        r"\(nothing was written\) \(run failed; --debug shows the traceback\)", err[0]), err[0]
+    assert not (tmp_path / "out" / "s.h5").exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_checkpoint_save_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """Before: torch's "inline_container.cc ... unexpected pos" when finetune or pretrain saved on a
+    full disk. Now the checkpoint is serialised in memory and written by Python: an error naming it."""
+    import errno
+
+    from msa.data.store import DiskFullError
+    from msa.nn.checkpoint import save_checkpoint
+
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        real_write(self, bytes(data)[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DiskFullError, match=r"no space left on the device writing .*work/state\.pt"):
+        save_checkpoint(tmp_path / "work" / "state.pt", {"step": 3})
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_json_file_as_members_is_refused_clearly(predict_setup, tmp_path, capsys):
+    """Before: torch's message advising the unsafe weights_only=False. Now: not a checkpoint."""
+    fake = tmp_path / "member.json"
+    fake.write_text('{"member": 0}')
+    capsys.readouterr()
+    assert main(predict_argv({**predict_setup, "members": [fake]})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights_only" not in err[0], err
+    assert re.search(r"member\.json is not a PyTorch checkpoint \(it starts with b'\{\"me'\); give the "
+                     r"model\.pt files", err[0]), err[0]

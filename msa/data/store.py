@@ -15,6 +15,7 @@ This module is a leaf: it imports nothing from the package but the version and t
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import glob
 import json
@@ -136,9 +137,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.exists():
             os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as err:
+        if is_disk_full(err):  # h5py and others bury the errno in a long message
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device writing {path}: free space on its "
+                                "filesystem or write elsewhere (nothing was written)") from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class DiskFullError(OSError):
+    """A write ran out of space; the message names the file (no partial file is left)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
 
 
 @contextmanager

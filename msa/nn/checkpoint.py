@@ -12,6 +12,7 @@ states), ``config`` (the resolved config section), ``layout`` (``Layout.to_dict(
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import random
@@ -36,8 +37,12 @@ class CheckpointError(InputError, RuntimeError):
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file, then rename)."""
     payload = {**payload, "msa_version": __version__}
+    # serialised in memory, then written with Python's own write: a full disk is then an OSError
+    # naming the file (atomic_path), not torch's "inline_container.cc ... unexpected pos"
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -45,6 +50,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch's zip format, or a legacy pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}); give the "
+                              "model.pt files `msa finetune` or `msa pretrain` wrote")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
