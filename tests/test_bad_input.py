@@ -22,6 +22,9 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``ingest`` on a full disk (simulated: the HDF5 writer raises ENOSPC after writing part of the shard; a tiny filesystem needs root) | rc 139 and ~100 h5py tracebacks on a real full disk; with the error raised, ``OSError: [Errno 28] No space left on device`` naming no file | one line, rc 1: ``DiskFullError: no space left on the device writing .../s.h5 ... (nothing was written)``; no shard, no temporary (``atomic_path``, so every writer of the package) | ``test_ingest_on_a_full_disk_says_so_naming_the_file_and_leaves_nothing`` |
 | ``finetune`` / ``pretrain`` saving a checkpoint on a full disk | torch's ``inline_container.cc ... unexpected pos`` | the checkpoint is serialised in memory and written by Python: ``DiskFullError`` naming the file, no temporary left | ``test_a_checkpoint_save_on_a_full_disk_names_the_file`` |
 | a JSON file as ``--members`` | torch's message advising the unsafe ``weights_only=False`` | rc 2: ``member.json is not a PyTorch checkpoint (it starts with b'{"me'); give the model.pt files ...`` | ``test_a_json_file_as_members_is_refused_clearly`` |
+| ``abc`` in a label column of the label catalogue | ``ValueError: could not convert string to float: 'abc'``, no file or column | ``LabelError`` (rc 2): ``label catalogue .../labels.csv: column 'teff' row 1 is not a number ('abc')`` | ``test_label_catalogue_with_text_in_a_label_column_names_file_column_and_row`` |
+| ``inf`` / ``1e300`` labels (train split) | fine-tuning failed: "lower the learning rate or enable grad_clip" | dropped as missing labels are (infinite, or outside the label's physical range, ``msa.data.plausible.LABEL_RANGES``; beyond 1e30 for other labels), the log giving the count, the column and source_ids | ``test_infinite_and_absurd_labels_are_dropped_with_a_count`` |
+| dec > 90 in a prediction file given to ``msa catalog`` | ``ValueError: Latitude angle(s) ...``, rc 1, no file or star | rc 2: ``bad-dec.parquet: 1 star(s) with dec outside [-90, 90] deg, e.g. source_id [...] (dec [95.0])``; nothing written | ``test_catalog_with_dec_above_90_names_the_file_and_the_star`` |
 | tests that could not fail: the magnitude error of a flux S/N | tests computed it with ``MAG_PER_LN`` itself, so a wrong constant stayed self-consistent | pinned with literals: S/N 100 → 0.010857 mag, 50 → 0.021715 (fails with 1/ln 10) | ``tests/test_emulation.py::test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals`` |
 | tests that could not fail: ``QuantileHead`` ordering | no direct test | random and adversarial weights (biases pushing q16 above q50), latents of every scale: q16 ≤ q50 ≤ q84 (fails with the softplus removed) | ``tests/test_model.py::test_quantile_head_orders_its_quantiles_whatever_the_weights`` |
 """
@@ -992,3 +995,54 @@ def test_a_json_file_as_members_is_refused_clearly(predict_setup, tmp_path, caps
     assert len(err) == 1 and "weights_only" not in err[0], err
     assert re.search(r"member\.json is not a PyTorch checkpoint \(it starts with b'\{\"me'\); give the "
                      r"model\.pt files", err[0]), err[0]
+
+
+def test_catalog_with_dec_above_90_names_the_file_and_the_star(predictions, tmp_path, capsys):
+    """Before: ``ValueError: Latitude angle(s) must be within -90 deg <= angle <= 90 deg``, rc 1, no
+    file or star named. Now rc 2 naming both, and nothing written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(predictions["files"][0])
+    dec = table.column("dec").to_numpy().copy()
+    dec[4] = 95.0
+    bad = tmp_path / "bad-dec.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("dec"), table.schema.field("dec"), pa.array(dec)),
+                   bad)
+    star = table.column("source_id").to_numpy()[4]
+    out = tmp_path / "catalog" / "spectro"
+    argv = _catalog_argv({"files": [bad, predictions["files"][1]]}, tmp_path, out)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.search(rf"bad-dec\.parquet: 1 star\(s\) with dec outside \[-90, 90\] deg, e\.g\. source_id \[{star}\] "
+                     r"\(dec \[95\.0\]\)", err[0]), err[0]
+    assert not out.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+# --- label catalogues: text and absurd values (issue 27) --------------------------------------------
+
+def test_label_catalogue_with_text_in_a_label_column_names_file_column_and_row(tmp_path):
+    """Before: ``ValueError: could not convert string to float: 'abc'``, no file or column named."""
+    from msa.data.labels import LabelError, LabelSource
+
+    (tmp_path / "labels.csv").write_text("source_id,teff\n11,5000\n13,abc\n15,4800\n")
+    with pytest.raises(LabelError, match=r"labels\.csv: column 'teff' row 1 is not a number \('abc'\)"):
+        LabelSource({"catalogue": str(tmp_path / "labels.csv"), "columns": {"teff": {"value": "teff"}}}, ["teff"])
+
+
+def test_infinite_and_absurd_labels_are_dropped_with_a_count(tmp_path, caplog):
+    """Before: inf or 1e300 in the train split ended fine-tuning with "lower the learning rate or
+    enable grad_clip". Now they are missing labels, as NaN ones are, and the log says how many."""
+    from msa.data.labels import LabelSource
+
+    (tmp_path / "labels.csv").write_text("source_id,teff,logg\n11,5000,2.5\n13,inf,2.0\n15,1e300,-inf\n17,4800,1e5\n")
+    caplog.set_level("WARNING")
+    source = LabelSource({"catalogue": str(tmp_path / "labels.csv"),
+                          "columns": {"teff": {"value": "teff"}, "logg": {"value": "logg"}}}, ["teff", "logg"])
+    y, _ = source.lookup(np.array([11, 13, 15, 17]))
+    np.testing.assert_array_equal(np.isnan(y), [[False, False], [True, False], [True, True], [False, True]])
+    np.testing.assert_array_equal(y[0], [5000, 2.5])
+    assert "2 value(s) of column 'teff' are infinite or outside" in caplog.text and "[13, 15]" in caplog.text
+    assert "2 value(s) of column 'logg'" in caplog.text

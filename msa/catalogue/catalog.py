@@ -185,6 +185,13 @@ def spatial_index(path: Path, table: pa.Table) -> np.ndarray:
         sid = table.column(SOURCE_ID).to_numpy()[bad]
         raise CatalogError(f"{path}: {int(bad.sum())} star(s) without a finite ra/dec, e.g. source_id "
                            f"{sid[:3].tolist()}; a catalogue row needs a position")
+    with np.errstate(invalid="ignore"):
+        outside = np.abs(dec) > 90
+    if outside.any():
+        i = np.flatnonzero(outside)
+        sid = table.column(SOURCE_ID).to_numpy()[i]
+        raise CatalogError(f"{path}: {len(i)} star(s) with dec outside [-90, 90] deg, e.g. source_id "
+                           f"{sid[:3].tolist()} (dec {dec[i[:3]].tolist()}); fix their positions in the store")
     return np.asarray(compute_spatial_index(ra, dec), dtype=np.int64)
 
 

@@ -49,6 +49,33 @@ class LabelColumn:
     zero_point: str | None = None  # a parallax zero-point subtracted from a store value (msa.data.parallax_zero_point)
 
 
+def _numeric(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """Column ``column`` as float64; a LabelError naming the file, column, row and value otherwise."""
+    values = pd.to_numeric(df[column], errors="coerce")
+    bad = values.isna() & df[column].notna() & (df[column].astype(str).str.strip() != "")
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy()))
+        raise LabelError(f"label catalogue {path}: column {column!r} row {row} is not a number "
+                         f"({df[column].iloc[row]!r}); leave a missing label empty")
+    return values.to_numpy(dtype=np.float64)
+
+
+def _drop_implausible(values: np.ndarray, name: str, column: str, path: Path, ids) -> np.ndarray:
+    """``values`` with infinite or absurd labels (outside ``name``'s physical range, or beyond 1e30)
+    set to NaN, as missing labels are, with a warning giving the count and a few source_ids."""
+    from msa.data.plausible import LABEL_RANGES  # local: a sibling leaf
+
+    lo, hi = LABEL_RANGES.get(name, (-1e30, 1e30))
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(values) | (np.isfinite(values) & ((values < lo) | (values > hi)))
+    if bad.any():
+        log.warning("label catalogue %s: %d value(s) of column %r are infinite or outside [%g, %g] (e.g. source_id "
+                    "%s): dropped, as missing labels are", path, int(bad.sum()), column, lo, hi,
+                    np.asarray(ids)[bad][:3].tolist())
+        values = np.where(bad, np.nan, values)
+    return values
+
+
 def label_set(config: Mapping, name: str) -> list[str]:
     """The ordered label names of ``label_sets[name]``, each checked against ``labels.columns``."""
     sets = config.get("label_sets") or {}
@@ -133,9 +160,10 @@ class LabelSource:
                              f"{dup[:3].tolist()}; keep one row per star")
         self._ids = ids
         self._catalogue_index = {c.name: k for k, c in enumerate(cols)}
-        self._values = np.stack([df[c.value].to_numpy(np.float64)[order] for c in cols], axis=1)
+        self._values = np.stack([_drop_implausible(_numeric(df, c.value, path), c.name, c.value, path, df[id_column])
+                                 [order] for c in cols], axis=1)
         self._errors = np.stack([
-            df[c.error].to_numpy(np.float64)[order] if c.error else np.full(len(ids), np.nan) for c in cols
+            _numeric(df, c.error, path)[order] if c.error else np.full(len(ids), np.nan) for c in cols
         ], axis=1)
 
     @property
