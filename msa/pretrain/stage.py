@@ -17,6 +17,10 @@ of pretraining, training and validation alike: a value that calibration and eval
 those stars was never a reconstruction target for them (training stars keep theirs: fine-tuning
 fits them anyway).
 
+With ``pretrain.label_targets``, the train split's stars that have those labels also fit them
+from the latent (:mod:`msa.pretrain.label_targets`); the checkpoint records the labels and their
+scaling under ``label_targets``.
+
 Exact resume: the batch stream is a pure function of (seed, epoch, rank), so a resumed epoch skips
 the batches already done; the masking/perturbation generator is reseeded from (seed, rank, step)
 at every step, so its state is a function of the step and identical on resume for every rank.
