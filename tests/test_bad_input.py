@@ -25,6 +25,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``abc`` in a label column of the label catalogue | ``ValueError: could not convert string to float: 'abc'``, no file or column | ``LabelError`` (rc 2): ``label catalogue .../labels.csv: column 'teff' row 1 is not a number ('abc')`` | ``test_label_catalogue_with_text_in_a_label_column_names_file_column_and_row`` |
 | ``inf`` / ``1e300`` labels (train split) | fine-tuning failed: "lower the learning rate or enable grad_clip" | dropped as missing labels are (infinite, or outside the label's physical range, ``msa.data.plausible.LABEL_RANGES``; beyond 1e30 for other labels), the log giving the count, the column and source_ids | ``test_infinite_and_absurd_labels_are_dropped_with_a_count`` |
 | dec > 90 in a prediction file given to ``msa catalog`` | ``ValueError: Latitude angle(s) ...``, rc 1, no file or star | rc 2: ``bad-dec.parquet: 1 star(s) with dec outside [-90, 90] deg, e.g. source_id [...] (dec [95.0])``; nothing written | ``test_catalog_with_dec_above_90_names_the_file_and_the_star`` |
+| a UTF-8 BOM at the start of an XP or gaia_source CSV (one, the other, both) | refused: missing column 'source_id' (the header read '\ufeffsource_id') | accepted: the shard equals the one without a BOM | ``test_a_utf8_bom_in_the_xp_or_gaia_source_file_is_accepted`` |
 | tests that could not fail: the magnitude error of a flux S/N | tests computed it with ``MAG_PER_LN`` itself, so a wrong constant stayed self-consistent | pinned with literals: S/N 100 → 0.010857 mag, 50 → 0.021715 (fails with 1/ln 10) | ``tests/test_emulation.py::test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals`` |
 | tests that could not fail: ``QuantileHead`` ordering | no direct test | random and adversarial weights (biases pushing q16 above q50), latents of every scale: q16 ≤ q50 ≤ q84 (fails with the softplus removed) | ``tests/test_model.py::test_quantile_head_orders_its_quantiles_whatever_the_weights`` |
 """
@@ -1046,3 +1047,25 @@ def test_infinite_and_absurd_labels_are_dropped_with_a_count(tmp_path, caplog):
     np.testing.assert_array_equal(y[0], [5000, 2.5])
     assert "2 value(s) of column 'teff' are infinite or outside" in caplog.text and "[13, 15]" in caplog.text
     assert "2 value(s) of column 'logg'" in caplog.text
+
+
+@pytest.mark.parametrize("bom_in", ["xp", "source", "both"])
+def test_a_utf8_bom_in_the_xp_or_gaia_source_file_is_accepted(tmp_path, bom_in):
+    """Before: the first column read as '\\ufeffsource_id', refused as a missing 'source_id' (the
+    survey, label and --table readers already accepted a BOM). Now the shard is the same as without."""
+    plain, with_bom = tmp_path / "plain", tmp_path / "bom"
+    for folder in (plain, with_bom):
+        folder.mkdir()
+        xp = write_xp(folder / "XpContinuousMeanSpectrum_s.csv")
+        source = write_source(folder / "GaiaSource_s.csv")
+        if folder == with_bom:
+            for path, role in ((xp, "xp"), (source, "source")):
+                if bom_in in (role, "both"):
+                    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert main(ingest(folder, xp=xp, source=source)) == 0
+    with Shard(plain / "out" / "s.h5") as a, Shard(with_bom / "out" / "s.h5") as b:
+        names = [c for c in a.columns]
+        assert names == list(b.columns)
+        got_a, got_b = a.read(names), b.read(names)
+    for name in names:
+        np.testing.assert_array_equal(got_a[name], got_b[name])

@@ -66,6 +66,9 @@ def file_kind(path: str | Path) -> str:
     return "text" if fmt in ("csv", "ecsv") else fmt
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _open_text(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
@@ -78,6 +81,8 @@ def text_header(path: str | Path) -> tuple[list[str], int, str]:
         with _open_text(path) as f:
             while True:
                 line = f.readline()
+                if n_comment == 0 and line.startswith(UTF8_BOM):  # a spreadsheet's export; arrow skips it too
+                    line = line[len(UTF8_BOM):]
                 if not line.startswith(b"#"):
                     break
                 if n_comment == 0 and line.startswith(b"# %ECSV"):
