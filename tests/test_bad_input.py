@@ -26,6 +26,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``inf`` / ``1e300`` labels (train split) | fine-tuning failed: "lower the learning rate or enable grad_clip" | dropped as missing labels are (infinite, or outside the label's physical range, ``msa.data.plausible.LABEL_RANGES``; beyond 1e30 for other labels), the log giving the count, the column and source_ids | ``test_infinite_and_absurd_labels_are_dropped_with_a_count`` |
 | dec > 90 in a prediction file given to ``msa catalog`` | ``ValueError: Latitude angle(s) ...``, rc 1, no file or star | rc 2: ``bad-dec.parquet: 1 star(s) with dec outside [-90, 90] deg, e.g. source_id [...] (dec [95.0])``; nothing written | ``test_catalog_with_dec_above_90_names_the_file_and_the_star`` |
 | a UTF-8 BOM at the start of an XP or gaia_source CSV (one, the other, both) | refused: missing column 'source_id' (the header read '\ufeffsource_id') | accepted: the shard equals the one without a BOM | ``test_a_utf8_bom_in_the_xp_or_gaia_source_file_is_accepted`` |
+| a symlinked ``--out-dir`` (``catalog``; ``predict``/``embed``/``reconstruct --shards`` share ``atomic_dir``) | the link was replaced by a real folder: the output landed beside the link, on the wrong filesystem | written through the link: the target holds the output, the link stays, the build's temporaries were beside the target | ``test_a_symlinked_out_dir_is_written_through`` |
 | tests that could not fail: the magnitude error of a flux S/N | tests computed it with ``MAG_PER_LN`` itself, so a wrong constant stayed self-consistent | pinned with literals: S/N 100 → 0.010857 mag, 50 → 0.021715 (fails with 1/ln 10) | ``tests/test_emulation.py::test_magnitude_error_of_a_flux_signal_to_noise_is_pinned_by_literals`` |
 | tests that could not fail: ``QuantileHead`` ordering | no direct test | random and adversarial weights (biases pushing q16 above q50), latents of every scale: q16 ≤ q50 ≤ q84 (fails with the softplus removed) | ``tests/test_model.py::test_quantile_head_orders_its_quantiles_whatever_the_weights`` |
 """
@@ -1069,3 +1070,21 @@ def test_a_utf8_bom_in_the_xp_or_gaia_source_file_is_accepted(tmp_path, bom_in):
         got_a, got_b = a.read(names), b.read(names)
     for name in names:
         np.testing.assert_array_equal(got_a[name], got_b[name])
+
+
+def test_a_symlinked_out_dir_is_written_through(predictions, tmp_path):
+    """Before: the link was replaced by a real folder, so the catalogue landed beside the link (on
+    the wrong filesystem) and the folder it pointed to kept the old one. Now it is written through
+    the link, and a rebuild replaces the target's content, the link kept."""
+    target = tmp_path / "big-disk" / "spectro"
+    target.mkdir(parents=True)
+    out = tmp_path / "here" / "spectro"
+    out.parent.mkdir()
+    out.symlink_to(target)
+    argv = _catalog_argv(predictions, tmp_path, out)
+    for _ in range(2):
+        assert main(argv) == 0
+        assert out.is_symlink() and out.resolve() == target.resolve()
+        assert (target / "properties").exists() and (target / "dataset").is_dir()
+    # the build's temporaries were beside the target, on its filesystem, and are gone
+    assert sorted(p.name for p in target.parent.iterdir()) == ["spectro"]

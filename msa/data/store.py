@@ -168,6 +168,8 @@ def atomic_dir(path: str | os.PathLike, own: Mapping[str, bool] | None = None,
     command writes, see :func:`foreign_entry`) an existing folder holding anything else is refused,
     before the build and again just before the replacement."""
     path = Path(path)
+    if path.is_symlink():  # write through the link: the output stays on the filesystem it points to
+        path = path.resolve()
     if own is not None:
         refuse_foreign(path, own, option)
     tmp = make_temp_dir(path)  # sweeps the folders of killed writers first
