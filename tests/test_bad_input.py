@@ -15,7 +15,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``finetune`` killed, rerun with another ``--pretrained`` (or an edited label catalogue, scaler or shard list) | the old run's state resumed: only the config sections were compared | the state is ignored and the member starts afresh, the log naming the changed input | ``tests/test_finetune.py::test_a_rerun_with_other_inputs_starts_afresh`` |
 | a second ``snakemake`` with another ``--configfile`` while a run holds the lock (or any dry run) | it had rewritten ``results/.msa/config.yaml`` while parsing, before failing on the lock: the running run's later jobs read the other config (41 catalogue partitions instead of 9) | the file is written in ``onstart``, after the lock is taken, and never by a dry run: the running run's file is unchanged | ``test_a_second_snakemake_refused_by_the_lock_leaves_the_running_config_alone``, ``tests/test_workflow.py::test_resolved_config_is_written_once_with_every_default`` |
 | ``predict --table`` with a sentinel or absurd finite input (K/RP = -999, BP = -9999 or 1e10, bp_3 = 1e8, parallax = 1e8, G = 99) | used as a real value: T_eff -2556 K, -49,299 K, -9.4e10 K, 320,869 K, no flag | the value is missing (sentinels exactly; magnitudes outside [-10, 40]; parallax, proper motions beyond physical limits; more than 1000 robust scales from the scaler's centre): the star's prediction is the one it gets with the value empty, ``n_inputs_rejected`` counts it, the log gives the total | ``test_predict_treats_a_sentinel_or_absurd_input_as_missing`` |
-| one star with bp = 1e30 in a ``predict`` file (the workflow: a 32-shard batch) | the whole file failed: "non-finite predictions" | the input is missing (above); a prediction that is still not finite or outside the label's physical range (``msa.data.plausible.LABEL_RANGES``) is NaN with ``flag_out_of_range``; the file is written | ``test_predict_treats_a_sentinel_or_absurd_input_as_missing[bp_3-1e+30]``, ``test_predict_writes_nan_and_flags_a_star_whose_prediction_is_absurd`` |
+| one star with bp = 1e30 in a ``predict`` file (the workflow: a 32-shard batch) | the whole file failed: "non-finite predictions" | the input is missing (above); a prediction that is still not finite or outside the label's physical range (``msa.data.plausible.LABEL_RANGES``, by name and ``predict.label_units``) is NaN with ``flag_out_of_range``; the file is written | ``test_predict_treats_a_sentinel_or_absurd_input_as_missing[bp_3-1e+30]``, ``test_predict_writes_nan_and_flags_a_star_whose_prediction_is_absurd`` |
 | the class: random finite extremes (any float32) and sentinels in any feature of any star | absurd values out, unflagged | every star's quantiles are finite and in each label's physical range, or NaN and flagged (``flag_too_few_inputs`` or ``flag_out_of_range``); stars not edited have no rejected input | ``test_predict_output_is_physical_or_nan_and_flagged_whatever_the_inputs`` (hypothesis) |
 | survey columns with -999, -9999 or 1e8 at ingest | stored as magnitudes (pretraining loss 4.6e7 instead of 0.8) | stored as missing; ``survey_<name>_rejected`` in the shard's counts, the columns and counts in the log | ``test_ingest_stores_survey_sentinels_and_absurd_values_as_missing`` |
 | survey store names with ``/`` or ``.`` (``columns: {j_m: J/x}``, ``errors: {j_msig: J.err}``) | ``/`` made an HDF5 group: ingest passed, predict failed with ``TypeError``; ``.`` failed at ingest | the schema refuses them (msa and the workflow), naming the key: ``ingest.surveys.tmass.columns.j_m: 'J/x' should not be valid under {'pattern': '[/.]'}`` | ``test_ingest_refuses_bad_input[survey-store-name-with-slash]``, ``[survey-store-name-with-dot]`` |
@@ -23,7 +23,7 @@ Cases of issue 27 (reliability, second round), what happened before and what hap
 | ``finetune`` / ``pretrain`` saving a checkpoint on a full disk | torch's ``inline_container.cc ... unexpected pos`` | the checkpoint is serialised in memory and written by Python: ``DiskFullError`` naming the file, no temporary left | ``test_a_checkpoint_save_on_a_full_disk_names_the_file`` |
 | a JSON file as ``--members`` | torch's message advising the unsafe ``weights_only=False`` | rc 2: ``member.json is not a PyTorch checkpoint (it starts with b'{"me'); give the model.pt files ...`` | ``test_a_json_file_as_members_is_refused_clearly`` |
 | ``abc`` in a label column of the label catalogue | ``ValueError: could not convert string to float: 'abc'``, no file or column | ``LabelError`` (rc 2): ``label catalogue .../labels.csv: column 'teff' row 1 is not a number ('abc')`` | ``test_label_catalogue_with_text_in_a_label_column_names_file_column_and_row`` |
-| ``inf`` / ``1e300`` labels (train split) | fine-tuning failed: "lower the learning rate or enable grad_clip" | dropped as missing labels are (infinite, or outside the label's physical range, ``msa.data.plausible.LABEL_RANGES``; beyond 1e30 for other labels), the log giving the count, the column and source_ids | ``test_infinite_and_absurd_labels_are_dropped_with_a_count`` |
+| ``inf`` / ``1e300`` labels (train split) | fine-tuning failed: "lower the learning rate or enable grad_clip" | dropped as missing labels are (infinite, or beyond 1e30: a catalogue's unit is not known, so no physical range), the log giving the count, the column and source_ids | ``test_infinite_and_absurd_labels_are_dropped_with_a_count`` |
 | dec > 90 in a prediction file given to ``msa catalog`` | ``ValueError: Latitude angle(s) ...``, rc 1, no file or star | rc 2: ``bad-dec.parquet: 1 star(s) with dec outside [-90, 90] deg, e.g. source_id [...] (dec [95.0])``; nothing written | ``test_catalog_with_dec_above_90_names_the_file_and_the_star`` |
 | a UTF-8 BOM at the start of an XP or gaia_source CSV (one, the other, both) | refused: missing column 'source_id' (the header read '\ufeffsource_id') | accepted: the shard equals the one without a BOM | ``test_a_utf8_bom_in_the_xp_or_gaia_source_file_is_accepted`` |
 | a symlinked ``--out-dir`` (``catalog``; ``predict``/``embed``/``reconstruct --shards`` share ``atomic_dir``) | the link was replaced by a real folder: the output landed beside the link, on the wrong filesystem | written through the link: the target holds the output, the link stays, the build's temporaries were beside the target | ``test_a_symlinked_out_dir_is_written_through`` |
@@ -869,7 +869,8 @@ def test_predict_writes_nan_and_flags_a_star_whose_prediction_is_absurd(predict_
     from msa.data.plausible import outside_label_range
 
     q = np.array([[[5000, 5100, 5200]], [[np.inf, np.inf, np.inf]], [[-300, 50, 80]], [[np.nan] * 3]], float)
-    assert outside_label_range(q, ["teff"]).tolist() == [False, True, True, True]
+    assert outside_label_range(q, ["teff"], {"teff": "K"}).tolist() == [False, True, True, True]
+    assert outside_label_range(q, ["teff"], {"teff": "kK"}).tolist() == [False, True, False, True]  # finite only
     from test_ensemble import small_layout, unit_scaler, write_member
 
     layout = small_layout()
@@ -913,8 +914,8 @@ def test_predict_output_is_physical_or_nan_and_flagged_whatever_the_inputs(predi
     flagged = frame["flag_too_few_inputs"].to_numpy() | frame["flag_out_of_range"].to_numpy()
     assert (nan == flagged).all()
     assert np.isfinite(q[~nan]).all()
-    for label in ("teff", "logg"):
-        lo, hi = LABEL_RANGES[label]
+    for label in ("teff", "logg"):  # in K and dex, the config's label_units
+        _, lo, hi = LABEL_RANGES[label]
         values = frame.loc[~nan, [f"{label}_q16", f"{label}_q50", f"{label}_q84"]].to_numpy()
         assert (values >= lo).all() and (values <= hi).all()
     edited_rows = sorted({row for row, _, _ in edits})
@@ -1039,14 +1040,14 @@ def test_infinite_and_absurd_labels_are_dropped_with_a_count(tmp_path, caplog):
     enable grad_clip". Now they are missing labels, as NaN ones are, and the log says how many."""
     from msa.data.labels import LabelSource
 
-    (tmp_path / "labels.csv").write_text("source_id,teff,logg\n11,5000,2.5\n13,inf,2.0\n15,1e300,-inf\n17,4800,1e5\n")
+    (tmp_path / "labels.csv").write_text("source_id,teff,logg\n11,5000,2.5\n13,inf,2.0\n15,1e300,-inf\n17,4800,-1e31\n")
     caplog.set_level("WARNING")
     source = LabelSource({"catalogue": str(tmp_path / "labels.csv"),
                           "columns": {"teff": {"value": "teff"}, "logg": {"value": "logg"}}}, ["teff", "logg"])
     y, _ = source.lookup(np.array([11, 13, 15, 17]))
     np.testing.assert_array_equal(np.isnan(y), [[False, False], [True, False], [True, True], [False, True]])
     np.testing.assert_array_equal(y[0], [5000, 2.5])
-    assert "2 value(s) of column 'teff' are infinite or outside" in caplog.text and "[13, 15]" in caplog.text
+    assert "2 value(s) of column 'teff' are infinite or beyond 1e+30" in caplog.text and "[13, 15]" in caplog.text
     assert "2 value(s) of column 'logg'" in caplog.text
 
 

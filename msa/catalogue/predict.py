@@ -289,7 +289,7 @@ def predict_chunks(
                 q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
                 flagged = chunk.n_inputs < min_inputs
                 # one absurd star is NaN and flagged, never the end of the whole file (issue 27)
-                out_of_range = ~flagged & outside_label_range(q, labels)
+                out_of_range = ~flagged & outside_label_range(q, labels, units or {})
                 q[flagged | out_of_range] = np.nan
                 if latent is not None:
                     latent[flagged] = np.nan

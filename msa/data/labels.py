@@ -60,17 +60,16 @@ def _numeric(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     return values.to_numpy(dtype=np.float64)
 
 
-def _drop_implausible(values: np.ndarray, name: str, column: str, path: Path, ids) -> np.ndarray:
-    """``values`` with infinite or absurd labels (outside ``name``'s physical range, or beyond 1e30)
+def _drop_implausible(values: np.ndarray, column: str, path: Path, ids) -> np.ndarray:
+    """``values`` with infinite or absurd labels (beyond :data:`msa.data.plausible.LABEL_LIMIT`)
     set to NaN, as missing labels are, with a warning giving the count and a few source_ids."""
-    from msa.data.plausible import LABEL_RANGES  # local: a sibling leaf
+    from msa.data.plausible import LABEL_LIMIT  # local: a sibling leaf
 
-    lo, hi = LABEL_RANGES.get(name, (-1e30, 1e30))
     with np.errstate(invalid="ignore"):
-        bad = np.isinf(values) | (np.isfinite(values) & ((values < lo) | (values > hi)))
+        bad = np.isinf(values) | (np.abs(values) > LABEL_LIMIT)
     if bad.any():
-        log.warning("label catalogue %s: %d value(s) of column %r are infinite or outside [%g, %g] (e.g. source_id "
-                    "%s): dropped, as missing labels are", path, int(bad.sum()), column, lo, hi,
+        log.warning("label catalogue %s: %d value(s) of column %r are infinite or beyond %g (e.g. source_id %s): "
+                    "dropped, as missing labels are", path, int(bad.sum()), column, LABEL_LIMIT,
                     np.asarray(ids)[bad][:3].tolist())
         values = np.where(bad, np.nan, values)
     return values
@@ -160,7 +159,7 @@ class LabelSource:
                              f"{dup[:3].tolist()}; keep one row per star")
         self._ids = ids
         self._catalogue_index = {c.name: k for k, c in enumerate(cols)}
-        self._values = np.stack([_drop_implausible(_numeric(df, c.value, path), c.name, c.value, path, df[id_column])
+        self._values = np.stack([_drop_implausible(_numeric(df, c.value, path), c.value, path, df[id_column])
                                  [order] for c in cols], axis=1)
         self._errors = np.stack([
             _numeric(df, c.error, path)[order] if c.error else np.full(len(ids), np.nan) for c in cols

@@ -10,7 +10,8 @@ and extrapolates: K = -999 gave T_eff = -2556 K, BP = 1e10 gave -9.4e10 K (issue
 * :func:`reject_scaled` sets to NaN a scaled input more than :data:`ROBUST_LIMIT` robust scales
   (the scaler's IQR) from the scaler's centre: the whole training set lies far inside that;
 * :func:`outside_label_range` marks predictions outside a label's physical range
-  (:data:`LABEL_RANGES`, by label name) or not finite: predict writes them NaN and flags the star;
+  (:data:`LABEL_RANGES`, by label name and unit) or not finite: predict writes them NaN and flags
+  the star; a label catalogue's infinite values and those beyond :data:`LABEL_LIMIT` are missing;
 * :func:`reject_survey_values` is the ingest check of survey columns (magnitudes, colours and
   their errors): sentinels and values beyond :data:`SURVEY_LIMIT` become NaN in the store.
 """
@@ -32,16 +33,18 @@ ASTROMETRY_RANGES = {"parallax": (-1000.0, 1000.0),  # mas; Proxima Cen 768
                      "pmra": (-20000.0, 20000.0), "pmdec": (-20000.0, 20000.0)}  # mas/yr; Barnard's 10,393
 ROBUST_LIMIT = 1000.0  # robust scales from the scaler's centre
 SURVEY_LIMIT = 1e5  # no magnitude, colour or magnitude error reaches it
-# physical range of a label, by name (units as the label catalogues give them)
+# physical range of a label, by name, in the unit it holds for (predict.label_units); a label in
+# another unit (T_eff in kK, a log age) is checked for finiteness only
 LABEL_RANGES = {
-    "teff": (1000.0, 200000.0),  # K
-    "logg": (-2.0, 10.0),  # dex (cgs)
-    "fe_h": (-7.0, 2.0), "m_h": (-7.0, 2.0), "mh": (-7.0, 2.0),  # dex
-    "alpha_m": (-2.0, 2.0), "alpha_fe": (-2.0, 2.0),  # dex
-    "age": (0.0, 20.0),  # Gyr
-    "mass": (0.0, 500.0),  # solar masses
-    "radius": (0.0, 5000.0),  # solar radii
+    "teff": ("K", 1000.0, 200000.0),
+    "logg": ("dex", -2.0, 10.0),  # cgs
+    "fe_h": ("dex", -7.0, 2.0), "m_h": ("dex", -7.0, 2.0), "mh": ("dex", -7.0, 2.0),
+    "alpha_m": ("dex", -2.0, 2.0), "alpha_fe": ("dex", -2.0, 2.0),
+    "age": ("Gyr", 0.0, 20.0),
+    "mass": ("Msun", 0.0, 500.0),
+    "radius": ("Rsun", 0.0, 5000.0),
 }
+LABEL_LIMIT = 1e30  # a label catalogue's value beyond it (or infinite) is no measurement, whatever its unit
 
 
 def is_sentinel(values: np.ndarray) -> np.ndarray:
@@ -85,12 +88,20 @@ def reject_scaled(x: np.ndarray) -> np.ndarray:
     return bad.sum(axis=1)
 
 
-def outside_label_range(q: np.ndarray, labels) -> np.ndarray:
+def label_range(label: str, units: Mapping[str, str]) -> tuple[float, float] | None:
+    """``(lo, hi)`` of ``label`` when :data:`LABEL_RANGES` knows it in the unit ``units`` gives it."""
+    known = LABEL_RANGES.get(label)
+    if known is None or units.get(label) != known[0]:
+        return None
+    return known[1], known[2]
+
+
+def outside_label_range(q: np.ndarray, labels, units: Mapping[str, str]) -> np.ndarray:
     """Bool ``(n,)``: a star with any quantile (``q`` of shape ``(n, labels, 3)``) not finite or
-    outside its label's physical range (labels :data:`LABEL_RANGES` does not name: finite only)."""
+    outside its label's physical range (:func:`label_range`; other labels: finite only)."""
     bad = ~np.all(np.isfinite(q), axis=(1, 2))
     for j, label in enumerate(labels):
-        limits = LABEL_RANGES.get(label)
+        limits = label_range(label, units)
         if limits is not None:
             with np.errstate(invalid="ignore"):
                 bad |= np.any((q[:, j] < limits[0]) | (q[:, j] > limits[1]), axis=1)
