@@ -228,6 +228,24 @@ def held_out_label_settings():
     }
 
 
+def label_target_inputs():
+    """With pretrain.label_targets, the label catalogue is an input of pretraining too."""
+    return label_inputs() if config["pretrain"]["label_targets"] else []
+
+
+def label_target_settings():
+    """What decides the label targets' values (nothing when off): the splits and how each is read."""
+    if not config["pretrain"]["label_targets"]:
+        return None
+    labels = config["labels"]
+    return {
+        "splits": config["splits"],
+        "catalogue": labels["catalogue"],
+        "source_id_column": labels["source_id_column"],
+        "columns": {n: labels["columns"].get(n) for n in config["pretrain"]["label_targets"]},
+    }
+
+
 def segment_path(k, suffix=".pt"):
     return f"{RESULTS}/pretrain/segment-{k}{suffix}"
 

@@ -12,6 +12,7 @@ rule pretrain_segment:
         shards=SHARD_LIST,
         scaler=f"{RESULTS}/scaler.json",
         previous=previous_segment,
+        labels=label_target_inputs(),
     output:
         model=f"{RESULTS}/pretrain/segment-{{segment}}.pt",
         metrics=f"{RESULTS}/pretrain/segment-{{segment}}.metrics.jsonl",
@@ -37,6 +38,7 @@ rule pretrain_segment:
             model=config["model"],
             features=config["features"],
             held_out=held_out_label_settings(),
+            label_targets=label_target_settings(),
         ),
     shell:
         "{params.launcher} pretrain --config {params.config:q} --shards @{input.shards:q} "
