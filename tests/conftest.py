@@ -131,3 +131,15 @@ def without_msa(tmp_path) -> dict:
     folder.mkdir()
     (folder / "sitecustomize.py").write_text(BLOCK_MSA)
     return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(autouse=True)
+def no_progress_setting_stays_in_its_test():
+    """`msa ... --no-progress` called in-process sets MSA_NO_PROGRESS for the processes it starts;
+    it must not turn progress off for the tests that follow."""
+    before = os.environ.get("MSA_NO_PROGRESS")
+    yield
+    if before is None:
+        os.environ.pop("MSA_NO_PROGRESS", None)
+    else:
+        os.environ["MSA_NO_PROGRESS"] = before

@@ -380,7 +380,8 @@ def write_partitions(fragment_dir: Path, catalog_dir: Path, partitions: Sequence
 
 
 def write_hats_metadata(catalog_dir: Path, name: str, partitions: Sequence[tuple[int, int]], counts: np.ndarray | None,
-                        total_rows: int, max_rows: int | None = None, **extra) -> None:
+                        total_rows: int, max_rows: int | None = None, schema: pa.Schema | None = None,
+                        **extra) -> None:
     """``properties``, ``partition_info.csv``, ``skymap.fits`` (with ``counts``: stars per pixel of the
     skymap order), ``dataset/_metadata`` and ``_common_metadata``; ``extra``: further properties
     (a margin's ``catalog_type``, ``primary_catalog``, ``margin_threshold``)."""
@@ -391,7 +392,12 @@ def write_hats_metadata(catalog_dir: Path, name: str, partitions: Sequence[tuple
 
     from msa import __version__
 
-    write_parquet_metadata(catalog_dir)
+    if partitions:
+        write_parquet_metadata(catalog_dir)
+    elif schema is not None:  # an empty margin (a catalogue of one partition has no neighbours): its schema only
+        (catalog_dir / "dataset").mkdir(parents=True, exist_ok=True)
+        for metadata_file in ("_common_metadata", "_metadata"):
+            pq.write_metadata(schema, catalog_dir / "dataset" / metadata_file)
     PartitionInfo.from_healpix([HealpixPixel(o, p) for o, p in partitions]).write_to_file(catalog_path=catalog_dir)
     if counts is not None:
         write_skymap(counts, catalog_dir)
@@ -553,7 +559,7 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
                                    margin_threshold_arcsec, SPATIAL_INDEX, schema, margin_dir / "fragments")
         write_hats_metadata(tmp_dir, label_set, partitions, counts, total_rows, max_rows_per_partition)
         write_hats_metadata(margin_dir, f"{label_set}_margin", sorted(margin_rows), None,
-                            sum(margin_rows.values()), catalog_type="margin", primary_catalog=str(dest),
+                            sum(margin_rows.values()), schema=schema, catalog_type="margin", primary_catalog=str(dest),
                             margin_threshold=margin_threshold_arcsec)
     n = max(stats.n_rows, 1)
     samples = stats.sample()

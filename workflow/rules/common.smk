@@ -12,6 +12,7 @@ from pathlib import Path
 import tempfile
 
 import yaml
+from snakemake.exceptions import WorkflowError
 
 # Every default filled as every `msa` command fills it (rules/config.smk).
 config.update(resolved_config(config, CONFIG_SCHEMA, source="the workflow config"))
@@ -274,7 +275,15 @@ def cpu_rule_threads(threads):
     """A CPU rule's threads on a local run: up to `threads`, one core short of --cores, so that it
     starts beside whichever one-core job runs: on --cores 2 a 2-thread calibrate waited for both
     cores, ~30 min behind train_reconstruction. SLURM profiles set these threads themselves."""
-    return max(1, min(threads, (workflow.cores or 1) - 1))
+    return max(1, min(threads, local_cores() - 1))
+
+
+def local_cores():
+    """--cores; 1 where a cluster executor runs without it (its profile sets every rule's threads)."""
+    try:
+        return workflow.cores or 1
+    except WorkflowError:  # Snakemake refuses to read workflow.cores when none was given
+        return 1
 
 
 # The catalogue's path (its fine-tuned members, calibration, prediction, the catalogue) goes first
