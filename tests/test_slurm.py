@@ -18,7 +18,8 @@ PROFILE = REPO / "profiles" / "slurm" / "config.v8+.yaml"
 
 GPU_RULES = {"pretrain_segment", "finetune", "finetune_scratch", "finetune_photometry", "finetune_scratch_photometry",
              "predict", "train_reconstruction", "reconstruct", "embed"}
-CPU_RULES = {"ingest", "fit_scaler", "calibrate", "evaluate", "catalog", "evaluate_reconstruction"}
+CPU_RULES = {"ingest", "fit_scaler", "calibrate", "evaluate", "catalog", "evaluate_reconstruction", "probe_pretrained",
+             "front_page"}
 # one thread per job in both runs, so CPU floating-point reductions happen in the same order
 ONE_THREAD = ["--set-threads", *(f"{r}=1" for r in sorted(GPU_RULES | CPU_RULES))]
 

@@ -41,9 +41,13 @@ def label_set_jobs(label_set: str, members: range, batches=("batch-0000",)) -> s
     return ({f"finetune[label_set={label_set},member={k}]" for k in members}
             | {f"finetune_scratch[label_set={label_set},member={k}]" for k in members}  # evaluate.from_scratch
             | {f"calibrate[label_set={label_set}]", f"evaluate[label_set={label_set}]",
-               f"catalog[label_set={label_set}]", f"front_page[label_set={label_set}]",
-               f"probe_pretrained[label_set={label_set}]"}  # the pretrained latent's probe, read by evaluate
+               f"catalog[label_set={label_set}]", f"front_page[label_set={label_set}]"}
             | {f"predict[batch={b},label_set={label_set}]" for b in batches})
+
+
+def probe_job(label_set: str) -> set[str]:
+    """A label set's probe of the pretrained latent: reruns with pretraining, not with fine-tuning."""
+    return {f"probe_pretrained[label_set={label_set}]"}
 
 
 UPSTREAM = {"ingest[shard=s000]", "ingest[shard=s001]", "shard_list", "fit_scaler", "pretrain_segment[segment=0]",
@@ -58,8 +62,9 @@ def test_dry_run_plans_every_stage_for_every_shard_label_set_and_member(workflow
         "finetune": {"members": 2},
     })
     workflow_dir.write_config(config, "two_sets.yaml")
-    assert planned_jobs(workflow_dir, "two_sets.yaml") == (
-        UPSTREAM | label_set_jobs("spectro", range(2)) | label_set_jobs("age", range(2)))
+    assert planned_jobs(workflow_dir, "two_sets.yaml") == (UPSTREAM | probe_job("spectro") | probe_job("age")
+                                                            | label_set_jobs("spectro", range(2))
+                                                            | label_set_jobs("age", range(2)))
 
 
 def test_resolved_config_is_written_once_with_every_default(workflow_dir):
@@ -382,13 +387,14 @@ def test_reordering_features_reruns_everything_after_ingest(finished_run):
     finished_run.write_config(config, "reordered.yaml")
     # the feature order is the model's input order: not a cosmetic change
     assert planned_jobs(finished_run, "reordered.yaml") == (
-        UPSTREAM - {"ingest[shard=s000]", "ingest[shard=s001]", "shard_list"}) | label_set_jobs("spectro", range(1))
+        UPSTREAM - {"ingest[shard=s000]", "ingest[shard=s001]", "shard_list"}) | label_set_jobs("spectro", range(1)) \
+        | probe_job("spectro")
 
 
 def test_adding_a_label_set_adds_only_its_jobs(finished_run):
     config = merge(finished_run.config, {"label_sets": {"age": ["age"]}})
     finished_run.write_config(config, "age.yaml")
-    assert planned_jobs(finished_run, "age.yaml") == label_set_jobs("age", range(1))
+    assert planned_jobs(finished_run, "age.yaml") == label_set_jobs("age", range(1)) | probe_job("age")
 
 
 def test_adding_a_member_keeps_existing_members(finished_run):
@@ -437,7 +443,7 @@ def test_changing_one_raw_file_reingests_only_its_shard(finished_run, tiny_sky):
         os.utime(tmass, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert {j for j in planned if j.startswith("ingest")} == {"ingest[shard=s001]"}
     # everything downstream of the changed shard follows
-    assert planned == (UPSTREAM - {"ingest[shard=s000]"}) | label_set_jobs("spectro", range(1))
+    assert planned == (UPSTREAM - {"ingest[shard=s000]"}) | label_set_jobs("spectro", range(1)) | probe_job("spectro")
 
 
 def test_report_gathers_figures_and_metrics(finished_run):
