@@ -399,16 +399,3 @@ def test_sky_map_colour_scale_comes_from_percentiles_on_round_ticks():
     assert all(scale["min"] <= t <= scale["max"] for t in scale["cbar_ticks"]) and len(scale["cbar_ticks"]) >= 3
     assert all(round(t, 2) == t for t in scale["cbar_ticks"])
 
-
-def test_a_catalogue_without_margin_stars_still_gets_an_empty_margin(predictions, tmp_path):
-    """A tiny threshold leaves no star near a partition border (the workflow's tiny sky): the margin
-    is an empty HATS margin catalogue that hats and lsdb open, not a failed catalogue."""
-    import hats
-    import lsdb
-
-    out = tmp_path / "catalog" / "spectro"
-    build_catalog(predictions["files"], out, "spectro", **OPTIONS, margin_threshold_arcsec=1e-6)
-    margin = hats.read_hats(out.parent / "spectro_margin")
-    assert margin.catalog_info.total_rows == 0
-    assert len(lsdb.read_hats(out, margin_cache=out.parent / "spectro_margin").compute()) == \
-        len(inputs_frame(predictions["files"]))
