@@ -143,13 +143,7 @@ def test_no_matching_input_files_is_an_error_naming_the_key(workflow_dir):
 def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     site = {"MSA_SLURM_ACCOUNT": "acct", "MSA_SLURM_PARTITION": "cpuq", "MSA_SLURM_GPU_PARTITION": "gpuq"}
     out = workflow_dir.snakemake("--dry-run", profile="slurm", env=site).stdout
-    resources = {}
-    rule = None
-    for line in out.splitlines():
-        if header := JOB_HEADER.match(line.strip()):
-            rule = header.group(1)
-        elif rule and line.strip().startswith("resources:"):
-            resources[rule] = line
+    resources = {rule: job["resources"] for rule, job in dry_run_jobs(out).items()}
     for gpu_rule in ("pretrain_segment", "finetune", "finetune_scratch", "predict"):
         assert "gpu=1" in resources[gpu_rule] and "cpus_per_gpu=" in resources[gpu_rule]
         assert "slurm_partition=gpuq" in resources[gpu_rule]
@@ -162,19 +156,21 @@ def test_slurm_profile_requests_gpus_only_for_gpu_rules(workflow_dir):
     assert "Group job" not in out and "runtime=12" in resources["predict"]
 
 
-def job_resources(out: str) -> dict[str, tuple[int, str]]:
-    """Per rule, its first job's threads (a dry run prints them only above 1) and resources line."""
+def dry_run_jobs(out: str) -> dict[str, dict]:
+    """Per rule, its first job's ``threads`` and ``priority`` (a dry run prints them only above 1
+    and 0) and its ``resources`` line."""
     found, rule = {}, None
     for line in out.splitlines():
         line = line.strip()
         if header := JOB_HEADER.match(line):
             rule = header.group(1) if header.group(1) not in found else None
             if rule:
-                found[rule] = (1, "")
-        elif rule and line.startswith("threads:"):
-            found[rule] = (int(line.split(":")[1]), found[rule][1])
+                found[rule] = {"threads": 1, "priority": 0, "resources": ""}
+        elif rule and line.startswith(("threads:", "priority:")):
+            field, value = line.split(":")
+            found[rule][field] = int(value)
         elif rule and line.startswith("resources:"):
-            found[rule] = (found[rule][0], line)
+            found[rule]["resources"] = line
     return found
 
 
@@ -184,39 +180,25 @@ def test_local_gpu_rules_take_one_card_each_or_run_side_by_side_on_one_core(work
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
     (fake / "nvidia-smi").chmod(0o755)
-    cpu = job_resources(workflow_dir.snakemake("--dry-run", env={"PATH": without}).stdout)
-    gpu = job_resources(workflow_dir.snakemake("--dry-run", env={"PATH": f"{fake}{os.pathsep}{without}"}).stdout)
+    cpu = dry_run_jobs(workflow_dir.snakemake("--dry-run", env={"PATH": without}).stdout)
+    gpu = dry_run_jobs(workflow_dir.snakemake("--dry-run", env={"PATH": f"{fake}{os.pathsep}{without}"}).stdout)
     for rule in ("pretrain_segment", "finetune", "predict"):
         # no card: one thread, no gpu resource, so the profile's gpu cap does not serialise them
-        assert cpu[rule][0] == 1 and "gpu=0" in cpu[rule][1], cpu[rule]
-        assert gpu[rule][0] == 2 and "gpu=1" in gpu[rule][1], gpu[rule]  # the profile's --cores 2
-    assert "gpu=" not in cpu["calibrate"][1]
-
-
-def job_settings(out: str, field: str) -> dict[str, int]:
-    """Per rule, its first job's `threads` or `priority` (a dry run prints them above 1 and 0)."""
-    found, rule = {}, None
-    for line in out.splitlines():
-        line = line.strip()
-        if header := JOB_HEADER.match(line):
-            rule = header.group(1) if header.group(1) not in found else None
-            if rule:
-                found[rule] = 1 if field == "threads" else 0
-        elif rule and line.startswith(f"{field}:"):
-            found[rule] = int(line.split(":")[1])
-    return found
+        assert cpu[rule]["threads"] == 1 and "gpu=0" in cpu[rule]["resources"], cpu[rule]
+        assert gpu[rule]["threads"] == 2 and "gpu=1" in gpu[rule]["resources"], gpu[rule]  # the profile's --cores 2
+    assert "gpu=" not in cpu["calibrate"]["resources"]
 
 
 def test_on_two_cores_cpu_rules_start_beside_a_side_job_and_the_catalogue_path_goes_first(workflow_dir):
     config = merge(workflow_dir.config, {"reconstruct": {"enabled": True, "training": {"enabled": True}}})
     workflow_dir.write_config(config, "side_jobs.yaml")
-    two = workflow_dir.snakemake("--dry-run", "--cores", "2", config="side_jobs.yaml").stdout
-    four = workflow_dir.snakemake("--dry-run", "--cores", "4", config="side_jobs.yaml").stdout
+    two = dry_run_jobs(workflow_dir.snakemake("--dry-run", "--cores", "2", config="side_jobs.yaml").stdout)
+    four = dry_run_jobs(workflow_dir.snakemake("--dry-run", "--cores", "4", config="side_jobs.yaml").stdout)
     # one core short of --cores: beside train_reconstruction's one core, not waiting for it
     for rule in ("calibrate", "evaluate", "evaluate_reconstruction"):
-        assert job_settings(two, "threads")[rule] == 1, rule
-        assert job_settings(four, "threads")[rule] == 2, rule
-    priority = job_settings(two, "priority")
+        assert two[rule]["threads"] == 1, rule
+        assert four[rule]["threads"] == 2, rule
+    priority = {rule: job["priority"] for rule, job in two.items()}
     assert {r for r, p in priority.items() if p > 0} == {"finetune", "calibrate", "predict", "catalog"}
     assert {"finetune_scratch", "train_reconstruction", "evaluate", "reconstruct"} <= set(priority)
 
