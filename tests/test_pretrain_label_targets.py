@@ -18,6 +18,7 @@ from msa.data.layout import Layout
 from msa.data.scaling import Scaler
 from msa.data.splits import assign_splits, split_seed
 from msa.data.store import Shard
+from msa.finetune.model import pretrained_encoder
 from msa.nn.checkpoint import load_checkpoint
 from msa.pretrain.label_targets import LabelTargetError, LabelTargets, label_target_loss
 from msa.pretrain.stage import load_pretrained, pretrain_segment
@@ -90,6 +91,10 @@ def test_the_label_head_learns_the_labels_from_the_latent(labelled_store, tmp_pa
         trained = label_target_loss(model.label_head(z), y).item()
     # every star, the non-train ones included: the head predicts the colour far better than a constant
     assert trained < 0.2 * label_target_loss(torch.zeros_like(y), y).item()
+    # a fine-tuned member starts from the encoder alone: its own head reads the latent
+    member, _ = pretrained_encoder(result.checkpoint, Layout.from_config(small_features()), config["model"])
+    assert member.label_head is None and "n_label_targets" not in member.hparams
+    assert not any(name.startswith("label_head") for name in member.state_dict())
 
 
 def test_without_label_targets_there_is_no_head(labelled_store, tmp_path):

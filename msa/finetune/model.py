@@ -200,7 +200,7 @@ def pretrained_encoder(path: str | Path | None, layout: Layout, model_cfg: Mappi
 
     loaded = load_pretrained(path, layout)
     model, ckpt = loaded if isinstance(loaded, tuple) else (loaded, load_checkpoint(path))
-    return model, ckpt
+    return model.drop_label_head(), ckpt
 
 
 def build_objective(config: Mapping, layout: Layout, names: Sequence[str], plx: ParallaxSetup,

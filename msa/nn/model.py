@@ -107,6 +107,13 @@ class MaskedAutoencoder(nn.Module):
         self.reconstruct = nn.Linear(d_dec, n_reconstruct)
         self.label_head = nn.Linear(self.latent_dim, n_label_targets) if n_label_targets else None
 
+    def drop_label_head(self) -> "MaskedAutoencoder":
+        """The same model without its pretraining label head (a fine-tuned member's own head reads
+        the latent): no unused parameters in every member, and hparams that rebuild it as it is."""
+        self.label_head = None
+        self.hparams.pop("n_label_targets", None)
+        return self
+
     def encode(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Latent ``(batch, latent_dim)`` from values (NaN = missing) and the hidden mask."""
         unseen = hidden | torch.isnan(x)
