@@ -441,6 +441,7 @@ def run(args) -> int:
     from msa.data.labels import LabelSource, label_set, load_split_samples
     from msa.data.splits import split_seed
     from msa.data.store import atomic_path, check_out_path
+    from msa.nn.checkpoint import file_sha256
     from msa.nn.training import resolve_device
 
     check_out_path(args.out, [args.config, *args.members, *args.shards], (".json",))
@@ -520,7 +521,25 @@ def run(args) -> int:
                        for k in ("before", "after")))
     result.update(label_set=args.label_set, members=[str(p) for p in args.members],
                   member_sha256=ensemble.checksums)
+    support_path = write_support_index(ensemble, samples["calibration"], surveys, cfg["support"], seed,
+                                       config["predict"]["batch_size"], args.out)
+    result["support_index"] = {"path": support_path.name, "sha256": file_sha256(support_path), **cfg["support"]}
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     log.info("wrote %s", args.out)
     return 0
+
+
+def write_support_index(ensemble, labelled, surveys, support_cfg: dict, seed: int, batch: int, out) -> Path:
+    """The support index of the labelled calibration stars and the survey stars
+    (:mod:`msa.calibration.support`), written beside the calibration ``out``; returns its path."""
+    from msa.calibration.support import SupportIndex, index_latents, support_index_path
+
+    x = labelled.x if surveys is None else np.concatenate([labelled.x, surveys.stars.x])
+    cap = support_cfg["max_rows"]
+    index = SupportIndex.build(index_latents(ensemble, x, cap, seed, batch), support_cfg["neighbours"], cap,
+                               support_cfg["low_threshold"], ensemble.checksums, seed, ensemble.device)
+    path = support_index_path(out)
+    index.save(path)
+    log.info("wrote %s", path)
+    return path

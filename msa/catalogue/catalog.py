@@ -12,6 +12,7 @@ Layout (HATS, https://www.ivoa.net/documents/Notes/HATS/)::
                                                     ``lsdb.read_hats(catalogue, margin_cache=this folder)``
     results/catalog/{label_set}.summary.json        row counts, fractions, per-label percentiles
     results/catalog/{label_set}.skymap.png          median {catalog.sky_map_label}_q50 per pixel (two frames)
+                                                    and the fraction of low_support stars per pixel
     results/catalog/{label_set}.distributions.png   per-label q50 and interval-width histograms
     results/catalog/{label_set}.kiel.png            Kiel diagram: density of median T_eff against log g
 
@@ -27,8 +28,8 @@ percentiles of the calibrated predictive distribution. In Gaia DR3's astrophysic
 the same three are ``{label}_lower``, ``{label}`` and ``{label}_upper`` (e.g. ``teff_gspphot_lower``):
 our q50 is their value column, q16 their ``_lower``, q84 their ``_upper``. Then ``has_xp``,
 ``n_inputs``, ``flag_too_few_inputs``, ``n_inputs_rejected``, ``flag_out_of_range``,
-``calibration_group``, ``in_training_sample`` (see
-:mod:`msa.catalogue.predict`). Every column carries its unit and description twice: in the Arrow field
+``calibration_group``, ``interval_basis``, ``in_training_sample``, ``support``, ``low_support`` (see
+:mod:`msa.catalogue.predict` and :mod:`msa.calibration.support`). Every column carries its unit and description twice: in the Arrow field
 metadata (``unit``, ``description``, ``ucd``: what LSDB and pyarrow show) and in astropy's
 serialisation header (``table_meta_yaml``: ``astropy.table.Table.read(partition)`` gives
 ``Quantity``-ready units, the UCD in ``t[column].meta["ucd"]``, and the provenance in ``t.meta``:
@@ -102,6 +103,11 @@ FIXED_DESCRIPTIONS = {
                            "stars) or extrapolated (coarse offsets outside their G range: no coverage promise)"),
     "in_training_sample": ("", "a fit read the star's labels: fine-tuning (train split, early-stopping sample) or "
                                "calibration (its calibration and survey samples)"),
+    "support": ("", "0-1: fraction of the labelled and survey stars whose latent distance to their nearest "
+                    "neighbours is at least this star's to them (1: as well covered as a labelled star, 0: "
+                    "farther than all); NaN without a prediction"),
+    "low_support": ("", "support below calibrate.support.low_threshold: the labelled and survey stars hardly cover "
+                        "this star's inputs, its interval's promise is for stars unlike it"),
 }
 
 
@@ -325,7 +331,8 @@ class SummaryAccumulator:
     def __init__(self, labels: Sequence[str], sky_label: str, sky_order: int, sample_fraction: float, seed: int):
         self.labels, self.sky_label, self.sky_order = list(labels), sky_label, sky_order
         self.sample_fraction, self.seed = sample_fraction, seed
-        self.n_rows = self.n_without_xp = self.n_flagged = 0
+        self.n_rows = self.n_without_xp = self.n_flagged = self.n_low_support = 0
+        self.has_support = False  # prediction files written before support existed lack the column
         self.samples: dict[str, list[np.ndarray]] = defaultdict(list)
         self.sky_pixels: list[np.ndarray] = []
 
@@ -335,6 +342,11 @@ class SummaryAccumulator:
         self.n_without_xp += int(np.sum(~table.column("has_xp").to_numpy(zero_copy_only=False)))
         self.n_flagged += int(np.sum(table.column("flag_too_few_inputs").to_numpy(zero_copy_only=False)))
         keep = unit_hash(sid, self.seed) < self.sample_fraction
+        if "low_support" in table.column_names:
+            low = table.column("low_support").to_numpy(zero_copy_only=False)
+            self.has_support = True
+            self.n_low_support += int(low.sum())
+            self.samples["low_support"].append(low[keep])
         for label in self.labels:
             for s in QUANTILE_WORDS:
                 self.samples[f"{label}_{s}"].append(table.column(f"{label}_{s}").to_numpy(zero_copy_only=False)[keep])
@@ -346,14 +358,22 @@ class SummaryAccumulator:
 
     def pixel_median(self) -> dict[int, float]:
         """Median sampled ``{sky_label}_q50`` per nested pixel of ``sky_order``."""
+        return self._per_pixel(self.sample().get(f"{self.sky_label}_q50", np.empty(0)), np.median)
+
+    def pixel_low_support(self) -> dict[int, float] | None:
+        """Fraction of the sampled stars flagged ``low_support`` per pixel (None: no support column)."""
+        if not self.has_support:
+            return None
+        return self._per_pixel(self.sample()["low_support"].astype(np.float64), np.mean)
+
+    def _per_pixel(self, values: np.ndarray, statistic) -> dict[int, float]:
         pixels = np.concatenate(self.sky_pixels) if self.sky_pixels else np.empty(0, np.int64)
-        values = self.sample().get(f"{self.sky_label}_q50", np.empty(0))
         ok = np.isfinite(values)
         pixels, values = pixels[ok], values[ok]
         order = np.lexsort((values, pixels))
         pixels, values = pixels[order], values[order]
         bounds = np.r_[0, np.flatnonzero(np.diff(pixels)) + 1, len(pixels)]
-        return {int(pixels[a]): float(np.median(values[a:b])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
+        return {int(pixels[a]): float(statistic(values[a:b])) for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
 
 
 def write_partition(fragments: Path, dest: Path, schema: pa.Schema, where: str) -> pa.Table:
@@ -436,22 +456,28 @@ def full_sky_map(pixel_median: dict[int, float], order: int) -> np.ndarray:
     return sky
 
 
-def plot_sky_map(pixel_median: dict[int, float], order: int, label: str, unit: str, path: Path) -> Path:
+def plot_sky_map(pixel_median: dict[int, float], order: int, label: str, unit: str, path: Path,
+                 pixel_low_support: dict[int, float] | None = None) -> Path:
     """Mollweide maps (equatorial and Galactic) of the median ``{label}_q50`` per HEALPix pixel of ``order``:
-    each pixel drawn as its true shape (healpy), longitude increasing to the left."""
+    each pixel drawn as its true shape (healpy), longitude increasing to the left; with
+    ``pixel_low_support`` a second row: the fraction of the pixel's stars flagged ``low_support``."""
     import healpy
 
-    sky = full_sky_map(pixel_median, order)
-    fig = plt.figure(figsize=(13, 4.6))
-    seen = sky[sky != healpy.UNSEEN]
-    limits = colour_scale(seen)
+    rows = [(full_sky_map(pixel_median, order), axis_label(label, unit, "median "), "viridis", None)]
+    if pixel_low_support is not None:
+        # a fixed 0-1 scale: a map of few flagged stars must look nearly empty, not saturated
+        rows.append((full_sky_map(pixel_low_support, order), "fraction of stars with low_support", "magma",
+                     {"min": 0.0, "max": 1.0}))
+    fig = plt.figure(figsize=(13, 4.6 * len(rows)))
     frames = ((["C"], "RA", "Dec", "equatorial (ICRS)"), (["C", "G"], "Galactic l", "Galactic b", "Galactic"))
-    for k, (coord, xlabel, ylabel, frame) in enumerate(frames):
-        healpy.projview(sky, nest=True, coord=coord, fig=fig.number, sub=(1, 2, k + 1), projection_type="mollweide",
-                        graticule=True, graticule_labels=True, xlabel=xlabel, ylabel=ylabel, cmap="viridis",
-                        unit=axis_label(label, unit, "median "), cb_orientation="horizontal",
-                        title=f"{frame}: {len(pixel_median)} pixels of order {order}", fontsize={"title": 10},
-                        **limits)
+    for r, (sky, unit_text, cmap, limits) in enumerate(rows):
+        limits = limits or colour_scale(sky[sky != healpy.UNSEEN])
+        for k, (coord, xlabel, ylabel, frame) in enumerate(frames):
+            healpy.projview(sky, nest=True, coord=coord, fig=fig.number, sub=(len(rows), 2, 2 * r + k + 1),
+                            projection_type="mollweide", graticule=True, graticule_labels=True, xlabel=xlabel,
+                            ylabel=ylabel, cmap=cmap, unit=unit_text, cb_orientation="horizontal",
+                            title=f"{frame}: {len(pixel_median)} pixels of order {order}", fontsize={"title": 10},
+                            **limits)
     return save_figure(fig, path)
 
 
@@ -576,6 +602,9 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
         "n_inputs": len(inputs), "n_rows": stats.n_rows,
         "n_without_xp": stats.n_without_xp, "fraction_without_xp": stats.n_without_xp / n,
         "n_flagged_too_few_inputs": stats.n_flagged, "fraction_flagged": stats.n_flagged / n,
+        # None: prediction files without a support column (written before msa calibrate kept a support index)
+        "n_low_support": stats.n_low_support if stats.has_support else None,
+        "fraction_low_support": stats.n_low_support / n if stats.has_support else None,
         "percentile_sample_fraction": sample_fraction,
         "per_label": label_statistics(samples, labels, units),
         "sky_map_label": sky_map_label, "sky_map_level": sky_map_level, "sky_map_pixels": len(pixel_median),
@@ -585,7 +614,8 @@ def build_catalog(inputs: Sequence[str | Path], out_dir: str | Path, label_set: 
     }
     with atomic_path(paths["summary"]) as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
-    plot_sky_map(pixel_median, sky_map_level, sky_map_label, units.get(sky_map_label, ""), paths["skymap"])
+    plot_sky_map(pixel_median, sky_map_level, sky_map_label, units.get(sky_map_label, ""), paths["skymap"],
+                 stats.pixel_low_support())
     plot_distributions(samples, labels, units, paths["distributions"])
     plot_kiel(samples, units, paths.get("kiel") or output_paths(out_dir, label_set)["kiel"])
     log.info("catalogue %s: %d stars in %d partitions (%.1f %% without XP, %.2f %% flagged)", dest, stats.n_rows,

@@ -24,7 +24,11 @@ present; see :mod:`msa.calibration.calibrate`); ``interval_basis`` (which stars 
 were fitted on: ``labelled``, ``survey``, ``emulated`` or ``extrapolated``; see
 :mod:`msa.calibration.basis`); ``in_training_sample`` (a fit read its labels: the train split, the
 validation stars early stopping scored, the calibration stars and survey stars calibration
-scored, as the flag of Andrae et al. 2023); with
+scored, as the flag of Andrae et al. 2023); ``support`` (float32, 0–1: how well the labelled and
+survey stars cover the star's inputs, the fraction of those stars whose distance to their nearest
+neighbours in the latent is at least the star's; NaN without a support index or inputs) and
+``low_support`` (support below ``calibrate.support.low_threshold``; see
+:mod:`msa.calibration.support`); with
 ``predict.save_latent`` also ``latent_000`` … (the first member's latent). The file's key-value
 metadata identifies the model (member sha256s, calibration hash, config hash, msa version), the
 label set, the labels and their units, and the input file.
@@ -53,6 +57,7 @@ import torch
 from msa import __version__
 from msa.calibration import apply_calibration, interval_basis, load_calibration, star_groups, survey_sources
 from msa.calibration import Ensemble, combine_members
+from msa.calibration.support import SupportIndex, support_index_path
 from msa.config import config_hash, load_config
 from msa.data.features import G_MAG, FeatureTransform
 from msa.data.labels import LabelSource, label_set, sample_hash
@@ -204,7 +209,8 @@ def output_schema(labels: Sequence[str], units: dict[str, str], latent_dim: int 
                pa.field("flag_out_of_range", pa.bool_(), nullable=False),
                pa.field("calibration_group", pa.string(), nullable=False),
                pa.field("interval_basis", pa.string(), nullable=False),
-               pa.field("in_training_sample", pa.bool_(), nullable=False)]
+               pa.field("in_training_sample", pa.bool_(), nullable=False),
+               pa.field("support", pa.float32()), pa.field("low_support", pa.bool_(), nullable=False)]
     if latent_dim:
         fields += [pa.field(latent_column(i), pa.float32()) for i in range(latent_dim)]
     return pa.schema(fields, metadata={k: str(v) for k, v in metadata.items()})
@@ -215,7 +221,8 @@ def latent_column(i: int) -> str:
 
 
 def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent: np.ndarray | None,
-                schema: pa.Schema, labels: Sequence[str], out_of_range: np.ndarray) -> pa.Table:
+                schema: pa.Schema, labels: Sequence[str], out_of_range: np.ndarray,
+                support: np.ndarray, low_support: np.ndarray) -> pa.Table:
     columns = [pa.array(chunk.source_id, pa.int64())]
     columns += [pa.array(chunk.positions[c], pa.float64()) for c in POSITION_COLUMNS if c in schema.names]
     for j in range(len(labels)):
@@ -224,7 +231,7 @@ def chunk_table(chunk: PreparedChunk, q: np.ndarray, flagged: np.ndarray, latent
     columns += [pa.array(chunk.has_xp), pa.array(chunk.n_inputs, pa.int16()), pa.array(flagged),
                 pa.array(chunk.n_inputs_rejected, pa.int16()), pa.array(out_of_range),
                 pa.array(chunk.calibration_group, pa.string()), pa.array(chunk.interval_basis, pa.string()),
-                pa.array(chunk.in_training_sample)]
+                pa.array(chunk.in_training_sample), pa.array(support, pa.float32()), pa.array(low_support)]
     if latent is not None:
         columns += [pa.array(latent[:, i], pa.float32()) for i in range(latent.shape[1])]
     return pa.Table.from_arrays(columns, schema=schema)
@@ -238,6 +245,7 @@ class PredictSummary:
     n_flagged: int = 0
     n_inputs_rejected: int = 0  # input values set to missing as implausible
     n_out_of_range: int = 0  # stars whose predictions were absurd, written NaN
+    n_low_support: int = 0  # stars the labelled and survey stars hardly cover (low_support)
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -262,13 +270,15 @@ def predict_chunks(
     prefetch_depth: int = 2,
     training: TrainingSample | None = None,
     positions: Sequence[str] = (),
+    support: SupportIndex | None = None,
 ) -> PredictSummary:
     """Predict raw store-column chunks into the Parquet file ``out`` (atomically).
 
     ``expected_ids()`` re-reads the input's source_ids (chunk by chunk, in order) for the final
     check; ``calibration`` None leaves the ensemble quantiles uncalibrated; ``training`` None
     writes ``in_training_sample`` False for every star; ``positions`` names the position columns
-    (``ra``, ``dec``) the chunks carry, copied to the output.
+    (``ra``, ``dec``) the chunks carry, copied to the output; ``support`` None writes ``support``
+    NaN and ``low_support`` False for every star.
     """
     labels = ensemble.labels
     pin = ensemble.device.type == "cuda"
@@ -284,17 +294,22 @@ def predict_chunks(
                                  for raw in chunks),
                                 depth=prefetch_depth)
             for chunk in progress(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk"):
-                result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=save_latent)
-                member_q, latent = result if save_latent else (result, None)
+                member_q, latent = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=True)
+                star_support, low_support = chunk_support(support, latent, chunk, ensemble.device)
                 q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
                 flagged = chunk.n_inputs < min_inputs
                 # one absurd star is NaN and flagged, never the end of the whole file (issue 27)
                 out_of_range = ~flagged & outside_label_range(q, labels, units or {})
                 q[flagged | out_of_range] = np.nan
+                latent = latent if save_latent else None
                 if latent is not None:
                     latent[flagged] = np.nan
+                star_support[flagged] = np.nan  # no prediction: nothing to support
+                low_support &= ~flagged
                 _check_quantiles(q, flagged | out_of_range, chunk.source_id, out)
-                writer.put(chunk_table(chunk, q, flagged, latent, schema, labels, out_of_range))
+                writer.put(chunk_table(chunk, q, flagged, latent, schema, labels, out_of_range, star_support,
+                                       low_support))
+                summary.n_low_support += int(low_support.sum())
                 summary.n_inputs_rejected += int(chunk.n_inputs_rejected.sum())
                 summary.n_out_of_range += int(out_of_range.sum())
                 summary.n_rows += len(chunk.source_id)
@@ -310,6 +325,36 @@ def predict_chunks(
                     "range written NaN (flag_out_of_range)", out, summary.n_inputs_rejected,
                     summary.n_out_of_range)
     return summary
+
+
+def chunk_support(support: SupportIndex | None, latent: np.ndarray, chunk: PreparedChunk,
+                  device) -> tuple[np.ndarray, np.ndarray]:
+    """``support`` (float32) and ``low_support`` (bool) of a chunk's stars from the first member's latent."""
+    if support is None:
+        return np.full(len(latent), np.nan, dtype=np.float32), np.zeros(len(latent), dtype=bool)
+    values = support.support(latent, chunk.has_xp, device)
+    return values, support.low_support(values)
+
+
+def load_support(calibration_path: str | Path, calibration: dict, ensemble: Ensemble) -> SupportIndex | None:
+    """The support index ``msa calibrate`` wrote beside ``calibration_path``, checked against the
+    sha256 the calibration records and the members; None (with a warning) for a calibration
+    that records none (written before support existed, or by hand)."""
+    from msa.calibration.support import SupportError
+
+    record = calibration.get("support_index")
+    if record is None:
+        log.warning("%s records no support index: support is written NaN and low_support false; re-run "
+                    "`msa calibrate` for them", calibration_path)
+        return None
+    path = support_index_path(calibration_path)
+    if not path.exists():
+        raise SupportError(f"{calibration_path} was written with the support index {path}, which is missing; "
+                           "re-run `msa calibrate`")
+    if file_sha256(path) != record["sha256"]:
+        raise SupportError(f"support index {path} is not the one {calibration_path} was written with "
+                           "(sha256 differs); re-run `msa calibrate`")
+    return SupportIndex.load(path, ensemble.checksums)
 
 
 def _combine_and_calibrate(member_q: np.ndarray, calibration: dict | None, labels: Sequence[str],
@@ -359,7 +404,7 @@ def predict_source(source: StarSource, ensemble: Ensemble, calibration: dict | N
 def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibration_path: str | Path | None,
                   config: dict, label_set: str, units: dict[str, str], input_path: str | Path,
                   min_inputs: int, calibration: dict | None = None,
-                  training: "TrainingSample | None" = None) -> dict[str, str]:
+                  training: "TrainingSample | None" = None, support: SupportIndex | None = None) -> dict[str, str]:
     """Key-value metadata that identifies the model and the input of a prediction file."""
     return {
         "msa_version": __version__,
@@ -376,7 +421,20 @@ def file_metadata(ensemble: Ensemble, member_paths: Sequence[str | Path], calibr
                      "predictive distributions, with split-conformal offsets of each star's calibration_group",
         "calibration_guarantee": calibration_guarantee(calibration),
         "in_training_sample": training_sample_meaning(training),
+        "support": support_meaning(support),
     }
+
+
+def support_meaning(support: SupportIndex | None) -> str:
+    """What ``support`` and ``low_support`` mean in this file, for its metadata."""
+    if support is None:
+        return "unknown (support NaN, low_support false everywhere): the calibration has no support index"
+    sizes = ", ".join(f"{v} {len(support.latent[v])}" for v in support.latent)
+    return (f"support: fraction of the labelled and survey stars of the support index ({sizes} stars per view) whose "
+            f"mean latent distance to their {support.k} nearest other index stars is at least the star's to its "
+            f"{support.k} nearest index stars (first member's encoder output; stars with XP against the XP view, "
+            f"others against the XP-hidden view); low_support: support < {support.low_threshold:g}, the interval's "
+            "promise was made for stars unlike this one")
 
 
 def training_sample_meaning(training: "TrainingSample | None") -> str:
@@ -439,9 +497,9 @@ def add_arguments(parser) -> None:
 
 
 def log_summary(out: str | Path, summary: PredictSummary, min_inputs: int) -> None:
-    log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions) "
-             "in %.1f s (%.0f stars/s)", out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
-             min_inputs, summary.seconds, summary.stars_per_second)
+    log.info("%s: %d stars (%d without XP, %d flagged with fewer than %d inputs: NaN predictions, %d with "
+             "low_support) in %.1f s (%.0f stars/s)", out, summary.n_rows, summary.n_without_xp, summary.n_flagged,
+             min_inputs, summary.n_low_support, summary.seconds, summary.stars_per_second)
 
 
 def run(args) -> int:
@@ -453,13 +511,14 @@ def run(args) -> int:
     calibration = load_calibration(args.calibration, ensemble)  # made for these members, or refused
     units = pcfg["label_units"]
     training = TrainingSample.from_config(config, args.label_set, calibration)
+    support = load_support(args.calibration, calibration, ensemble)
     common = dict(chunk_rows=pcfg["chunk_rows"], batch_size=pcfg["batch_size"], min_inputs=pcfg["min_inputs"],
-                  save_latent=pcfg["save_latent"], units=units, training=training)
+                  save_latent=pcfg["save_latent"], units=units, training=training, support=support)
 
     def predict_one(source: Path, out: Path, shown: Path) -> PredictSummary:
         """One input with the loaded models: ``out`` is written, ``shown`` is logged (its final path)."""
         metadata = file_metadata(ensemble, args.members, args.calibration, config, args.label_set, units, source,
-                                 pcfg["min_inputs"], calibration, training)
+                                 pcfg["min_inputs"], calibration, training, support)
         if args.table:
             summary = predict_table(source, ensemble, calibration, out, allow_missing=args.allow_missing_columns,
                                     metadata=metadata, **common)

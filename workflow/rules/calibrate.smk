@@ -15,6 +15,8 @@ rule calibrate:
             subcategory="{label_set}",
             labels={"label set": "{label_set}", "file": "calibration"},
         ),
+        # written beside the calibration by msa calibrate (msa/calibration/support.py); predict reads it
+        support=f"{RESULTS}/calibrate/{{label_set}}.support.npz",
     log:
         f"{LOGS}/calibrate/{{label_set}}.log",
     priority: CATALOGUE_PRIORITY

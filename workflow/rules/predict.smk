@@ -10,6 +10,8 @@ rule predict:
     input:
         members=member_models,
         calibration=f"{RESULTS}/calibrate/{{label_set}}.json",
+        # the support index msa predict finds beside the calibration (support, low_support columns)
+        support=f"{RESULTS}/calibrate/{{label_set}}.support.npz",
         shards=batch_shard_files("predict"),
     output:
         predictions=batch_predictions(directory(f"{RESULTS}/predict/{{label_set}}/{{batch}}")),
