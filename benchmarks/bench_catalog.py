@@ -47,8 +47,14 @@ def synthetic_predictions(n_stars: int, n_files: int, folder: Path) -> list[Path
         for _ in LABELS:
             q = np.sort(rng.normal(size=(n, 3)).astype(np.float32), axis=1)
             cols += [pa.array(q[:, i]) for i in range(3)]
-        cols += [pa.array(rng.random(n) < 0.9), pa.array(np.full(n, 10, np.int16)), pa.array(np.zeros(n, bool)),
-                 pa.array(np.full(n, "xp"), pa.string()), pa.array(np.zeros(n, bool))]
+        per_star = {"has_xp": rng.random(n) < 0.9, "n_inputs": np.full(n, 10, np.int16),
+                    "flag_too_few_inputs": np.zeros(n, bool), "n_inputs_rejected": np.zeros(n, np.int16),
+                    "flag_out_of_range": np.zeros(n, bool), "calibration_group": np.full(n, "xp"),
+                    "interval_basis": np.full(n, "labelled"), "in_training_sample": np.zeros(n, bool),
+                    "support": rng.random(n).astype(np.float32), "low_support": rng.random(n) < 0.05}
+        # by the schema's own names, so that a new prediction column fails here by name, not by count
+        cols += [pa.array(per_star[f.name], f.type) for f in schema if f.name not in {"source_id", "ra", "dec"}
+                 and not f.name.endswith(("_q16", "_q50", "_q84"))]
         path = folder / f"pred-{k}.parquet"
         pq.write_table(pa.Table.from_arrays(cols, schema=schema), path)
         files.append(path)
