@@ -56,8 +56,7 @@ import torch
 
 from msa import __version__
 from msa.calibration import apply_calibration, interval_basis, load_calibration, star_groups, survey_sources
-from msa.calibration import Ensemble, combine_members
-from msa.calibration.support import SupportIndex, support_index_path
+from msa.calibration import Ensemble, SupportError, SupportIndex, combine_members, support_index_path
 from msa.config import config_hash, load_config
 from msa.data.features import G_MAG, FeatureTransform
 from msa.data.labels import LabelSource, label_set, sample_hash
@@ -340,8 +339,6 @@ def load_support(calibration_path: str | Path, calibration: dict, ensemble: Ense
     """The support index ``msa calibrate`` wrote beside ``calibration_path``, checked against the
     sha256 the calibration records and the members; None (with a warning) for a calibration
     that records none (written before support existed, or by hand)."""
-    from msa.calibration.support import SupportError
-
     record = calibration.get("support_index")
     if record is None:
         log.warning("%s records no support index: support is written NaN and low_support false; re-run "
