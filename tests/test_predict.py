@@ -13,6 +13,7 @@ import yaml
 from astropy.table import Table
 
 from msa.calibration.calibrate import apply_calibration
+from msa.calibration.support import SupportIndex, index_latents
 from msa.calibration.ensemble import Ensemble, combine_members
 from msa.catalogue.predict import PredictionError, predict_shard, predict_table
 from msa.cli import main
@@ -141,6 +142,28 @@ def test_predictions_are_the_calibrated_ensemble_and_ordered(setup, tmp_path):
     assert with_xp.any() and without_xp.any()
     np.testing.assert_allclose((q[with_xp, 0, 2] - raw[with_xp, 0, 2]), 80.0, atol=1e-2)
     np.testing.assert_allclose((q[without_xp, 0, 2] - raw[without_xp, 0, 2]), 200.0, atol=1e-2)
+
+
+def test_support_compares_the_first_members_latent_in_each_stars_view(setup, tmp_path):
+    ensemble = setup["ensemble"]
+    x, _ = ensemble.transform(setup["cols"])
+    index = SupportIndex.build(index_latents(ensemble, x[:100], 1000, 0, 64), k=5, max_rows=1000, low_threshold=0.05,
+                               member_sha256=ensemble.checksums, seed=0)
+    out = tmp_path / "pred.parquet"
+    run_shard(setup, out, support=index)
+    frame = pd.read_parquet(out)
+    flagged, has_xp = frame["flag_too_few_inputs"].to_numpy(), frame["has_xp"].to_numpy()
+    assert has_xp.any() and (~has_xp & ~flagged).any()
+    _, latent = ensemble.predict_members(x, return_latent=True)
+    expected = index.support(latent, has_xp)
+    np.testing.assert_allclose(frame["support"].to_numpy()[~flagged], expected[~flagged], rtol=1e-5)
+    # no prediction, nothing to support; the flag is the threshold of the support
+    assert frame["support"][flagged].isna().all()
+    np.testing.assert_array_equal(frame["low_support"].to_numpy(), ~flagged & (expected < 0.05))
+    # without an index: NaN and never flagged
+    run_shard(setup, tmp_path / "none.parquet")
+    plain = pd.read_parquet(tmp_path / "none.parquet")
+    assert plain["support"].isna().all() and not plain["low_support"].any()
 
 
 def test_stars_without_xp_and_with_too_few_inputs(setup, tmp_path):

@@ -280,6 +280,7 @@ def predict_chunks(
     NaN and ``low_support`` False for every star.
     """
     labels = ensemble.labels
+    want_latent = save_latent or support is not None
     pin = ensemble.device.type == "cuda"
     schema = output_schema(labels, units or {}, ensemble.latent_dim if save_latent else None, metadata or {},
                            positions)
@@ -293,7 +294,9 @@ def predict_chunks(
                                  for raw in chunks),
                                 depth=prefetch_depth)
             for chunk in progress(prepared, total=n_chunks, desc=f"predict {Path(out).name}", unit="chunk"):
-                member_q, latent = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=True)
+                # the latent only where a column needs it: it is a copy out of every member batch
+                result = ensemble.predict_members(chunk.x, batch_size=batch_size, return_latent=want_latent)
+                member_q, latent = result if want_latent else (result, None)
                 star_support, low_support = chunk_support(support, latent, chunk, ensemble.device)
                 q = _combine_and_calibrate(member_q, calibration, labels, chunk.calibration_group)
                 flagged = chunk.n_inputs < min_inputs
@@ -330,7 +333,8 @@ def chunk_support(support: SupportIndex | None, latent: np.ndarray, chunk: Prepa
                   device) -> tuple[np.ndarray, np.ndarray]:
     """``support`` (float32) and ``low_support`` (bool) of a chunk's stars from the first member's latent."""
     if support is None:
-        return np.full(len(latent), np.nan, dtype=np.float32), np.zeros(len(latent), dtype=bool)
+        n = len(chunk.source_id)
+        return np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool)
     values = support.support(latent, chunk.has_xp, device)
     return values, support.low_support(values)
 
