@@ -147,7 +147,8 @@ def test_predictions_are_the_calibrated_ensemble_and_ordered(setup, tmp_path):
 def test_support_compares_the_first_members_latent_in_each_stars_view(setup, tmp_path):
     ensemble = setup["ensemble"]
     x, _ = ensemble.transform(setup["cols"])
-    index = SupportIndex.build(index_latents(ensemble, x[:100], 1000, 0, 64), k=5, max_rows=1000, low_threshold=0.05,
+    thresholds = {"xp": 0.3, "no_xp": 0.05}
+    index = SupportIndex.build(index_latents(ensemble, x[:100], 1000, 0, 64), k=5, max_rows=1000, low_threshold=thresholds,
                                member_sha256=ensemble.checksums, seed=0)
     out = tmp_path / "pred.parquet"
     run_shard(setup, out, support=index)
@@ -159,7 +160,8 @@ def test_support_compares_the_first_members_latent_in_each_stars_view(setup, tmp
     np.testing.assert_allclose(frame["support"].to_numpy()[~flagged], expected[~flagged], rtol=1e-5)
     # no prediction, nothing to support; the flag is the threshold of the support
     assert frame["support"][flagged].isna().all()
-    np.testing.assert_array_equal(frame["low_support"].to_numpy(), ~flagged & (expected < 0.05))
+    threshold = np.where(has_xp, thresholds["xp"], thresholds["no_xp"])
+    np.testing.assert_array_equal(frame["low_support"].to_numpy(), ~flagged & (expected < threshold))
     # without an index: NaN and never flagged
     run_shard(setup, tmp_path / "none.parquet")
     plain = pd.read_parquet(tmp_path / "none.parquet")

@@ -27,7 +27,17 @@ def test_star_inside_the_labelled_cloud_is_supported_and_a_far_star_is_not():
     assert support.dtype == np.float32
     assert support[0] > 0.5
     assert support[1] == 0.0
-    np.testing.assert_array_equal(idx.low_support(support), [False, True])
+    np.testing.assert_array_equal(idx.low_support(support, np.array([True, True])), [False, True])
+
+
+def test_low_support_takes_the_threshold_of_the_stars_view():
+    idx = index(threshold={"xp": 0.5, "no_xp": 0.05})
+    support = np.array([0.2, 0.2, 0.01, 0.01], dtype=np.float32)
+    # 0.2 is low against the XP view's 0.5, not against the no-XP view's 0.05
+    np.testing.assert_array_equal(idx.low_support(support, np.array([True, False, True, False])),
+                                  [True, False, True, True])
+    with pytest.raises(SupportError, match="no_xp"):
+        index(threshold={"xp": 0.5})
 
 
 def test_star_without_xp_is_compared_in_the_no_xp_view():
@@ -60,16 +70,16 @@ def test_support_is_the_fraction_of_reference_distances_at_least_the_stars():
 def test_non_finite_latent_gives_nan_support_and_no_flag():
     idx = index()
     support = idx.support(np.full((1, 4), np.nan, dtype=np.float32), np.array([True]))
-    assert np.isnan(support[0]) and not idx.low_support(support)[0]
+    assert np.isnan(support[0]) and not idx.low_support(support, np.array([True]))[0]
 
 
 def test_saved_index_reads_back_and_refuses_other_members(tmp_path):
-    idx = index()
+    idx = index(threshold={"xp": 0.1, "no_xp": 0.01})
     path = support_index_path(tmp_path / "spectro.json")
     assert path.name == "spectro.support.npz"
     idx.save(path)
     back = SupportIndex.load(path, ["b", "a"])
     np.testing.assert_array_equal(back.latent["no_xp"], idx.latent["no_xp"])
-    assert back.k == 10 and back.low_threshold == pytest.approx(0.01)
+    assert back.k == 10 and back.low_threshold == pytest.approx({"xp": 0.1, "no_xp": 0.01})
     with pytest.raises(SupportError, match="re-run `msa calibrate`"):
         SupportIndex.load(path, ["c"])

@@ -13,9 +13,16 @@ support says how like them a star is, in the members' own representation of its 
 * at prediction, a star's mean distance ``d`` to its ``k`` nearest index stars of its own view
   (with XP where it has XP, the ``no_xp`` view otherwise) gives ``support`` = the fraction of
   reference distances ≥ ``d``: 1 for a star as close to the labelled stars as they are to one
-  another, 0 for a star farther than every one of them. ``low_support`` = ``support <
-  calibrate.support.low_threshold``: the labelled and survey stars hardly cover this star, so
-  its interval's promise (``interval_basis``) is for stars unlike it.
+  another, 0 for a star farther than every one of them. ``low_support`` = ``support`` below its
+  view's ``calibrate.support.low_threshold``: the labelled and survey stars hardly cover this star,
+  so its interval's promise (``interval_basis``) is for stars unlike it.
+
+Why a threshold per view: the two views' supports mean different things in practice. Without XP
+the stars fainter than every labelled star sit far from the index whatever their kind, so a low
+threshold already flags them; with XP the support has to reach further into the reference
+distances to find the stars of kinds the labelled stars lack. Both defaults are the largest
+threshold that flags at most 15 % of the common stars of the faint-coverage benchmark's train
+sky (``benchmarks/bench_faint_coverage.py``; docs/full-sky.md has the rates).
 
 Why the fine-tuned member's encoder: prediction runs it anyway (no second model to load), and
 fine-tuning shaped its latent towards the labels, so distances there follow the differences that
@@ -111,14 +118,16 @@ class SupportIndex:
     latent: dict  # view → (n, D) float32
     reference: dict  # view → (n,) float64, sorted
     k: int
-    low_threshold: float
+    low_threshold: dict  # view → float: low_support = support below it
     member_sha256: list
     _on_device: dict = field(default_factory=dict, repr=False)  # (view, device) → the latent as a tensor
 
     @classmethod
-    def build(cls, latent_by_view: Mapping[str, np.ndarray], k: int, max_rows: int, low_threshold: float,
-              member_sha256: Sequence[str], seed: int, device="cpu") -> "SupportIndex":
-        """The index of at most ``max_rows`` stars of each view (``latent_by_view``: view → ``(n, D)``)."""
+    def build(cls, latent_by_view: Mapping[str, np.ndarray], k: int, max_rows: int,
+              low_threshold: Mapping[str, float] | float, member_sha256: Sequence[str], seed: int,
+              device="cpu") -> "SupportIndex":
+        """The index of at most ``max_rows`` stars of each view (``latent_by_view``: view → ``(n, D)``);
+        ``low_threshold``: view → threshold, or one number for both views."""
         if k < 1 or max_rows < 2:
             raise SupportError(f"calibrate.support: neighbours ({k}) must be >= 1 and max_rows ({max_rows}) >= 2")
         latent, reference = {}, {}
@@ -130,7 +139,7 @@ class SupportIndex:
             reference[view] = np.sort(neighbour_distances(z, z, k, device, leave_one_out=True))
             log.info("support index, %s view: %d star(s), median distance to %d nearest %.4g", view, len(z), k,
                      np.median(reference[view]) if len(z) else math.nan)
-        return cls(latent, reference, int(k), float(low_threshold), list(member_sha256))
+        return cls(latent, reference, int(k), thresholds_by_view(low_threshold), list(member_sha256))
 
     def support(self, latent: np.ndarray, has_xp: np.ndarray, device="cpu") -> np.ndarray:
         """``support`` ``(n,)`` float32 of stars with first-member ``latent`` ``(n, D)``: those with
@@ -153,10 +162,12 @@ class SupportIndex:
             self._on_device[key] = torch.as_tensor(self.latent[view], dtype=torch.float32, device=device)
         return self._on_device[key]
 
-    def low_support(self, support: np.ndarray) -> np.ndarray:
-        """Bool: support below ``low_threshold`` (a star without a support value is not flagged)."""
+    def low_support(self, support: np.ndarray, has_xp: np.ndarray) -> np.ndarray:
+        """Bool: support below the threshold of the star's view (``has_xp``: the XP view's, else the
+        XP-hidden view's); a star without a support value is not flagged."""
+        threshold = np.where(np.asarray(has_xp, dtype=bool), self.low_threshold["xp"], self.low_threshold["no_xp"])
         with np.errstate(invalid="ignore"):
-            return np.asarray(support) < self.low_threshold
+            return np.asarray(support) < threshold
 
     def save(self, path: str | Path) -> None:
         """Write the index as ``.npz``, atomically (a temporary name, then renamed)."""
@@ -165,7 +176,7 @@ class SupportIndex:
         arrays = {f"{kind}_{view}": getattr(self, kind)[view] for kind in ("latent", "reference") for view in VIEWS}
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as out:  # a file object: np.savez would add .npz to the temporary name
-                np.savez(out, k=self.k, low_threshold=self.low_threshold,
+                np.savez(out, k=self.k, **{f"low_threshold_{v}": self.low_threshold[v] for v in VIEWS},
                          member_sha256=np.array(self.member_sha256, dtype=str), **arrays)
 
     @classmethod
@@ -173,14 +184,27 @@ class SupportIndex:
         """Read an index; with ``member_sha256``, refused unless it was made for exactly those members."""
         try:
             with np.load(path) as data:
+                # an index of before the per-view thresholds holds one, ``low_threshold``, for both
+                thresholds = ({v: float(data[f"low_threshold_{v}"]) for v in VIEWS} if "low_threshold_xp" in data
+                              else float(data["low_threshold"]))
                 index = cls({v: data[f"latent_{v}"] for v in VIEWS}, {v: data[f"reference_{v}"] for v in VIEWS},
-                            int(data["k"]), float(data["low_threshold"]), data["member_sha256"].tolist())
+                            int(data["k"]), thresholds_by_view(thresholds), data["member_sha256"].tolist())
         except (OSError, KeyError, ValueError) as err:
             raise SupportError(f"cannot read support index {path}: {err}; re-run `msa calibrate`") from err
         if member_sha256 is not None and sorted(index.member_sha256) != sorted(member_sha256):
             raise SupportError(f"support index {path} was made for members {index.member_sha256}, not "
                                f"{list(member_sha256)}; re-run `msa calibrate` for these members")
         return index
+
+
+def thresholds_by_view(low_threshold: Mapping[str, float] | float) -> dict:
+    """``{view: threshold}`` of a ``calibrate.support.low_threshold`` setting (one number: both views)."""
+    if isinstance(low_threshold, Mapping):
+        missing = [v for v in VIEWS if v not in low_threshold]
+        if missing:
+            raise SupportError(f"calibrate.support.low_threshold has no {missing}; give a threshold for each of {VIEWS}")
+        return {v: float(low_threshold[v]) for v in VIEWS}
+    return {v: float(low_threshold) for v in VIEWS}
 
 
 def first_member_latent(ensemble, x: np.ndarray, extra_hidden=None, batch: int = 4096) -> np.ndarray:

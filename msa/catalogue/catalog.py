@@ -106,7 +106,7 @@ FIXED_DESCRIPTIONS = {
     "support": ("", "0-1: fraction of the labelled and survey stars whose latent distance to their nearest "
                     "neighbours is at least this star's to them (1: as well covered as a labelled star, 0: "
                     "farther than all); NaN without a prediction"),
-    "low_support": ("", "support below calibrate.support.low_threshold: the labelled and survey stars hardly cover "
+    "low_support": ("", "support below its view's calibrate.support.low_threshold: the labelled and survey stars hardly cover "
                         "this star's inputs, its interval's promise is for stars unlike it"),
 }
 

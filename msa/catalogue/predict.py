@@ -27,7 +27,7 @@ validation stars early stopping scored, the calibration stars and survey stars c
 scored, as the flag of Andrae et al. 2023); ``support`` (float32, 0–1: how well the labelled and
 survey stars cover the star's inputs, the fraction of those stars whose distance to their nearest
 neighbours in the latent is at least the star's; NaN without a support index or inputs) and
-``low_support`` (support below ``calibrate.support.low_threshold``; see
+``low_support`` (support below its view's ``calibrate.support.low_threshold``; see
 :mod:`msa.calibration.support`); with
 ``predict.save_latent`` also ``latent_000`` … (the first member's latent). The file's key-value
 metadata identifies the model (member sha256s, calibration hash, config hash, msa version), the
@@ -336,7 +336,7 @@ def chunk_support(support: SupportIndex | None, latent: np.ndarray, chunk: Prepa
         n = len(chunk.source_id)
         return np.full(n, np.nan, dtype=np.float32), np.zeros(n, dtype=bool)
     values = support.support(latent, chunk.has_xp, device)
-    return values, support.low_support(values)
+    return values, support.low_support(values, chunk.has_xp)
 
 
 def load_support(calibration_path: str | Path, calibration: dict, ensemble: Ensemble) -> SupportIndex | None:
@@ -434,7 +434,8 @@ def support_meaning(support: SupportIndex | None) -> str:
     return (f"support: fraction of the labelled and survey stars of the support index ({sizes} stars per view) whose "
             f"mean latent distance to their {support.k} nearest other index stars is at least the star's to its "
             f"{support.k} nearest index stars (first member's encoder output; stars with XP against the XP view, "
-            f"others against the XP-hidden view); low_support: support < {support.low_threshold:g}, the interval's "
+            f"others against the XP-hidden view); low_support: support < {support.low_threshold['xp']:g} (with XP), "
+            f"< {support.low_threshold['no_xp']:g} (without), the interval's "
             "promise was made for stars unlike this one")
 
 
