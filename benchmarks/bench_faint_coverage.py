@@ -20,6 +20,14 @@ stars whose offsets are ``labelled``/``survey``, ``emulated`` and ``extrapolated
 issue's targets (coverage of labelled+survey stars within 0.68 ± 0.05 in every G bin 10–18 with
 ≥ 100 of them, those stars ≥ 80 % of the stars at G < 18, none at G ≥ 18). ``--survey-fraction 0``
 runs without a survey (copies only: the "before" figures).
+
+A third table scores the ``low_support`` flag (issue 28, item 3). A star is *rare* when its true
+(Teff, log g) cell (250 K × 0.25 dex) holds under 0.1 % of the labelled + survey stars (the labels
+brighter than ``--label-g-max`` and the survey); the flag's *hit rate* is the share of rare stars
+it flags, its *false-flag rate* the share of the other stars it flags (targets: ≥ 80 % and
+≤ 15 %). Printed for a range of thresholds on the train sky (every star, labelled or not: where
+``calibrate.support.low_threshold`` is tuned, to the largest threshold of the range whose false-flag
+rate there is ≤ 15 %, per view) and on the predict sky (where it is scored), in each view.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -39,6 +48,10 @@ EDGES = [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0, 20.0, 21.0]
 LABEL_SET = "spectro"
 TARGET, TOLERANCE = 0.68, 0.05
 TARGET_BINS = {f"{lo:g}<=G<{lo + 1:g}" for lo in range(10, 20)}
+CELL = (250.0, 0.25)  # (Teff K, log g dex): the issue's cell of the (Teff, log g) plane
+RARE_SHARE = 0.001  # a cell holding under 0.1 % of the labelled + survey stars is rare
+HIT_TARGET, FALSE_TARGET = 0.80, 0.15
+THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2)
 
 
 def msa(*args: str, log: Path) -> None:
@@ -157,44 +170,112 @@ def main() -> None:
         "--calibration", str(calibration), "--shards", *map(str, predict_shards), "--out-dir", str(out_dir), log=log)
     print_table(json.loads((out_dir / "metrics.json").read_text()), args.legacy)
     if not args.legacy:
-        print_basis_table(coverage_by_basis(predict_cfg, members, calibration, predict_shards))
+        print_basis_table(coverage_by_basis(json.loads((out_dir / "metrics.json").read_text())))
+        reference = [train_cfg["labels"]["catalogue"]]
+        if args.survey_fraction > 0:
+            reference.append(train_cfg["calibrate"]["surveys"]["faint"]["catalogue"])
+        rare = RareCells(pd.concat([pd.read_csv(path, usecols=["teff", "logg"]) for path in reference]))
+        full_train_cfg = dict(train_cfg, labels=dict(train_cfg["labels"], catalogue=str(train_dir / "labels.csv")))
+        tables = {name: support_rates(cfg, members, calibration, sky_shards, rare)
+                  for name, cfg, sky_shards in (("train sky (tuning)", full_train_cfg, shards),
+                                                ("predict sky (scored)", predict_cfg, predict_shards))}
+        configured = json.loads(calibration.read_text())["support_index"]["low_threshold"]
+        for name, table in tables.items():
+            print_support_table(name, table, configured)
+        tuned = tables["train sky (tuning)"]
+        tuned = tuned[tuned["false_flag"] <= FALSE_TARGET].groupby("view")["threshold"].max()
+        print("tuned on the train sky (largest threshold with false-flag rate <= "
+              f"{FALSE_TARGET:.0%}): " + ", ".join(f"{v}: {t:g}" for v, t in tuned.items()))
 
 
-def coverage_by_basis(cfg: dict, members: list[str], calibration: Path, shards: list[Path]) -> pd.DataFrame:
-    """One row per (label, view, G bin, basis) of the predict sky's stars: count and coverage of the
-    calibrated [q16, q84], each star in the view it is scored in (with XP where it has one, and
-    with every XP column hidden) and with the basis of the group whose offsets it took."""
-    import numpy as np
+def coverage_by_basis(metrics: dict) -> pd.DataFrame:
+    """One row per (label, view, G bin, basis) of the predict sky's stars: count and calibrated
+    coverage, from ``msa evaluate``'s ``by_g_mag.by_basis`` (with XP: the stars that have XP),
+    ``labelled`` and ``survey`` merged."""
+    rows = []
+    for view, by_kind in metrics["by_g_mag"]["by_basis"].items():
+        for name in metrics["labels"]:
+            for b, g_bin in enumerate(by_kind["labelled"][name]):
+                cells = {kind: by_kind[kind][name][g_bin] for kind in by_kind}
+                n_bin = sum(c["n"] for c in cells.values())
+                merged = {"labelled+survey": [cells["labelled"], cells["survey"]],
+                          "emulated": [cells["emulated"]], "extrapolated": [cells["extrapolated"]]}
+                for kind, parts in merged.items():
+                    n = sum(c["n"] for c in parts)
+                    inside = sum(c["n"] * c["coverage"] for c in parts if c["n"])
+                    rows.append({"label": name, "view": view, "g_bin": g_bin, "g_lo": bin_lower_edge(g_bin),
+                                 "basis": kind, "n": n, "n_bin": n_bin,
+                                 "coverage": inside / n if n else float("nan")})
+    return pd.DataFrame(rows)
 
-    from msa.calibration import Ensemble, apply_calibration, interval_basis, load_calibration, star_groups
-    from msa.calibration.calibrate import calibration_views
-    from msa.data.features import G_MAG
+
+def bin_lower_edge(g_bin: str) -> float:
+    """The lower G edge of a bin name of ``bin_masks`` ('12<=G<13', 'G<10' → -inf, 'G>=21')."""
+    if g_bin.startswith("G<"):
+        return float("-inf")
+    return float(g_bin.split("<=")[0]) if "<=" in g_bin else float(g_bin.split(">=")[1])
+
+
+class RareCells:
+    """Which stars' true (Teff, log g) cell holds under ``RARE_SHARE`` of the reference stars."""
+
+    def __init__(self, reference: pd.DataFrame):
+        keys = self.cells(reference["teff"].to_numpy(), reference["logg"].to_numpy())
+        keys = keys[keys >= 0]
+        cells, counts = np.unique(keys, return_counts=True)
+        self.share = dict(zip(cells.tolist(), (counts / max(1, len(keys))).tolist()))
+
+    @staticmethod
+    def cells(teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
+        """One integer key per star (−1 where a label is missing)."""
+        ok = np.isfinite(teff) & np.isfinite(logg)
+        i = np.floor(np.where(ok, teff, 0) / CELL[0]).astype(np.int64)
+        j = np.floor(np.where(ok, logg, 0) / CELL[1]).astype(np.int64)
+        return np.where(ok, i * 1000 + (j + 500), -1)
+
+    def __call__(self, teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
+        keys = self.cells(teff, logg)
+        share = np.array([self.share.get(k, 0.0) for k in keys.tolist()])
+        return (keys >= 0) & (share < RARE_SHARE)
+
+
+def support_rates(cfg: dict, members: list[str], calibration: Path, shards: list[Path],
+                  rare: RareCells) -> pd.DataFrame:
+    """One row per (view, threshold): the flag's hit and false-flag rates on a sky's stars with
+    true labels, each star's support computed as ``msa predict`` does (first member's latent,
+    against the index view of its own view), with XP (its stars with XP) and with XP hidden (all)."""
+    from msa.calibration import Ensemble
+    from msa.calibration.support import SupportIndex, first_member_latent, support_index_path
     from msa.data.labels import LabelSource, load_labelled
 
     ensemble = Ensemble.load(members)
-    cal = load_calibration(calibration, ensemble)
-    stars = load_labelled(shards, ensemble.transform, LabelSource(cfg["labels"], ensemble.labels), [G_MAG])
-    g = stars.extra[G_MAG]
-    views = calibration_views(ensemble, stars.x, g, cal["g_mag_bins"], cfg["predict"]["batch_size"])
+    index = SupportIndex.load(support_index_path(calibration), ensemble.checksums)
+    stars = load_labelled(shards, ensemble.transform, LabelSource(cfg["labels"], ensemble.labels), [])
+    is_rare = rare(stars.y[:, ensemble.labels.index("teff")], stars.y[:, ensemble.labels.index("logg")])
+    xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
+    xp_hidden[ensemble.layout.xp_indices] = True
+    has_xp = ensemble.has_xp(stars.x)
+    batch = cfg["predict"]["batch_size"]
     rows = []
-    for view, q, levels, keep in (("with_xp", views.q_xp, views.levels_xp, views.has_xp),
-                                  ("without_xp", views.q_no_xp, views.levels_no_xp, np.ones(len(g), bool))):
-        groups = star_groups(cal, levels)
-        basis = interval_basis(cal, groups, g[keep])
-        basis = np.where(np.isin(basis, ["labelled", "survey"]), "labelled+survey", basis)
-        q = apply_calibration(q, cal, groups=groups)
-        y = stars.y[keep]
-        g_bin = np.digitize(g[keep], EDGES)
-        for j, name in enumerate(ensemble.labels):
-            inside = (y[:, j] >= q[:, j, 0]) & (y[:, j] <= q[:, j, 2])
-            for b in range(len(EDGES) - 1):
-                for kind in ("labelled+survey", "emulated", "extrapolated"):
-                    mine = (g_bin == b + 1) & (basis == kind) & np.isfinite(y[:, j])
-                    rows.append({"label": name, "view": view, "g_bin": f"{EDGES[b]:g}<=G<{EDGES[b + 1]:g}",
-                                 "g_lo": EDGES[b], "basis": kind, "n": int(mine.sum()),
-                                 "n_bin": int(((g_bin == b + 1) & np.isfinite(y[:, j])).sum()),
-                                 "coverage": float(inside[mine].mean()) if mine.any() else float("nan")})
+    for view, keep, hidden in (("with_xp", has_xp, None), ("without_xp", np.ones(len(has_xp), bool), xp_hidden)):
+        latent = first_member_latent(ensemble, stars.x[keep], hidden, batch)
+        support = index.support(latent, np.full(len(latent), view == "with_xp"), ensemble.device)
+        r = is_rare[keep]
+        for threshold in THRESHOLDS:
+            flag = support < threshold
+            rows.append({"view": view, "threshold": threshold, "n_rare": int(r.sum()), "n_other": int((~r).sum()),
+                         "hit": float(flag[r].mean()) if r.any() else float("nan"),
+                         "false_flag": float(flag[~r].mean()) if (~r).any() else float("nan")})
     return pd.DataFrame(rows)
+
+
+def print_support_table(name: str, table: pd.DataFrame, configured: float) -> None:
+    print(f"\nlow_support on the {name}: hit rate (rare stars flagged; target >= {HIT_TARGET:.0%}) and "
+          f"false-flag rate (others flagged; target <= {FALSE_TARGET:.0%}); * = the calibration's low_threshold")
+    print(f"{'view':>10} {'threshold':>9} {'n rare':>7} {'n other':>8} {'hit':>6} {'false':>6}")
+    for r in table.itertuples():
+        mark = "*" if np.isclose(r.threshold, configured["xp" if r.view == "with_xp" else "no_xp"]) else " "
+        print(f"{r.view:>10} {r.threshold:>8g}{mark} {r.n_rare:>7} {r.n_other:>8} {r.hit:>6.3f} {r.false_flag:>6.3f}")
 
 
 def print_basis_table(table: pd.DataFrame) -> None:

@@ -142,10 +142,18 @@ def test_cli_finetune_calibrate_evaluate_writes_metrics(tmp_path):
     by_g = metrics["by_g_mag"]
     for view in ("with_xp", "without_xp"):
         assert sum(b["n"] for b in by_g["test"][view]["teff"].values()) == overall["n"]
+    # by interval basis: every test star once per view (with XP: those that have it)
+    by_basis = by_g["by_basis"]
+    assert set(by_basis["with_xp"]) == set(by_basis["without_xp"]) == {"labelled", "survey", "emulated", "extrapolated"}
+    counts = {view: sum(b["n"] for kind in by_basis[view].values() for b in kind["teff"].values())
+              for view in by_basis}
+    assert counts["without_xp"] == overall["n"] and 0 < counts["with_xp"] < overall["n"]
+    assert sum(b["n"] for b in by_basis["with_xp"]["labelled"]["teff"].values()) > 0
     assert by_g["emulated"]["n_copies"] > overall["n"]  # a copy per fainter G bin
     faint = by_g["emulated"]["without_xp"]["fe_h"]["19<=G<20"]
     assert faint["n"] > 0 and 0 <= faint["coverage"] <= 1 and faint["nmad"] > 0
-    for png in ("predicted_vs_true.png", "residuals_vs_g.png", "coverage.png", "coverage_vs_g.png"):
+    for png in ("predicted_vs_true.png", "residuals_vs_g.png", "coverage.png", "coverage_vs_g.png",
+                "coverage_vs_g_by_basis.png"):
         assert (out_dir / png).stat().st_size > 1000
 
 

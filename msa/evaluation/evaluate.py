@@ -29,10 +29,13 @@ Each star is calibrated with the offsets of its own conditional group (:mod:`msa
 to G = 21, the count, calibrated coverage and NMAD, with XP and with XP hidden, for the test
 stars and (when the calibration used faint copies) for faint copies of the test stars degraded
 with the calibration's own error-versus-G relation: the only measure there is where no labelled
-star is that faint.
+star is that faint. Its ``by_basis`` part splits the test stars by their ``interval_basis`` (which
+stars their group's offsets were fitted on: :mod:`msa.calibration.basis`): per view, basis, label
+and G bin, with XP the test stars that have XP, without XP every test star with its XP hidden.
 
 Writes ``metrics.json`` and figures (predicted vs true, residuals vs G, coverage per label with
-XP on and off, coverage versus G) into ``--out-dir`` and prints a model-vs-baseline table.
+XP on and off, coverage versus G, and coverage versus G by interval basis) into ``--out-dir`` and
+prints a model-vs-baseline table.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from msa.calibration import apply_calibration, interval_coverage, load_calibration, star_groups
+from msa.calibration import (BASES, apply_calibration, interval_basis, interval_coverage, load_calibration,
+                             star_groups)
 from msa.config import load_config
 from msa.data.labels import LabelSource, label_set, load_split_samples
 from msa.data.splits import split_seed
@@ -163,7 +167,8 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     """Score the ensemble and the yardsticks on the test split; write metrics.json + figures."""
 
     from msa.calibration import Ensemble
-    from msa.evaluation.plots import plot_coverage, plot_coverage_vs_g, plot_predicted_vs_true, plot_residuals_vs_g
+    from msa.evaluation.plots import (plot_coverage, plot_coverage_vs_g, plot_coverage_vs_g_by_basis,
+                                      plot_predicted_vs_true, plot_residuals_vs_g)
 
     names = label_set(config, label_set_name)
     ensemble = Ensemble.load(members, device=resolve_device(device))
@@ -185,7 +190,8 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     xp_hidden = np.zeros(ensemble.layout.n_features, dtype=bool)
     xp_hidden[ensemble.layout.xp_indices] = True
 
-    q, q_cal, q_noxp, q_noxp_cal = calibrated_views(ensemble, calibration, test, xp_hidden, batch)
+    views = calibrated_views(ensemble, calibration, test, xp_hidden, batch)
+    q, q_cal, q_noxp, q_noxp_cal = views.q, views.q_cal, views.q_noxp, views.q_noxp_cal
 
     bins = {"g_mag_bins": bin_masks(test.extra[G_MAG], ecfg["g_mag_bins"], "G")}
     fe_h = ecfg["fe_h_label"]
@@ -227,7 +233,9 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
                            "test": {"with_xp": magnitude_report(q_cal, test.y, test.extra[G_MAG], names,
                                                                 ecfg["coverage_g_bins"]),
                                     "without_xp": magnitude_report(q_noxp_cal, test.y, test.extra[G_MAG], names,
-                                                                   ecfg["coverage_g_bins"])}}
+                                                                   ecfg["coverage_g_bins"])},
+                           "by_basis": basis_magnitude_report(ensemble, calibration, test, views, names,
+                                                              ecfg["coverage_g_bins"])}
     if calibration.get("emulation"):
         metrics["by_g_mag"]["emulated"] = emulated_magnitude_report(ensemble, calibration, test, config, names,
                                                                     xp_hidden, batch)
@@ -244,23 +252,51 @@ def evaluate(config: dict, label_set_name: str, members: Sequence[str | Path], c
     plot_residuals_vs_g(test.y, q_cal, test.extra[G_MAG], names, out_dir / "residuals_vs_g.png", units=units)
     plot_coverage(metrics, out_dir / "coverage.png")
     plot_coverage_vs_g(metrics, out_dir / "coverage_vs_g.png")
+    plot_coverage_vs_g_by_basis(metrics, out_dir / "coverage_vs_g_by_basis.png")
     table = comparison_table(metrics)
     print(table)
     log.info("wrote %s", out_dir / "metrics.json")
     return metrics
 
 
-def calibrated_views(ensemble, calibration: dict, stars, xp_hidden: np.ndarray, batch: int):
+class CalibratedViews(NamedTuple):
+    """Raw and calibrated quantiles ``(n, L, 3)`` of stars as they are and with XP hidden, and the
+    group whose offsets each star took in each view."""
+
+    q: np.ndarray
+    q_cal: np.ndarray
+    q_noxp: np.ndarray
+    q_noxp_cal: np.ndarray
+    groups: np.ndarray
+    groups_noxp: np.ndarray
+
+
+def calibrated_views(ensemble, calibration: dict, stars, xp_hidden: np.ndarray, batch: int) -> CalibratedViews:
     """Raw and calibrated quantiles of ``stars`` as they are and with every XP column hidden, each
     star calibrated with the offsets of its own group."""
     g_mag, edges = stars.extra[G_MAG], calibration.get("g_mag_bins") or []
     q = ensemble.predict(stars.x, batch_size=batch).astype(np.float64)
-    q_cal = apply_calibration(q, calibration, ensemble.labels,
-                              groups=star_groups(calibration, ensemble.calibration_levels(stars.x, g_mag, edges)))
+    groups = star_groups(calibration, ensemble.calibration_levels(stars.x, g_mag, edges))
+    q_cal = apply_calibration(q, calibration, ensemble.labels, groups=groups)
     q_noxp = ensemble.predict(stars.x, extra_hidden=xp_hidden, batch_size=batch).astype(np.float64)
-    levels_noxp = ensemble.calibration_levels(stars.x, g_mag, edges, xp_hidden=True)
-    q_noxp_cal = apply_calibration(q_noxp, calibration, ensemble.labels, groups=star_groups(calibration, levels_noxp))
-    return q, q_cal, q_noxp, q_noxp_cal
+    groups_noxp = star_groups(calibration, ensemble.calibration_levels(stars.x, g_mag, edges, xp_hidden=True))
+    q_noxp_cal = apply_calibration(q_noxp, calibration, ensemble.labels, groups=groups_noxp)
+    return CalibratedViews(q, q_cal, q_noxp, q_noxp_cal, groups, groups_noxp)
+
+
+def basis_magnitude_report(ensemble, calibration: dict, stars, views: CalibratedViews, names: Sequence[str],
+                           edges: Sequence[float]) -> dict:
+    """:func:`magnitude_report` per view and ``interval_basis`` (:data:`msa.calibration.BASES`):
+    with XP the ``stars`` that have XP, seen with it; without XP every star with its XP hidden."""
+    g = stars.extra[G_MAG]
+    has_xp = ensemble.has_xp(stars.x)
+    out = {}
+    for view, rows, q_cal, groups in (("with_xp", has_xp, views.q_cal, views.groups),
+                                      ("without_xp", np.ones(len(g), bool), views.q_noxp_cal, views.groups_noxp)):
+        basis = interval_basis(calibration, groups[rows], g[rows])
+        out[view] = {kind: magnitude_report(q_cal[rows][basis == kind], stars.y[rows][basis == kind],
+                                            g[rows][basis == kind], names, edges) for kind in BASES}
+    return out
 
 
 def magnitude_report(q_cal: np.ndarray, y: np.ndarray, g_mag: np.ndarray, labels: Sequence[str],
@@ -289,7 +325,8 @@ def emulated_magnitude_report(ensemble, calibration: dict, stars, config: dict, 
     copies = emulate_faint_stars(stars, ensemble.transform, ErrorRelation.from_dict(emulation["relation"]),
                                  config["evaluate"]["coverage_g_bins"], emulation["faintest_g"],
                                  np.random.default_rng([split_seed(config), 5]), parallax_label_columns(ensemble))
-    _, q_cal, _, q_noxp_cal = calibrated_views(ensemble, calibration, copies, xp_hidden, batch)
+    views = calibrated_views(ensemble, calibration, copies, xp_hidden, batch)
+    q_cal, q_noxp_cal = views.q_cal, views.q_noxp_cal
     edges = config["evaluate"]["coverage_g_bins"]
     g = copies.extra[G_MAG]
     has_xp = ensemble.has_xp(copies.x)

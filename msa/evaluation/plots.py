@@ -112,38 +112,32 @@ def plot_coverage(metrics: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_coverage_vs_g(metrics: dict, path: str | Path, min_stars: int = 20) -> Path:
-    """Calibrated [q16, q84] coverage per G bin, one panel per label: test stars with XP and with XP
-    hidden (solid), their emulated faint copies (dashed), the target and ±0.05 (grey band).
-
-    Reads ``metrics["by_g_mag"]`` (:func:`msa.evaluation.evaluate.magnitude_report` sections); bins with fewer
-    than ``min_stars`` stars are not drawn. Open-ended bins sit half a bin beyond their edge.
-    """
+def _g_bin_centres(edges: Sequence[float]) -> list[float]:
+    """x positions of the bins of ``bin_masks`` (``edges``): open-ended bins half a bin beyond their edge."""
     import numpy as np
 
-    section = metrics.get("by_g_mag") or {}
-    edges = list(section.get("bins") or [])
-    labels = metrics["labels"]
+    if not edges:
+        return [0.0]
     step = float(np.median(np.diff(edges))) if len(edges) > 1 else 1.0
-    centres = [edges[0] - step / 2] + [0.5 * (a + b) for a, b in zip(edges[:-1], edges[1:])] + [edges[-1] + step / 2] \
-        if edges else [0.0]
-    curves = [("test", "with_xp", "C0", "-", "test, XP"), ("test", "without_xp", "C1", "-", "test, XP hidden"),
-              ("emulated", "with_xp", "C0", "--", "faint copies, XP"),
-              ("emulated", "without_xp", "C1", "--", "faint copies, no XP")]
+    return [edges[0] - step / 2] + [0.5 * (a + b) for a, b in zip(edges[:-1], edges[1:])] + [edges[-1] + step / 2]
+
+
+def _coverage_panels(metrics: dict, curves, min_stars: int, path: str | Path) -> Path:
+    """One panel per label of coverage against G: the target, ±0.05 (grey band) and each curve
+    ``(bins of the label → {bin: {n, coverage}}, matplotlib style keywords)`` of ``curves(label)``;
+    bins with fewer than ``min_stars`` stars are not drawn."""
+    centres = _g_bin_centres(list((metrics.get("by_g_mag") or {}).get("bins") or []))
+    labels = metrics["labels"]
     fig, axes = _panels(len(labels))
     target = metrics.get("coverage_target") or 0.68
     for ax, name in zip(axes, labels):
         ax.axhspan(target - 0.05, target + 0.05, color="grey", alpha=0.2, lw=0)
         ax.axhline(target, color="k", lw=0.8)
-        for source, view, colour, style, text in curves:
-            bins = ((section.get(source) or {}).get(view) or {}).get(name) or {}
-            xs, ys = [], []
-            for centre, entry in zip(centres, bins.values()):
-                if entry["n"] >= min_stars and entry["coverage"] is not None:
-                    xs.append(centre)
-                    ys.append(entry["coverage"])
-            if xs:
-                ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=text)
+        for bins, style in curves(name):
+            points = [(centre, entry["coverage"]) for centre, entry in zip(centres, bins.values())
+                      if entry["n"] >= min_stars and entry["coverage"] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, **style)
         ax.set_ylim(0, 1)
         ax.set_xlabel("G / mag")
         ax.set_ylabel("coverage of [q16, q84]")
@@ -151,3 +145,41 @@ def plot_coverage_vs_g(metrics: dict, path: str | Path, min_stars: int = 20) -> 
         ax.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_coverage_vs_g(metrics: dict, path: str | Path, min_stars: int = 20) -> Path:
+    """Calibrated [q16, q84] coverage per G bin, one panel per label: test stars with XP and with XP
+    hidden (solid), their emulated faint copies (dashed), the target and ±0.05 (grey band).
+
+    Reads ``metrics["by_g_mag"]`` (:func:`msa.evaluation.evaluate.magnitude_report` sections); bins with fewer
+    than ``min_stars`` stars are not drawn. Open-ended bins sit half a bin beyond their edge.
+    """
+    section = metrics.get("by_g_mag") or {}
+    styles = [("test", "with_xp", "C0", "-", "test, XP"), ("test", "without_xp", "C1", "-", "test, XP hidden"),
+              ("emulated", "with_xp", "C0", "--", "faint copies, XP"),
+              ("emulated", "without_xp", "C1", "--", "faint copies, no XP")]
+
+    def curves(name):
+        return [(((section.get(source) or {}).get(view) or {}).get(name) or {},
+                 {"color": colour, "ls": style, "label": text}) for source, view, colour, style, text in styles]
+
+    return _coverage_panels(metrics, curves, min_stars, path)
+
+
+BASIS_COLOURS = {"labelled": "C0", "survey": "C2", "emulated": "C1", "extrapolated": "C3"}
+
+
+def plot_coverage_vs_g_by_basis(metrics: dict, path: str | Path, min_stars: int = 20) -> Path:
+    """Calibrated [q16, q84] coverage per G bin of the test stars by ``interval_basis`` (colour),
+    with XP (solid: the stars that have it) and with XP hidden (dashed), one panel per label: which
+    promise holds where. Reads ``metrics["by_g_mag"]["by_basis"]``; bins with fewer than
+    ``min_stars`` stars are not drawn."""
+    section = (metrics.get("by_g_mag") or {}).get("by_basis") or {}
+
+    def curves(name):
+        return [((section.get(view) or {}).get(basis, {}).get(name) or {},
+                 {"color": colour, "ls": style, "label": f"{basis}, {text}"})
+                for view, style, text in (("with_xp", "-", "XP"), ("without_xp", "--", "XP hidden"))
+                for basis, colour in BASIS_COLOURS.items()]
+
+    return _coverage_panels(metrics, curves, min_stars, path)
