@@ -22,7 +22,7 @@ the stars fainter than every labelled star sit far from the index whatever their
 threshold already flags them; with XP the support has to reach further into the reference
 distances to find the stars of kinds the labelled stars lack. Both defaults are the largest
 threshold that flags at most 15 % of the common stars of the faint-coverage benchmark's train
-sky (``benchmarks/bench_faint_coverage.py``; docs/full-sky.md has the rates).
+sky (``benchmarks/bench_faint_coverage.py``; docs/results.md §7 has the rates).
 
 Why the fine-tuned member's encoder: prediction runs it anyway (no second model to load), and
 fine-tuning shaped its latent towards the labels, so distances there follow the differences that
