@@ -64,6 +64,7 @@ class PretrainState:
     generator: torch.Generator
     amp: bool
     label_weight: float = 0.0  # weight of the label-target term (pretrain.label_targets); 0 = none
+    flux_target: Callable | None = None  # the sampled-flux term (pretrain.flux_target_weight); None = none
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The masked, error-weighted reconstruction loss of one batch (inputs perturbed, targets clean)."""
@@ -77,6 +78,8 @@ class PretrainState:
                                         s["min_error"])
         if s["latent_l1"]:
             loss = loss + s["latent_l1"] * latent.float().abs().mean()
+        if self.flux_target is not None:
+            loss = loss + self.flux_target(recon.float(), batch.x[:, self.recon_idx])
         if self.label_weight:
             predicted = self.model.label_head(latent)
             loss = loss + self.label_weight * label_target_loss(predicted, batch.extra["label_targets"])

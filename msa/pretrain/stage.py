@@ -60,6 +60,7 @@ from msa.nn.model import MaskedAutoencoder
 from msa.nn.perturbation import perturbed_columns
 from msa.nn.training import DistributedContext, GracefulStop, add_device_argument, make_optimizer, make_scheduler
 from msa.pretrain.engine import EpochPosition, PretrainState, train_one_epoch, validate
+from msa.pretrain.flux_target import FluxTarget
 from msa.pretrain.label_targets import LabelTargets
 from msa.progress import progress
 
@@ -188,7 +189,7 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
 
 
 def _build_state(config: dict, layout: Layout, ctx: DistributedContext,
-                 targets: LabelTargets | None = None) -> PretrainState:
+                 targets: LabelTargets | None = None, scaler: Scaler | None = None) -> PretrainState:
     """A fresh model (the same initial weights on every rank), its optimiser and schedule, the masks."""
     section, seed = config["pretrain"], int(config["seed"])
     torch.manual_seed(seed)
@@ -198,11 +199,13 @@ def _build_state(config: dict, layout: Layout, ctx: DistributedContext,
     optimizer = make_optimizer(model, section["lr"], section["weight_decay"])
     scheduler = make_scheduler(optimizer, section["restart_epochs"], section["restart_mult"], section["min_lr"])
     pert_cols = torch.as_tensor(perturbed_columns(layout, section["pert_features"], "pretrain.pert_features"))
+    flux_target = (FluxTarget(layout, scaler, section["flux_target_weight"]).to(ctx.device)
+                   if section["flux_target_weight"] else None)
     return PretrainState(model=model, forward=model, optimizer=optimizer, scheduler=scheduler,
                          spec=MaskSpec.from_config(layout, section), recon_idx=recon_idx,
                          groups=layout.reconstruct_groups_positions(), pert_cols=pert_cols, section=section,
                          seed=seed, ctx=ctx, generator=torch.Generator(device=ctx.device), amp=bool(section["amp"]),
-                         label_weight=targets.weight if targets else 0.0)
+                         label_weight=targets.weight if targets else 0.0, flux_target=flux_target)
 
 
 def _resume_from(out_dir: Path, work_path: Path, segment: int, settings_hash: str, ctx) -> Path | None:
@@ -296,7 +299,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     scaler = scaler if isinstance(scaler, Scaler) else Scaler.load(scaler)
     transform = FeatureTransform(layout, scaler, xp_normalises(config["features"]))
     targets = LabelTargets.from_config(config)
-    state = _build_state(config, layout, ctx, targets)
+    state = _build_state(config, layout, ctx, targets, scaler)
     pos, metrics, ckpt = EpochPosition(epoch=start_epoch), [], None
     settings_hash = config_hash(config, settings_sections(config))
     resume_from = _resume_from(out_dir, work_path, segment, settings_hash, ctx)
