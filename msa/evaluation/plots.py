@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from msa.calibration import BASES
 from msa.figures import axis_label, label_symbol, percentile_range, plt, save_figure
 
 
@@ -166,7 +167,7 @@ def plot_coverage_vs_g(metrics: dict, path: str | Path, min_stars: int = 20) -> 
     return _coverage_panels(metrics, curves, min_stars, path)
 
 
-BASIS_COLOURS = {"labelled": "C0", "survey": "C2", "emulated": "C1", "extrapolated": "C3"}
+BASIS_COLOURS = dict(zip(BASES, ("C0", "C2", "C1", "C3")))  # one colour per interval basis, in BASES' order
 
 
 def plot_coverage_vs_g_by_basis(metrics: dict, path: str | Path, min_stars: int = 20) -> Path:
