@@ -55,6 +55,20 @@ def test_index_is_capped_per_view():
     assert np.all(np.diff(idx.reference["xp"]) >= 0)  # sorted, for the percentile look-up
 
 
+def test_neighbour_distances_are_scikit_learns_over_several_chunks():
+    """The fused |b|² − 2ab search finds the same k nearest as an exact tree search, for queries
+    spanning more than one chunk of QUERY_ROWS (an oracle that shares none of our arithmetic)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from msa.calibration.support import QUERY_ROWS
+
+    rng = np.random.default_rng(3)
+    reference = (5 + rng.normal(size=(700, 8))).astype(np.float32)  # far from 0: |a|² dwarfs the distances
+    query = (5 + rng.normal(size=(QUERY_ROWS + 300, 8))).astype(np.float32)
+    expected = NearestNeighbors(n_neighbors=6).fit(reference).kneighbors(query)[0].mean(axis=1)
+    np.testing.assert_allclose(neighbour_distances(reference, query, 6), expected, rtol=1e-4)
+
+
 def test_reference_is_leave_one_out():
     z = np.array([[0.0], [1.0], [3.0]], dtype=np.float32)
     # each point's nearest other point: 1, 1, 2 (never itself at 0)
