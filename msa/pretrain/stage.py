@@ -188,8 +188,8 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def _build_state(config: dict, layout: Layout, ctx: DistributedContext,
-                 targets: LabelTargets | None = None, scaler: Scaler | None = None) -> PretrainState:
+def _build_state(config: dict, layout: Layout, scaler: Scaler, ctx: DistributedContext,
+                 targets: LabelTargets | None = None) -> PretrainState:
     """A fresh model (the same initial weights on every rank), its optimiser and schedule, the masks."""
     section, seed = config["pretrain"], int(config["seed"])
     torch.manual_seed(seed)
@@ -299,7 +299,7 @@ def pretrain_segment(config: dict, shard_paths: Sequence[str | Path], scaler: Sc
     scaler = scaler if isinstance(scaler, Scaler) else Scaler.load(scaler)
     transform = FeatureTransform(layout, scaler, xp_normalises(config["features"]))
     targets = LabelTargets.from_config(config)
-    state = _build_state(config, layout, ctx, targets, scaler)
+    state = _build_state(config, layout, scaler, ctx, targets)
     pos, metrics, ckpt = EpochPosition(epoch=start_epoch), [], None
     settings_hash = config_hash(config, settings_sections(config))
     resume_from = _resume_from(out_dir, work_path, segment, settings_hash, ctx)
